@@ -1,0 +1,34 @@
+# The two entry points are `make run` and `make test`; everything else serves them.
+# Plugins are built once for wasm32-wasip2 into target/plugins/*.wasm and shared by all tests.
+
+CARGO ?= cargo
+PLUGINS := echo github-push
+TEST_PLUGINS :=
+PLUGIN_DIR := target/plugins
+WASM_OUT := target/wasm32-wasip2/plugin
+
+.PHONY: run test plugins host wasm-target clean
+
+## make run: build everything and serve the example plugins on loopback (Ctrl-C stops it).
+run: plugins host
+	GITHUB_WEBHOOK_SECRET="$${GITHUB_WEBHOOK_SECRET:-dev-secret}" \
+	  ./target/release/wasmhook serve --config examples/wasmhook.toml
+
+## make test: build plugins and the host once (release profile), then run every test.
+test: plugins
+	$(CARGO) test --release
+
+host:
+	$(CARGO) build --release -p wasmhook
+
+wasm-target:
+	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+
+plugins: wasm-target
+	$(CARGO) build --profile plugin --target wasm32-wasip2 $(addprefix -p ,$(PLUGINS) $(TEST_PLUGINS))
+	@mkdir -p $(PLUGIN_DIR)
+	@for p in $(PLUGINS); do cp $(WASM_OUT)/$$(echo $$p | tr - _).wasm $(PLUGIN_DIR)/$$p.wasm; done
+	@ls -l $(PLUGIN_DIR)
+
+clean:
+	$(CARGO) clean

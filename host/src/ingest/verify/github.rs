@@ -1,0 +1,132 @@
+//! GitHub webhooks: `X-Hub-Signature-256: sha256=<hex>`, an HMAC-SHA256 of the raw body.
+//! Id from `X-GitHub-Delivery`; type `github.{X-GitHub-Event}[.{action}]`.
+
+use hmac::{Hmac, Mac};
+use hyper::HeaderMap;
+use sha2::Sha256;
+
+use super::{Identity, header_str, id_from_body};
+use crate::config::Secret;
+use crate::ingest::IngestError;
+
+/// Header carrying the SHA-256 signature.
+pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
+/// Header carrying the legacy SHA-1 signature, which is refused.
+pub const SHA1_SIGNATURE_HEADER: &str = "x-hub-signature";
+/// Header carrying the event name (`push`, `pull_request`, …).
+pub const EVENT_HEADER: &str = "x-github-event";
+/// Header carrying the unique delivery id.
+pub const DELIVERY_HEADER: &str = "x-github-delivery";
+/// Header carrying the webhook's id, passed on as the `hook-id` attribute.
+pub const HOOK_ID_HEADER: &str = "x-github-hook-id";
+
+const PREFIX: &str = "sha256=";
+
+/// The `X-Hub-Signature-256` value GitHub would send for `body` signed with `secret`.
+pub fn sign(secret: &[u8], body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(body);
+    format!("{PREFIX}{}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Checks the signature against each secret in constant time; any may match.
+pub fn verify(secrets: &[Secret], headers: &HeaderMap, body: &[u8]) -> Result<(), IngestError> {
+    let Some(value) = header_str(headers, SIGNATURE_HEADER)? else {
+        return Err(IngestError::Unauthorized(if headers.contains_key(SHA1_SIGNATURE_HEADER) {
+            "only a SHA-1 X-Hub-Signature was sent; X-Hub-Signature-256 is required".to_owned()
+        } else {
+            "missing X-Hub-Signature-256 header".to_owned()
+        }));
+    };
+    let signature = value
+        .strip_prefix(PREFIX)
+        .and_then(|hex_digest| hex::decode(hex_digest).ok())
+        .ok_or_else(|| IngestError::Unauthorized("malformed X-Hub-Signature-256 header; expected sha256=<hex>".to_owned()))?;
+    let matches = secrets.iter().any(|secret| {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose()).expect("HMAC takes keys of any length");
+        mac.update(body);
+        // `verify_slice` compares in constant time.
+        mac.verify_slice(&signature).is_ok()
+    });
+    if matches {
+        Ok(())
+    } else {
+        Err(IngestError::Unauthorized("X-Hub-Signature-256 does not match the body".to_owned()))
+    }
+}
+
+/// The event's id, type and attributes from GitHub's headers and the body's `action`.
+pub fn identify(headers: &HeaderMap, body: &[u8], json: &serde_json::Value) -> Result<Identity, IngestError> {
+    let event = header_str(headers, EVENT_HEADER)?
+        .filter(|event| !event.is_empty())
+        .ok_or_else(|| IngestError::BadRequest("missing X-GitHub-Event header".to_owned()))?;
+    let mut event_type = format!("github.{event}");
+    if let Some(action) = json.get("action").and_then(serde_json::Value::as_str) {
+        event_type.push('.');
+        event_type.push_str(action);
+    }
+    let id = match header_str(headers, DELIVERY_HEADER)? {
+        Some(id) if !id.is_empty() => id.to_owned(),
+        _ => id_from_body(body),
+    };
+    let mut attributes = Vec::new();
+    if let Some(hook_id) = header_str(headers, HOOK_ID_HEADER)? {
+        attributes.push(("hook-id".to_owned(), hook_id.to_owned()));
+    }
+    Ok(Identity { id, event_type, attributes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        pairs.iter().map(|(name, value)| (hyper::header::HeaderName::from_static(name), value.parse().expect("header value"))).collect()
+    }
+
+    #[test]
+    fn signs_like_githubs_documented_example() {
+        // https://docs.github.com/en/webhooks/using-webhooks/validating-webhook-deliveries#testing-the-webhook-payload-validation
+        assert_eq!(
+            sign(b"It's a Secret to Everybody", b"Hello, World!"),
+            "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+        );
+    }
+
+    #[test]
+    fn valid_signature_passes_and_tampered_body_fails() {
+        let secrets = [Secret::new("s3cret")];
+        let signed = headers(&[(SIGNATURE_HEADER, &sign(b"s3cret", b"{\"a\":1}"))]);
+        assert!(verify(&secrets, &signed, b"{\"a\":1}").is_ok());
+        assert!(matches!(verify(&secrets, &signed, b"{\"a\":2}"), Err(IngestError::Unauthorized(_))));
+    }
+
+    #[test]
+    fn rotated_secret_is_accepted() {
+        let secrets = [Secret::new("new"), Secret::new("old")];
+        let signed = headers(&[(SIGNATURE_HEADER, &sign(b"old", b"{}"))]);
+        assert!(verify(&secrets, &signed, b"{}").is_ok());
+    }
+
+    #[test]
+    fn sha1_only_and_malformed_signatures_are_refused_with_a_reason() {
+        let secrets = [Secret::new("s")];
+        let sha1 = verify(&secrets, &headers(&[(SHA1_SIGNATURE_HEADER, "sha1=abcd")]), b"{}");
+        assert!(matches!(sha1, Err(IngestError::Unauthorized(m)) if m.contains("SHA-1")));
+        for bad in ["abcd", "sha256=zz", "sha256="] {
+            let result = verify(&secrets, &headers(&[(SIGNATURE_HEADER, bad)]), b"{}");
+            assert!(matches!(result, Err(IngestError::Unauthorized(_))), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn type_gets_the_action_and_id_falls_back_to_the_body_hash() {
+        let json = serde_json::json!({"action": "opened"});
+        let identity = identify(&headers(&[(EVENT_HEADER, "pull_request")]), b"{}", &json).expect("identified");
+        assert_eq!(identity.event_type, "github.pull_request.opened");
+        assert_eq!(identity.id, id_from_body(b"{}"));
+        let identity = identify(&headers(&[(EVENT_HEADER, "push"), (DELIVERY_HEADER, "d-1")]), b"{}", &serde_json::json!({}))
+            .expect("identified");
+        assert_eq!((identity.event_type.as_str(), identity.id.as_str()), ("github.push", "d-1"));
+    }
+}

@@ -1,0 +1,10 @@
+//! The one `bindgen!` of the `plugin` world (from `wit/`), and nothing else.
+
+wasmtime::component::bindgen!({
+    path: "../wit",
+    world: "plugin",
+    imports: { default: async },
+    exports: { default: async },
+});
+
+pub use wasmhook::plugin::host::Level;

@@ -1,0 +1,183 @@
+//! One compiled, pre-instantiated plugin and how it is called: a fresh store and instance per
+//! call, a wall-clock deadline through epoch interruption, and a memory cap.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::Linker;
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+
+use super::bindings::{self, HandlerError, PluginPre};
+use super::host_api::CallState;
+use super::{DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT, EPOCH_TICK};
+use crate::event::Event;
+
+/// What each call of a plugin may use.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Wall-clock time for one call, instantiation included.
+    pub timeout: Duration,
+    /// Linear memory for one call.
+    pub memory_bytes: usize,
+    /// Values the plugin can read with `config(key)`.
+    pub config: Arc<BTreeMap<String, String>>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { timeout: DEFAULT_TIMEOUT, memory_bytes: DEFAULT_MEMORY_BYTES, config: Arc::default() }
+    }
+}
+
+/// What a plugin says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metadata {
+    /// The author's name for the plugin.
+    pub name: String,
+    /// The author's version.
+    pub version: String,
+    /// Glob patterns over event types.
+    pub subscriptions: Vec<String>,
+}
+
+/// Why a file could not become a plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Not a valid WebAssembly component.
+    #[error("not a valid WebAssembly component: {0}")]
+    Compile(String),
+    /// A component, but not of the `wasmhook:plugin` world.
+    #[error("does not implement the wasmhook:plugin world: {0}")]
+    World(String),
+    /// Its `metadata()` export failed.
+    #[error("metadata() failed: {0}")]
+    Metadata(String),
+}
+
+/// Why a call did not succeed. The text is what operators see as the delivery's error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// The plugin asked to be called again later.
+    #[error("retry: {0}")]
+    Retry(String),
+    /// The plugin says the event can never succeed.
+    #[error("permanent: {0}")]
+    Permanent(String),
+    /// The call ran past its deadline and was stopped.
+    #[error("timeout after {} ms", .0.as_millis())]
+    Timeout(Duration),
+    /// The plugin trapped (a panic, an out-of-bounds access, memory over its limit, …).
+    #[error("trap: {0}")]
+    Trap(String),
+}
+
+/// A plugin compiled once and pre-instantiated, ready for any number of calls.
+#[derive(Clone)]
+pub struct Component {
+    engine: Engine,
+    pre: PluginPre<CallState>,
+    name: Arc<str>,
+    limits: Limits,
+    metadata: Metadata,
+}
+
+impl std::fmt::Debug for Component {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Component").field("name", &self.name).field("metadata", &self.metadata).finish_non_exhaustive()
+    }
+}
+
+impl Component {
+    pub(super) async fn prepare(
+        engine: &Engine,
+        linker: &Linker<CallState>,
+        compiled: &wasmtime::component::Component,
+        name: &str,
+        limits: Limits,
+    ) -> Result<Self, LoadError> {
+        let world_error = |err: wasmtime::Error| LoadError::World(describe(&err));
+        let pre = PluginPre::new(linker.instantiate_pre(compiled).map_err(world_error)?).map_err(world_error)?;
+        let mut component =
+            Component { engine: engine.clone(), pre, name: name.into(), limits, metadata: Metadata::default_for(name) };
+        let mut store = component.store(None);
+        let metadata = async {
+            let plugin = component.pre.instantiate_async(&mut store).await?;
+            plugin.call_metadata(&mut store).await
+        };
+        let metadata = tokio::time::timeout(component.limits.timeout, metadata)
+            .await
+            .map_err(|_| LoadError::Metadata(format!("timeout after {} ms", component.limits.timeout.as_millis())))?
+            .map_err(|err| LoadError::Metadata(describe(&err)))?;
+        component.metadata =
+            Metadata { name: metadata.name, version: metadata.version, subscriptions: metadata.subscriptions };
+        Ok(component)
+    }
+
+    /// What the plugin said about itself when it was loaded.
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    /// The limits each call runs under.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Calls the plugin's `handle` on `event` in a fresh instance.
+    pub async fn invoke(&self, event: &Event, attempt: u32) -> Result<(), CallError> {
+        let mut store = self.store(Some(event.id.clone()));
+        let input = bindings::Event {
+            id: event.id.clone(),
+            source: event.source.clone(),
+            event_type: event.event_type.clone(),
+            time_ms: event.time_ms,
+            content_type: event.content_type.clone(),
+            data: event.data.to_vec(),
+            attributes: event.attributes.clone(),
+            attempt,
+        };
+        let call = async {
+            let plugin = self.pre.instantiate_async(&mut store).await?;
+            plugin.call_handle(&mut store, &input).await
+        };
+        // The epoch deadline stops guest code; this outer limit also covers host calls.
+        let result = tokio::time::timeout(self.limits.timeout + EPOCH_TICK, call).await;
+        match result {
+            Err(_elapsed) => Err(CallError::Timeout(self.limits.timeout)),
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(HandlerError::Retry(reason)))) => Err(CallError::Retry(reason)),
+            Ok(Ok(Err(HandlerError::Permanent(reason)))) => Err(CallError::Permanent(reason)),
+            Ok(Err(err)) if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => {
+                Err(CallError::Timeout(self.limits.timeout))
+            }
+            Ok(Err(err)) => Err(CallError::Trap(describe(&err))),
+        }
+    }
+
+    /// A fresh store for one call: limits set, and the deadline armed before instantiation
+    /// (a plugin's start-up code runs then, and must already be bounded).
+    fn store(&self, event_id: Option<String>) -> Store<CallState> {
+        let state =
+            CallState::new(Arc::clone(&self.name), event_id, Arc::clone(&self.limits.config), self.limits.memory_bytes);
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limits);
+        let deadline = Instant::now() + self.limits.timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
+        });
+        store
+    }
+}
+
+impl Metadata {
+    fn default_for(name: &str) -> Self {
+        Metadata { name: name.to_owned(), version: String::new(), subscriptions: Vec::new() }
+    }
+}
+
+/// An error's whole chain (and wasm backtrace, when there is one) on one line.
+pub(super) fn describe(err: &wasmtime::Error) -> String {
+    format!("{err:?}").lines().map(str::trim).filter(|line| !line.is_empty()).collect::<Vec<_>>().join(" | ")
+}

@@ -1,0 +1,64 @@
+//! `wasmhook serve`: wires the modules into a running host (journal, runtime, registry,
+//! listeners, dispatcher) and stops them in order when told to.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::Admin;
+use crate::config::{Config, Verify};
+use crate::ingest::Ingest;
+use crate::journal::Journal;
+use crate::journal::sqlite::SqliteJournal;
+use crate::registry::Registry;
+use crate::runtime::Runtime;
+use crate::{dispatch, http};
+
+/// Runs the host until `shutdown` fires, then stops taking requests, lets running plugin
+/// calls finish, and returns. Everything accepted is already in the journal.
+pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let journal: Arc<dyn Journal> = Arc::new(SqliteJournal::open(&config.data_dir)?);
+    let runtime = Runtime::new().context("cannot start the WebAssembly runtime")?;
+    let registry = Arc::new(Registry::load_dir(&runtime, &config.plugins_dir).await?);
+    warn_about_unsigned_sources(&config);
+
+    let ingest_listener = bind(config.listen, "webhook").await?;
+    let admin_listener = bind(config.admin_listen, "admin").await?;
+
+    let ingest = Arc::new(Ingest::new(config.sources.clone(), Arc::clone(&journal), Arc::clone(&registry)));
+    let admin = Arc::new(Admin::new(Arc::clone(&journal), Arc::clone(&registry), config.admin_token.clone()));
+    let tasks = TaskTracker::new();
+    tasks.spawn(http::serve(ingest_listener, move |request| Arc::clone(&ingest).handle(request), shutdown.clone()));
+    tasks.spawn(http::serve(admin_listener, move |request| Arc::clone(&admin).handle(request), shutdown.clone()));
+    tasks.spawn(dispatch::run(journal, registry, config.workers, shutdown.clone()));
+    tasks.close();
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: no new requests; waiting for running calls");
+    tasks.wait().await;
+    drop(runtime);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn bind(address: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address} ({what})"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, "{what} listener on http://{bound}");
+    Ok(listener)
+}
+
+fn warn_about_unsigned_sources(config: &Config) {
+    if config.listen.ip().is_loopback() {
+        return;
+    }
+    for (name, source) in &config.sources {
+        if matches!(source.verify, Verify::None) {
+            tracing::warn!(source = %name, listen = %config.listen, "source accepts unsigned requests beyond loopback");
+        }
+    }
+}

@@ -161,7 +161,7 @@ mod tests {
         }
     }
 
-    #[derive(serde::Deserialize)]
+    #[derive(Debug, serde::Deserialize)]
     struct Push {
         after: String,
     }

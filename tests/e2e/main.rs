@@ -1,1 +1,8 @@
+//! End-to-end tests: each starts the real `wasmhook` binary with real compiled plugins
+//! (built by `make plugins`) and talks HTTP to it. Fixtures live in `util`.
 
+mod admin;
+mod cli;
+mod ingest;
+mod plugins;
+mod util;

@@ -7,4 +7,4 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use wasmhook::plugin::host::Level;
+pub use self::wasmhook::plugin::host::Level;

@@ -7,7 +7,7 @@ TEST_PLUGINS :=
 PLUGIN_DIR := target/plugins
 WASM_OUT := target/wasm32-wasip2/plugin
 
-.PHONY: run test plugins host wasm-target clean
+.PHONY: run test lint plugins host wasm-target clean
 
 ## make run: build everything and serve the example plugins on loopback (Ctrl-C stops it).
 run: plugins host
@@ -17,6 +17,12 @@ run: plugins host
 ## make test: build plugins and the host once (release profile), then run every test.
 test: plugins
 	$(CARGO) test --release
+
+## make lint: formatting and clippy, warnings as errors.
+lint: wasm-target
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --release --all-targets -- -D warnings
+	$(CARGO) clippy --profile plugin --target wasm32-wasip2 $(addprefix -p ,$(PLUGINS)) -- -D warnings
 
 host:
 	$(CARGO) build --release -p wasmhook

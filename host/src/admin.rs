@@ -34,7 +34,11 @@ struct PluginView<'a> {
 impl Admin {
     /// An admin API over `journal` and `registry`, guarded by `token` when there is one.
     pub fn new(journal: Arc<dyn Journal>, registry: Arc<Registry>, token: Option<Secret>) -> Self {
-        Admin { journal, registry, token }
+        Admin {
+            journal,
+            registry,
+            token,
+        }
     }
 
     /// Answers one HTTP request.
@@ -44,8 +48,12 @@ impl Admin {
             return http::json(StatusCode::OK, &serde_json::json!({"status": "ok"}));
         }
         if !self.authorized(&request) {
-            let mut response = http::error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            let mut response =
+                http::error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
             return response;
         }
         let known = path == "/v1/plugins" || path.starts_with("/v1/events/");
@@ -53,7 +61,10 @@ impl Admin {
             return http::error(StatusCode::NOT_FOUND, format!("no admin route {path}"));
         }
         if request.method() != Method::GET {
-            return http::error(StatusCode::METHOD_NOT_ALLOWED, format!("method {} not allowed on {path}; use GET", request.method()));
+            return http::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method {} not allowed on {path}; use GET", request.method()),
+            );
         }
         match path.strip_prefix("/v1/events/") {
             Some(id) => self.event(id).await,
@@ -62,7 +73,9 @@ impl Admin {
     }
 
     fn authorized(&self, request: &Request<Incoming>) -> bool {
-        let Some(token) = &self.token else { return true };
+        let Some(token) = &self.token else {
+            return true;
+        };
         let given = request
             .headers()
             .get(header::AUTHORIZATION)

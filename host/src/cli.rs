@@ -89,7 +89,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     // The whole configuration is checked before anything starts or binds.
     let config = config::load(args.config.as_deref(), overrides, &ProcessEnv)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -103,7 +105,9 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        let mut term = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
             Ok(term) => term,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops the host");
@@ -123,13 +127,27 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
 }
 
 fn send(scheme: SendScheme, env: &dyn Env) -> anyhow::Result<ExitCode> {
-    let SendScheme::Github { url, secret_env, event, delivery, file } = scheme;
-    let secret = env.var(&secret_env).with_context(|| format!("environment variable {secret_env} is not set"))?;
+    let SendScheme::Github {
+        url,
+        secret_env,
+        event,
+        delivery,
+        file,
+    } = scheme;
+    let secret = env
+        .var(&secret_env)
+        .with_context(|| format!("environment variable {secret_env} is not set"))?;
     let body = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
     let delivery = delivery.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let outgoing = send::github(secret.as_bytes(), &event, &delivery, body);
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let (status, answer) = runtime.block_on(send::post(&url, outgoing))?;
     println!("{} {answer}", status.as_u16());
-    Ok(if status.is_success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if status.is_success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -198,7 +198,11 @@ impl OneOrMany {
 ///
 /// Relative paths in the file are relative to the file's folder; relative paths on the
 /// command line are relative to the working directory.
-pub fn load(path: Option<&Path>, overrides: Overrides, env: &dyn Env) -> Result<Config, ConfigError> {
+pub fn load(
+    path: Option<&Path>,
+    overrides: Overrides,
+    env: &dyn Env,
+) -> Result<Config, ConfigError> {
     let (raw, label, base) = match path {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -209,9 +213,16 @@ pub fn load(path: Option<&Path>, overrides: Overrides, env: &dyn Env) -> Result<
             let base = path.parent().map(Path::to_owned).unwrap_or_default();
             (raw, path.display().to_string(), base)
         }
-        None => (RawConfig::default(), "command line".to_owned(), PathBuf::new()),
+        None => (
+            RawConfig::default(),
+            "command line".to_owned(),
+            PathBuf::new(),
+        ),
     };
-    validate(raw, overrides, env, &base).map_err(|problems| ConfigError::Invalid { path: label, problems })
+    validate(raw, overrides, env, &base).map_err(|problems| ConfigError::Invalid {
+        path: label,
+        problems,
+    })
 }
 
 fn parse(text: &str, label: &str) -> Result<RawConfig, ConfigError> {
@@ -221,24 +232,42 @@ fn parse(text: &str, label: &str) -> Result<RawConfig, ConfigError> {
     })
 }
 
-fn validate(raw: RawConfig, overrides: Overrides, env: &dyn Env, base: &Path) -> Result<Config, Vec<String>> {
+fn validate(
+    raw: RawConfig,
+    overrides: Overrides,
+    env: &dyn Env,
+    base: &Path,
+) -> Result<Config, Vec<String>> {
     let mut problems = Vec::new();
-    let mut address = |field: &str, value: Option<String>, flag: Option<SocketAddr>, default: &str| {
-        if let Some(flag) = flag {
-            return flag;
-        }
-        let text = value.unwrap_or_else(|| default.to_owned());
-        text.parse().unwrap_or_else(|_| {
-            problems.push(format!("{field} = {text:?} is not an address like \"127.0.0.1:8080\""));
-            default.parse().expect("default addresses parse")
-        })
-    };
+    let mut address =
+        |field: &str, value: Option<String>, flag: Option<SocketAddr>, default: &str| {
+            if let Some(flag) = flag {
+                return flag;
+            }
+            let text = value.unwrap_or_else(|| default.to_owned());
+            text.parse().unwrap_or_else(|_| {
+                problems.push(format!(
+                    "{field} = {text:?} is not an address like \"127.0.0.1:8080\""
+                ));
+                default.parse().expect("default addresses parse")
+            })
+        };
     let listen = address("listen", raw.listen, overrides.listen, DEFAULT_LISTEN);
-    let admin_listen = address("admin_listen", raw.admin_listen, overrides.admin_listen, DEFAULT_ADMIN_LISTEN);
+    let admin_listen = address(
+        "admin_listen",
+        raw.admin_listen,
+        overrides.admin_listen,
+        DEFAULT_ADMIN_LISTEN,
+    );
 
-    let in_file = |path: Option<PathBuf>, default: &str| base.join(path.unwrap_or_else(|| default.into()));
-    let plugins_dir = overrides.plugins_dir.unwrap_or_else(|| in_file(raw.plugins_dir, DEFAULT_PLUGINS_DIR));
-    let data_dir = overrides.data_dir.unwrap_or_else(|| in_file(raw.data_dir, DEFAULT_DATA_DIR));
+    let in_file =
+        |path: Option<PathBuf>, default: &str| base.join(path.unwrap_or_else(|| default.into()));
+    let plugins_dir = overrides
+        .plugins_dir
+        .unwrap_or_else(|| in_file(raw.plugins_dir, DEFAULT_PLUGINS_DIR));
+    let data_dir = overrides
+        .data_dir
+        .unwrap_or_else(|| in_file(raw.data_dir, DEFAULT_DATA_DIR));
 
     let admin_token = raw
         .admin_token_env
@@ -257,16 +286,35 @@ fn validate(raw: RawConfig, overrides: Overrides, env: &dyn Env, base: &Path) ->
     }
 
     if problems.is_empty() {
-        Ok(Config { listen, admin_listen, plugins_dir, data_dir, admin_token, workers, sources })
+        Ok(Config {
+            listen,
+            admin_listen,
+            plugins_dir,
+            data_dir,
+            admin_token,
+            workers,
+            sources,
+        })
     } else {
         Err(problems)
     }
 }
 
-fn validate_source(name: &str, raw: RawSource, env: &dyn Env, problems: &mut Vec<String>) -> Option<SourceConfig> {
+fn validate_source(
+    name: &str,
+    raw: RawSource,
+    env: &dyn Env,
+    problems: &mut Vec<String>,
+) -> Option<SourceConfig> {
     let before = problems.len();
-    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_') {
-        problems.push(format!("source name {name:?} may only hold a-z, 0-9, '-' and '_'"));
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    {
+        problems.push(format!(
+            "source name {name:?} may only hold a-z, 0-9, '-' and '_'"
+        ));
     }
     let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
     if max_body_bytes == 0 {
@@ -281,20 +329,33 @@ fn validate_source(name: &str, raw: RawSource, env: &dyn Env, problems: &mut Vec
                 ));
             }
             let field = format!("sources.{name}.secret_env");
-            let secrets = vars.iter().filter_map(|var| secret_from(env, var, &field, problems)).collect();
+            let secrets = vars
+                .iter()
+                .filter_map(|var| secret_from(env, var, &field, problems))
+                .collect();
             Verify::Github { secrets }
         }
         RawVerify::None => {
             if !vars.is_empty() {
-                problems.push(format!("sources.{name}: verify = \"none\" takes no secret_env"));
+                problems.push(format!(
+                    "sources.{name}: verify = \"none\" takes no secret_env"
+                ));
             }
             Verify::None
         }
     };
-    (problems.len() == before).then_some(SourceConfig { verify, max_body_bytes })
+    (problems.len() == before).then_some(SourceConfig {
+        verify,
+        max_body_bytes,
+    })
 }
 
-fn secret_from(env: &dyn Env, var: &str, field: &str, problems: &mut Vec<String>) -> Option<Secret> {
+fn secret_from(
+    env: &dyn Env,
+    var: &str,
+    field: &str,
+    problems: &mut Vec<String>,
+) -> Option<Secret> {
     match env.var(var) {
         Some(value) if !value.is_empty() => Some(Secret::new(value)),
         Some(_) => {
@@ -313,13 +374,20 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 
     fn check(text: &str, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
         let raw = parse(text, "test.toml")?;
-        validate(raw, Overrides::default(), env, Path::new("/etc/wasmhook"))
-            .map_err(|problems| ConfigError::Invalid { path: "test.toml".into(), problems })
+        validate(raw, Overrides::default(), env, Path::new("/etc/wasmhook")).map_err(|problems| {
+            ConfigError::Invalid {
+                path: "test.toml".into(),
+                problems,
+            }
+        })
     }
 
     #[test]
@@ -330,18 +398,29 @@ mod tests {
         )
         .expect("valid config");
         match &config.sources["github"].verify {
-            Verify::Github { secrets } => assert_eq!(secrets, &[Secret::new("n"), Secret::new("o")]),
+            Verify::Github { secrets } => {
+                assert_eq!(secrets, &[Secret::new("n"), Secret::new("o")])
+            }
             other => panic!("expected github, got {other:?}"),
         }
-        assert_eq!(config.sources["github"].max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(
+            config.sources["github"].max_body_bytes,
+            DEFAULT_MAX_BODY_BYTES
+        );
     }
 
     #[test]
     fn missing_secret_variable_is_named() {
-        let err = check("[sources.github]\nverify = \"github\"\nsecret_env = \"GH_SECRET\"\n", &env(&[]))
-            .expect_err("secret is missing");
+        let err = check(
+            "[sources.github]\nverify = \"github\"\nsecret_env = \"GH_SECRET\"\n",
+            &env(&[]),
+        )
+        .expect_err("secret is missing");
         let text = err.to_string();
-        assert!(text.contains("GH_SECRET") && text.contains("not set"), "{text}");
+        assert!(
+            text.contains("GH_SECRET") && text.contains("not set"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -351,15 +430,21 @@ mod tests {
             &env(&[]),
         )
         .expect_err("four problems");
-        let ConfigError::Invalid { problems, .. } = err else { panic!("expected Invalid") };
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("expected Invalid")
+        };
         assert_eq!(problems.len(), 4, "{problems:?}");
     }
 
     #[test]
     fn unknown_key_is_rejected_with_its_line() {
-        let err = check("listen = \"127.0.0.1:1\"\nlisten_port = 3\n", &env(&[])).expect_err("unknown key");
+        let err = check("listen = \"127.0.0.1:1\"\nlisten_port = 3\n", &env(&[]))
+            .expect_err("unknown key");
         let text = err.to_string();
-        assert!(text.contains("listen_port") && text.contains("line 2"), "{text}");
+        assert!(
+            text.contains("listen_port") && text.contains("line 2"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -367,9 +452,17 @@ mod tests {
         let config = check("plugins_dir = \"p\"\n", &env(&[])).expect("valid");
         assert_eq!(config.plugins_dir, Path::new("/etc/wasmhook/p"));
         assert_eq!(config.data_dir, Path::new("/etc/wasmhook/data"));
-        let overrides = Overrides { plugins_dir: Some("here".into()), ..Overrides::default() };
-        let config = validate(parse("plugins_dir = \"p\"\n", "t").expect("toml"), overrides, &env(&[]), Path::new("/x"))
-            .expect("valid");
+        let overrides = Overrides {
+            plugins_dir: Some("here".into()),
+            ..Overrides::default()
+        };
+        let config = validate(
+            parse("plugins_dir = \"p\"\n", "t").expect("toml"),
+            overrides,
+            &env(&[]),
+            Path::new("/x"),
+        )
+        .expect("valid");
         assert_eq!(config.plugins_dir, Path::new("here"));
     }
 

@@ -21,7 +21,12 @@ const ERROR_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Runs deliveries with at most `workers` calls at once until `shutdown`, then waits for the
 /// calls already running to finish.
-pub async fn run(journal: Arc<dyn Journal>, registry: Arc<Registry>, workers: usize, shutdown: CancellationToken) {
+pub async fn run(
+    journal: Arc<dyn Journal>,
+    registry: Arc<Registry>,
+    workers: usize,
+    shutdown: CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(workers));
     let calls = TaskTracker::new();
     while !shutdown.is_cancelled() {
@@ -33,7 +38,10 @@ pub async fn run(journal: Arc<dyn Journal>, registry: Arc<Registry>, workers: us
         let Ok(first) = first else { break };
         let free = slots.available_permits() + 1;
         let lease_time = registry.max_timeout() + LEASE_MARGIN;
-        let leases = match journal.take(&registry.names(), free, lease_time, TAKE_WAIT).await {
+        let leases = match journal
+            .take(&registry.names(), free, lease_time, TAKE_WAIT)
+            .await
+        {
             Ok(leases) => leases,
             Err(err) => {
                 tracing::error!(error = %err, "cannot take deliveries from the journal");
@@ -86,7 +94,9 @@ async fn deliver(journal: &dyn Journal, registry: &Registry, lease: Lease) {
                 plugin = %plugin.name, attempt = lease.attempt, duration_ms, outcome = "dead", error = %err,
                 "delivery failed"
             );
-            Outcome::Dead { error: err.to_string() }
+            Outcome::Dead {
+                error: err.to_string(),
+            }
         }
     };
     if let Err(err) = journal.finish(&lease, outcome).await {

@@ -43,7 +43,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused_with_their_line() {
-        let err = Manifest::parse("[config]\na = \"b\"\n\n[grants]\nall = true\n").expect_err("unknown table");
+        let err = Manifest::parse("[config]\na = \"b\"\n\n[grants]\nall = true\n")
+            .expect_err("unknown table");
         assert!(err.contains("grants") && err.contains("line 4"), "{err}");
     }
 }

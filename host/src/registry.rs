@@ -48,8 +48,9 @@ impl Registry {
     /// Loads every `*.wasm` in `dir`. A file that cannot be loaded is skipped with one error
     /// line naming it and the reason; only an unreadable folder is an error.
     pub async fn load_dir(runtime: &Runtime, dir: &Path) -> anyhow::Result<Registry> {
-        let entries = std::fs::read_dir(dir)
-            .map_err(|err| anyhow::anyhow!("cannot read the plugins folder {}: {err}", dir.display()))?;
+        let entries = std::fs::read_dir(dir).map_err(|err| {
+            anyhow::anyhow!("cannot read the plugins folder {}: {err}", dir.display())
+        })?;
         let mut files: Vec<PathBuf> = entries
             .filter_map(Result::ok)
             .map(|entry| entry.path())
@@ -72,16 +73,27 @@ impl Registry {
         if plugins.is_empty() {
             tracing::warn!(folder = %dir.display(), "no plugins loaded; events will be kept as unrouted");
         }
-        Ok(Registry { plugins: RwLock::new(Arc::new(plugins)) })
+        Ok(Registry {
+            plugins: RwLock::new(Arc::new(plugins)),
+        })
     }
 
     fn snapshot(&self) -> Arc<BTreeMap<String, Arc<Plugin>>> {
-        Arc::clone(&self.plugins.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+        Arc::clone(
+            &self
+                .plugins
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     /// Names of the plugins that subscribe to `event_type`, in name order.
     pub fn route(&self, event_type: &str) -> Vec<String> {
-        self.snapshot().values().filter(|plugin| plugin.subscribes_to(event_type)).map(|plugin| plugin.name.clone()).collect()
+        self.snapshot()
+            .values()
+            .filter(|plugin| plugin.subscribes_to(event_type))
+            .map(|plugin| plugin.name.clone())
+            .collect()
     }
 
     /// The plugin called `name`, if loaded.
@@ -101,7 +113,11 @@ impl Registry {
 
     /// The longest call timeout among the loaded plugins.
     pub fn max_timeout(&self) -> Duration {
-        self.snapshot().values().map(|plugin| plugin.component.limits().timeout).max().unwrap_or_default()
+        self.snapshot()
+            .values()
+            .map(|plugin| plugin.component.limits().timeout)
+            .max()
+            .unwrap_or_default()
     }
 }
 
@@ -115,21 +131,37 @@ async fn load_file(runtime: &Runtime, file: &Path) -> Result<Plugin, String> {
     let bytes = std::fs::read(file).map_err(|err| format!("cannot read it: {err}"))?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
     let manifest = Manifest::beside(file)?;
-    let limits = Limits { config: Arc::new(manifest.config), ..Limits::default() };
-    let component = runtime.load(&name, bytes, limits).await.map_err(|err| err.to_string())?;
+    let limits = Limits {
+        config: Arc::new(manifest.config),
+        ..Limits::default()
+    };
+    let component = runtime
+        .load(&name, bytes, limits)
+        .await
+        .map_err(|err| err.to_string())?;
     let subscriptions = component.metadata().subscriptions.clone();
     let matcher = matcher(&subscriptions)?;
     if subscriptions.is_empty() {
         tracing::warn!(plugin = %name, "plugin subscribes to nothing");
     }
-    Ok(Plugin { name, file: file.to_owned(), sha256, subscriptions, component, matcher })
+    Ok(Plugin {
+        name,
+        file: file.to_owned(),
+        sha256,
+        subscriptions,
+        component,
+        matcher,
+    })
 }
 
 /// One matcher for a plugin's patterns. `*` matches any run of characters, dots included.
 fn matcher(patterns: &[String]) -> Result<GlobSet, String> {
     let mut set = GlobSetBuilder::new();
     for pattern in patterns {
-        set.add(Glob::new(pattern).map_err(|err| format!("subscription {pattern:?} is not a valid pattern: {err}"))?);
+        set.add(
+            Glob::new(pattern)
+                .map_err(|err| format!("subscription {pattern:?} is not a valid pattern: {err}"))?,
+        );
     }
     set.build().map_err(|err| err.to_string())
 }
@@ -140,7 +172,9 @@ mod tests {
 
     fn matches(patterns: &[&str], event_type: &str) -> bool {
         let patterns: Vec<String> = patterns.iter().map(|p| (*p).to_owned()).collect();
-        matcher(&patterns).expect("valid patterns").is_match(event_type)
+        matcher(&patterns)
+            .expect("valid patterns")
+            .is_match(event_type)
     }
 
     #[test]
@@ -150,7 +184,10 @@ mod tests {
         assert!(matches(&["stripe.invoice.*"], "stripe.invoice.paid"));
         assert!(!matches(&["stripe.invoice.*"], "stripe.charge.failed"));
         assert!(!matches(&["github.push"], "github.push.extra"));
-        assert!(matches(&["github.push", "github.issues.*"], "github.issues.opened"));
+        assert!(matches(
+            &["github.push", "github.issues.*"],
+            "github.issues.opened"
+        ));
         assert!(!matches(&[], "github.push"));
     }
 

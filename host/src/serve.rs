@@ -29,12 +29,33 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let ingest_listener = bind(config.listen, "webhook").await?;
     let admin_listener = bind(config.admin_listen, "admin").await?;
 
-    let ingest = Arc::new(Ingest::new(config.sources.clone(), Arc::clone(&journal), Arc::clone(&registry)));
-    let admin = Arc::new(Admin::new(Arc::clone(&journal), Arc::clone(&registry), config.admin_token.clone()));
+    let ingest = Arc::new(Ingest::new(
+        config.sources.clone(),
+        Arc::clone(&journal),
+        Arc::clone(&registry),
+    ));
+    let admin = Arc::new(Admin::new(
+        Arc::clone(&journal),
+        Arc::clone(&registry),
+        config.admin_token.clone(),
+    ));
     let tasks = TaskTracker::new();
-    tasks.spawn(http::serve(ingest_listener, move |request| Arc::clone(&ingest).handle(request), shutdown.clone()));
-    tasks.spawn(http::serve(admin_listener, move |request| Arc::clone(&admin).handle(request), shutdown.clone()));
-    tasks.spawn(dispatch::run(journal, registry, config.workers, shutdown.clone()));
+    tasks.spawn(http::serve(
+        ingest_listener,
+        move |request| Arc::clone(&ingest).handle(request),
+        shutdown.clone(),
+    ));
+    tasks.spawn(http::serve(
+        admin_listener,
+        move |request| Arc::clone(&admin).handle(request),
+        shutdown.clone(),
+    ));
+    tasks.spawn(dispatch::run(
+        journal,
+        registry,
+        config.workers,
+        shutdown.clone(),
+    ));
     tasks.close();
 
     shutdown.cancelled().await;
@@ -46,7 +67,9 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 }
 
 async fn bind(address: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    let listener = TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address} ({what})"))?;
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address} ({what})"))?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "{what} listener on http://{bound}");
     Ok(listener)

@@ -64,7 +64,10 @@ impl IngestError {
                 headers.insert(header::ALLOW, header::HeaderValue::from_static("POST"));
             }
             IngestError::Unavailable => {
-                headers.insert(header::RETRY_AFTER, header::HeaderValue::from(RETRY_AFTER_SECONDS));
+                headers.insert(
+                    header::RETRY_AFTER,
+                    header::HeaderValue::from(RETRY_AFTER_SECONDS),
+                );
             }
             _ => {}
         }

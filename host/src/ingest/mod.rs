@@ -47,8 +47,16 @@ struct AcceptedBody<'a> {
 
 impl Ingest {
     /// An endpoint for `sources` that stores into `journal`, routing with `registry`.
-    pub fn new(sources: BTreeMap<String, SourceConfig>, journal: Arc<dyn Journal>, registry: Arc<Registry>) -> Self {
-        Ingest { sources, journal, registry }
+    pub fn new(
+        sources: BTreeMap<String, SourceConfig>,
+        journal: Arc<dyn Journal>,
+        registry: Arc<Registry>,
+    ) -> Self {
+        Ingest {
+            sources,
+            journal,
+            registry,
+        }
     }
 
     /// Answers one HTTP request.
@@ -61,8 +69,19 @@ impl Ingest {
                     event.id = %event.id, event.type = %event.event_type, source = %event.source, duplicate,
                     "accepted"
                 );
-                let status = if duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
-                http::json(status, &AcceptedBody { id: &event.id, event_type: &event.event_type, duplicate })
+                let status = if duplicate {
+                    StatusCode::OK
+                } else {
+                    StatusCode::ACCEPTED
+                };
+                http::json(
+                    status,
+                    &AcceptedBody {
+                        id: &event.id,
+                        event_type: &event.event_type,
+                        duplicate,
+                    },
+                )
             }
             Err(err) => {
                 if err.status().is_server_error() {
@@ -77,7 +96,9 @@ impl Ingest {
 
     async fn accept(&self, request: Request<Incoming>) -> Result<(Event, Accepted), IngestError> {
         let path = request.uri().path();
-        let name = path.strip_prefix(HOOKS_PREFIX).ok_or_else(|| IngestError::NoRoute(path.to_owned()))?;
+        let name = path
+            .strip_prefix(HOOKS_PREFIX)
+            .ok_or_else(|| IngestError::NoRoute(path.to_owned()))?;
         if name.is_empty() || name.contains('/') {
             return Err(IngestError::NoRoute(path.to_owned()));
         }
@@ -85,14 +106,17 @@ impl Ingest {
         if request.method() != Method::POST {
             return Err(IngestError::MethodNotAllowed(request.method().to_string()));
         }
-        let source = self.sources.get(&name).ok_or_else(|| IngestError::UnknownSource(name.clone()))?;
+        let source = self
+            .sources
+            .get(&name)
+            .ok_or_else(|| IngestError::UnknownSource(name.clone()))?;
         let content_type = json_content_type(request.headers())?;
         let (parts, body) = request.into_parts();
         let body = read_body(body, &parts.headers, source.max_body_bytes).await?;
 
         verify::verify(&source.verify, &parts.headers, &body)?;
-        let json: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|err| IngestError::BadRequest(format!("body is not valid JSON: {err}")))?;
+        let json: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|err| IngestError::BadRequest(format!("body is not valid JSON: {err}")))?;
         let identity = verify::identify(&source.verify, &name, &parts.headers, &body, &json)?;
         let event = Event {
             id: checked_name("event id", identity.id)?,
@@ -108,22 +132,35 @@ impl Ingest {
         if plugins.is_empty() {
             tracing::warn!(event.id = %event.id, event.type = %event.event_type, source = %event.source, "no plugin subscribes; kept as unrouted");
         }
-        let accepted = self.journal.accept(event.clone(), plugins).await.map_err(|err| {
-            tracing::error!(error = %err, "journal refused an event");
-            IngestError::Internal
-        })?;
+        let accepted = self
+            .journal
+            .accept(event.clone(), plugins)
+            .await
+            .map_err(|err| {
+                tracing::error!(error = %err, "journal refused an event");
+                IngestError::Internal
+            })?;
         Ok((event, accepted))
     }
 }
 
 /// The request's content type if it is JSON (`application/json` or any `+json` type).
 fn json_content_type(headers: &HeaderMap) -> Result<String, IngestError> {
-    let value = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("(not text)"));
+    let value = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("(not text)"));
     let Some(value) = value else {
         return Err(IngestError::UnsupportedMediaType("(none)".to_owned()));
     };
-    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    if essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json")) {
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    {
         Ok(essence)
     } else {
         Err(IngestError::UnsupportedMediaType(value.to_owned()))
@@ -132,7 +169,11 @@ fn json_content_type(headers: &HeaderMap) -> Result<String, IngestError> {
 
 /// Reads the body, refusing it as soon as it passes `limit` bytes (a declared length over the
 /// limit is refused before reading anything).
-async fn read_body(body: Incoming, headers: &HeaderMap, limit: usize) -> Result<Bytes, IngestError> {
+async fn read_body(
+    body: Incoming,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Bytes, IngestError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -142,17 +183,26 @@ async fn read_body(body: Incoming, headers: &HeaderMap, limit: usize) -> Result<
     }
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Err(err)
+            if err
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             Err(IngestError::PayloadTooLarge(limit))
         }
-        Err(err) => Err(IngestError::BadRequest(format!("could not read the body: {err}"))),
+        Err(err) => Err(IngestError::BadRequest(format!(
+            "could not read the body: {err}"
+        ))),
     }
 }
 
 /// An event id or type must be non-empty, at most [`MAX_NAME_BYTES`], and free of control
 /// characters and spaces.
 fn checked_name(what: &str, value: String) -> Result<String, IngestError> {
-    if value.is_empty() || value.len() > MAX_NAME_BYTES || value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+    if value.is_empty()
+        || value.len() > MAX_NAME_BYTES
+        || value.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
         return Err(IngestError::BadRequest(format!(
             "{what} {value:?} must be 1 to {MAX_NAME_BYTES} bytes without spaces or control characters"
         )));
@@ -172,10 +222,17 @@ mod tests {
 
     #[test]
     fn json_content_types_are_recognised() {
-        assert_eq!(json_content_type(&with_content_type("application/json; charset=utf-8")).ok().as_deref(), Some("application/json"));
+        assert_eq!(
+            json_content_type(&with_content_type("application/json; charset=utf-8"))
+                .ok()
+                .as_deref(),
+            Some("application/json")
+        );
         assert!(json_content_type(&with_content_type("application/cloudevents+json")).is_ok());
         assert!(json_content_type(&with_content_type("text/plain")).is_err());
-        assert!(json_content_type(&with_content_type("application/x-www-form-urlencoded")).is_err());
+        assert!(
+            json_content_type(&with_content_type("application/x-www-form-urlencoded")).is_err()
+        );
         assert!(json_content_type(&HeaderMap::new()).is_err());
     }
 

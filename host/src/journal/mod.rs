@@ -87,7 +87,10 @@ impl EventStatus {
             EventStatus::Unrouted
         } else if deliveries.iter().all(|d| d.status == DeliveryStatus::Done) {
             EventStatus::Done
-        } else if deliveries.iter().all(|d| matches!(d.status, DeliveryStatus::Done | DeliveryStatus::Dead)) {
+        } else if deliveries
+            .iter()
+            .all(|d| matches!(d.status, DeliveryStatus::Done | DeliveryStatus::Dead))
+        {
             EventStatus::Dead
         } else {
             EventStatus::Pending
@@ -146,7 +149,13 @@ pub trait Journal: Send + Sync {
 
     /// Leases up to `max` due deliveries for the named plugins, each for `lease`. Waits up
     /// to `wait` for work to arrive when none is due; an empty result means none came.
-    async fn take(&self, plugins: &[String], max: usize, lease: Duration, wait: Duration) -> Result<Vec<Lease>, JournalError>;
+    async fn take(
+        &self,
+        plugins: &[String],
+        max: usize,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Vec<Lease>, JournalError>;
 
     /// Settles a leased delivery. A lease that ran out and was taken again by someone else
     /// is left alone, so a delivery is settled at most once per attempt.
@@ -161,16 +170,33 @@ mod tests {
     use super::*;
 
     fn delivery(status: DeliveryStatus) -> DeliveryRecord {
-        DeliveryRecord { plugin: "p".into(), status, attempts: 1, last_error: None }
+        DeliveryRecord {
+            plugin: "p".into(),
+            status,
+            attempts: 1,
+            last_error: None,
+        }
     }
 
     #[test]
     fn event_status_sums_its_deliveries() {
         use DeliveryStatus::*;
         assert_eq!(EventStatus::of(&[]), EventStatus::Unrouted);
-        assert_eq!(EventStatus::of(&[delivery(Done), delivery(Done)]), EventStatus::Done);
-        assert_eq!(EventStatus::of(&[delivery(Done), delivery(Dead)]), EventStatus::Dead);
-        assert_eq!(EventStatus::of(&[delivery(Done), delivery(Running)]), EventStatus::Pending);
-        assert_eq!(EventStatus::of(&[delivery(Dead), delivery(Pending)]), EventStatus::Pending);
+        assert_eq!(
+            EventStatus::of(&[delivery(Done), delivery(Done)]),
+            EventStatus::Done
+        );
+        assert_eq!(
+            EventStatus::of(&[delivery(Done), delivery(Dead)]),
+            EventStatus::Dead
+        );
+        assert_eq!(
+            EventStatus::of(&[delivery(Done), delivery(Running)]),
+            EventStatus::Pending
+        );
+        assert_eq!(
+            EventStatus::of(&[delivery(Dead), delivery(Pending)]),
+            EventStatus::Pending
+        );
     }
 }

@@ -18,7 +18,10 @@ use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::{Accepted, DeliveryRecord, DeliveryStatus, EventRecord, EventStatus, Journal, JournalError, Lease, Outcome};
+use super::{
+    Accepted, DeliveryRecord, DeliveryStatus, EventRecord, EventStatus, Journal, JournalError,
+    Lease, Outcome,
+};
 use crate::event::{Event, now_ms};
 
 /// The journal's file name inside the data folder.
@@ -77,9 +80,23 @@ type Reply<T> = oneshot::Sender<Result<T, JournalError>>;
 
 /// A write for the writer thread, with where to send its result after the commit.
 enum Write {
-    Accept { event: Event, plugins: Vec<String>, reply: Reply<Accepted> },
-    Take { plugins: String, max: usize, lease_ms: u64, reply: Reply<Vec<Lease>> },
-    Finish { delivery: i64, attempt: u32, outcome: Outcome, reply: Reply<()> },
+    Accept {
+        event: Event,
+        plugins: Vec<String>,
+        reply: Reply<Accepted>,
+    },
+    Take {
+        plugins: String,
+        max: usize,
+        lease_ms: u64,
+        reply: Reply<Vec<Lease>>,
+    },
+    Finish {
+        delivery: i64,
+        attempt: u32,
+        outcome: Outcome,
+        reply: Reply<()>,
+    },
 }
 
 /// A write's result, held until its transaction commits.
@@ -91,7 +108,10 @@ enum Done {
 
 impl Done {
     fn send(self, commit: &Result<(), JournalError>) {
-        fn pick<T>(result: Result<T, JournalError>, commit: &Result<(), JournalError>) -> Result<T, JournalError> {
+        fn pick<T>(
+            result: Result<T, JournalError>,
+            commit: &Result<(), JournalError>,
+        ) -> Result<T, JournalError> {
             match commit {
                 Ok(()) => result,
                 Err(err) => Err(JournalError::Storage(err.to_string())),
@@ -118,10 +138,16 @@ fn storage(err: rusqlite::Error) -> JournalError {
 impl SqliteJournal {
     /// Opens (creating if needed) the journal in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, JournalError> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|err| JournalError::Storage(format!("cannot create data folder {}: {err}", data_dir.display())))?;
+        std::fs::create_dir_all(data_dir).map_err(|err| {
+            JournalError::Storage(format!(
+                "cannot create data folder {}: {err}",
+                data_dir.display()
+            ))
+        })?;
         let path: PathBuf = data_dir.join(FILE_NAME);
-        let open_err = |err: rusqlite::Error| JournalError::Storage(format!("cannot open {}: {err}", path.display()));
+        let open_err = |err: rusqlite::Error| {
+            JournalError::Storage(format!("cannot open {}: {err}", path.display()))
+        };
         let writer = Connection::open(&path).map_err(open_err)?;
         writer
             .pragma_update(None, "journal_mode", "WAL")
@@ -135,13 +161,23 @@ impl SqliteJournal {
         let thread = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || write_loop(writer, queue))
-            .map_err(|err| JournalError::Storage(format!("cannot start the journal writer: {err}")))?;
-        Ok(SqliteJournal { writes, reader: Arc::new(Mutex::new(reader)), work: Notify::new(), writer: Some(thread) })
+            .map_err(|err| {
+                JournalError::Storage(format!("cannot start the journal writer: {err}"))
+            })?;
+        Ok(SqliteJournal {
+            writes,
+            reader: Arc::new(Mutex::new(reader)),
+            work: Notify::new(),
+            writer: Some(thread),
+        })
     }
 
     async fn call<T>(&self, write: impl FnOnce(Reply<T>) -> Write) -> Result<T, JournalError> {
         let (reply, answer) = oneshot::channel();
-        self.writes.send(write(reply)).await.map_err(|_| JournalError::Closed)?;
+        self.writes
+            .send(write(reply))
+            .await
+            .map_err(|_| JournalError::Closed)?;
         answer.await.map_err(|_| JournalError::Closed)?
     }
 }
@@ -161,21 +197,41 @@ impl Drop for SqliteJournal {
 impl Journal for SqliteJournal {
     async fn accept(&self, event: Event, plugins: Vec<String>) -> Result<Accepted, JournalError> {
         let routed = !plugins.is_empty();
-        let accepted = self.call(|reply| Write::Accept { event, plugins, reply }).await?;
+        let accepted = self
+            .call(|reply| Write::Accept {
+                event,
+                plugins,
+                reply,
+            })
+            .await?;
         if routed && accepted == Accepted::New {
             self.work.notify_one();
         }
         Ok(accepted)
     }
 
-    async fn take(&self, plugins: &[String], max: usize, lease: Duration, wait: Duration) -> Result<Vec<Lease>, JournalError> {
+    async fn take(
+        &self,
+        plugins: &[String],
+        max: usize,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Vec<Lease>, JournalError> {
         let deadline = Instant::now() + wait;
-        let names = serde_json::to_string(plugins).map_err(|err| JournalError::Storage(err.to_string()))?;
+        let names =
+            serde_json::to_string(plugins).map_err(|err| JournalError::Storage(err.to_string()))?;
         let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
         loop {
             if !plugins.is_empty() && max > 0 {
                 let plugins = names.clone();
-                let leases = self.call(|reply| Write::Take { plugins, max, lease_ms, reply }).await?;
+                let leases = self
+                    .call(|reply| Write::Take {
+                        plugins,
+                        max,
+                        lease_ms,
+                        reply,
+                    })
+                    .await?;
                 if !leases.is_empty() {
                     return Ok(leases);
                 }
@@ -193,14 +249,22 @@ impl Journal for SqliteJournal {
 
     async fn finish(&self, lease: &Lease, outcome: Outcome) -> Result<(), JournalError> {
         let (delivery, attempt) = (lease.delivery, lease.attempt);
-        self.call(|reply| Write::Finish { delivery, attempt, outcome, reply }).await
+        self.call(|reply| Write::Finish {
+            delivery,
+            attempt,
+            outcome,
+            reply,
+        })
+        .await
     }
 
     async fn event(&self, id: &str) -> Result<Option<EventRecord>, JournalError> {
         let reader = Arc::clone(&self.reader);
         let id = id.to_owned();
         tokio::task::spawn_blocking(move || {
-            let connection = reader.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let connection = reader
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             read_event(&connection, &id).map_err(storage)
         })
         .await
@@ -231,13 +295,26 @@ fn commit_batch(connection: &mut Connection, batch: impl Iterator<Item = Write>)
         Ok(mut tx) => {
             for write in batch {
                 done.push(match write {
-                    Write::Accept { event, plugins, reply } => Done::Accept(reply, accept(&mut tx, &event, &plugins, now)),
-                    Write::Take { plugins, max, lease_ms, reply } => {
-                        Done::Take(reply, take(&mut tx, &plugins, max, now, now.saturating_add(lease_ms)))
-                    }
-                    Write::Finish { delivery, attempt, outcome, reply } => {
-                        Done::Finish(reply, finish(&mut tx, delivery, attempt, &outcome))
-                    }
+                    Write::Accept {
+                        event,
+                        plugins,
+                        reply,
+                    } => Done::Accept(reply, accept(&mut tx, &event, &plugins, now)),
+                    Write::Take {
+                        plugins,
+                        max,
+                        lease_ms,
+                        reply,
+                    } => Done::Take(
+                        reply,
+                        take(&mut tx, &plugins, max, now, now.saturating_add(lease_ms)),
+                    ),
+                    Write::Finish {
+                        delivery,
+                        attempt,
+                        outcome,
+                        reply,
+                    } => Done::Finish(reply, finish(&mut tx, delivery, attempt, &outcome)),
                 });
             }
             tx.commit().map_err(storage)
@@ -262,9 +339,15 @@ fn commit_batch(connection: &mut Connection, batch: impl Iterator<Item = Write>)
     }
 }
 
-fn accept(tx: &mut Transaction<'_>, event: &Event, plugins: &[String], now: u64) -> Result<Accepted, JournalError> {
+fn accept(
+    tx: &mut Transaction<'_>,
+    event: &Event,
+    plugins: &[String],
+    now: u64,
+) -> Result<Accepted, JournalError> {
     let savepoint = tx.savepoint().map_err(storage)?;
-    let attributes = serde_json::to_string(&event.attributes).map_err(|err| JournalError::Storage(err.to_string()))?;
+    let attributes = serde_json::to_string(&event.attributes)
+        .map_err(|err| JournalError::Storage(err.to_string()))?;
     let inserted = savepoint
         .prepare_cached(
             "INSERT INTO events (source, id, event_type, time_ms, content_type, data, attributes)
@@ -291,14 +374,22 @@ fn accept(tx: &mut Transaction<'_>, event: &Event, plugins: &[String], now: u64)
             .prepare_cached("INSERT INTO deliveries (event_seq, plugin, status, due_ms) VALUES (?1, ?2, 'pending', ?3)")
             .map_err(storage)?;
         for plugin in plugins {
-            insert.execute(params![event_seq, plugin, sql_ms(now)]).map_err(storage)?;
+            insert
+                .execute(params![event_seq, plugin, sql_ms(now)])
+                .map_err(storage)?;
         }
     }
     savepoint.commit().map_err(storage)?;
     Ok(Accepted::New)
 }
 
-fn take(tx: &mut Transaction<'_>, plugins: &str, max: usize, now: u64, lease_until: u64) -> Result<Vec<Lease>, JournalError> {
+fn take(
+    tx: &mut Transaction<'_>,
+    plugins: &str,
+    max: usize,
+    now: u64,
+    lease_until: u64,
+) -> Result<Vec<Lease>, JournalError> {
     let savepoint = tx.savepoint().map_err(storage)?;
     let mut leases = Vec::new();
     {
@@ -312,7 +403,9 @@ fn take(tx: &mut Transaction<'_>, plugins: &str, max: usize, now: u64, lease_unt
             )
             .map_err(storage)?;
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
-        let mut rows = select.query(params![sql_ms(now), plugins, limit]).map_err(storage)?;
+        let mut rows = select
+            .query(params![sql_ms(now), plugins, limit])
+            .map_err(storage)?;
         while let Some(row) = rows.next().map_err(storage)? {
             let attributes: String = row.get(9).map_err(storage)?;
             let previous_attempts: u32 = row.get(2).map_err(storage)?;
@@ -327,7 +420,8 @@ fn take(tx: &mut Transaction<'_>, plugins: &str, max: usize, now: u64, lease_unt
                     time_ms: u64::try_from(row.get::<_, i64>(6).map_err(storage)?).unwrap_or(0),
                     content_type: row.get(7).map_err(storage)?,
                     data: Bytes::from(row.get::<_, Vec<u8>>(8).map_err(storage)?),
-                    attributes: serde_json::from_str(&attributes).map_err(|err| JournalError::Storage(err.to_string()))?,
+                    attributes: serde_json::from_str(&attributes)
+                        .map_err(|err| JournalError::Storage(err.to_string()))?,
                 }),
             });
         }
@@ -337,14 +431,21 @@ fn take(tx: &mut Transaction<'_>, plugins: &str, max: usize, now: u64, lease_unt
             .prepare_cached("UPDATE deliveries SET status = 'running', attempts = attempts + 1, due_ms = ?2 WHERE seq = ?1")
             .map_err(storage)?;
         for taken in &leases {
-            lease.execute(params![taken.delivery, sql_ms(lease_until)]).map_err(storage)?;
+            lease
+                .execute(params![taken.delivery, sql_ms(lease_until)])
+                .map_err(storage)?;
         }
     }
     savepoint.commit().map_err(storage)?;
     Ok(leases)
 }
 
-fn finish(tx: &mut Transaction<'_>, delivery: i64, attempt: u32, outcome: &Outcome) -> Result<(), JournalError> {
+fn finish(
+    tx: &mut Transaction<'_>,
+    delivery: i64,
+    attempt: u32,
+    outcome: &Outcome,
+) -> Result<(), JournalError> {
     let (status, error) = match outcome {
         Outcome::Done => ("done", None),
         Outcome::Dead { error } => ("dead", Some(error.as_str())),
@@ -357,7 +458,11 @@ fn finish(tx: &mut Transaction<'_>, delivery: i64, attempt: u32, outcome: &Outco
         .and_then(|mut update| update.execute(params![delivery, attempt, status, error]))
         .map_err(storage)?;
     if settled == 0 {
-        tracing::warn!(delivery, attempt, "lease ran out before the attempt finished; its result is dropped");
+        tracing::warn!(
+            delivery,
+            attempt,
+            "lease ran out before the attempt finished; its result is dropped"
+        );
     }
     Ok(())
 }
@@ -379,7 +484,9 @@ fn read_event(connection: &Connection, id: &str) -> rusqlite::Result<Option<Even
             ))
         })
         .optional()?;
-    let Some((seq, mut record)) = found else { return Ok(None) };
+    let Some((seq, mut record)) = found else {
+        return Ok(None);
+    };
     let mut select = connection
         .prepare_cached("SELECT plugin, status, attempts, last_error FROM deliveries WHERE event_seq = ?1 ORDER BY plugin")?;
     record.deliveries = select
@@ -434,39 +541,88 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let journal = SqliteJournal::open(dir.path()).expect("open");
-            assert_eq!(journal.accept(event("github", "a"), plugins(&["echo", "push"])).await.expect("accept"), Accepted::New);
+            assert_eq!(
+                journal
+                    .accept(event("github", "a"), plugins(&["echo", "push"]))
+                    .await
+                    .expect("accept"),
+                Accepted::New
+            );
         }
         let journal = SqliteJournal::open(dir.path()).expect("reopen");
-        let mut leases = journal.take(&plugins(&["echo", "push"]), 10, LEASE, NO_WAIT).await.expect("take");
+        let mut leases = journal
+            .take(&plugins(&["echo", "push"]), 10, LEASE, NO_WAIT)
+            .await
+            .expect("take");
         leases.sort_by(|a, b| a.plugin.cmp(&b.plugin));
         assert_eq!(leases.len(), 2);
         assert_eq!((leases[0].plugin.as_str(), leases[0].attempt), ("echo", 1));
         assert_eq!(*leases[1].event, event("github", "a"));
-        assert!(journal.take(&plugins(&["echo", "push"]), 10, LEASE, NO_WAIT).await.expect("take").is_empty());
+        assert!(
+            journal
+                .take(&plugins(&["echo", "push"]), 10, LEASE, NO_WAIT)
+                .await
+                .expect("take")
+                .is_empty()
+        );
     }
 
     #[tokio::test]
     async fn repeated_source_and_id_is_a_duplicate_but_another_source_is_not() {
         let dir = tempfile::tempdir().expect("tempdir");
         let journal = SqliteJournal::open(dir.path()).expect("open");
-        assert_eq!(journal.accept(event("github", "a"), plugins(&["echo"])).await.expect("accept"), Accepted::New);
-        assert_eq!(journal.accept(event("github", "a"), plugins(&["echo"])).await.expect("accept"), Accepted::Duplicate);
-        assert_eq!(journal.accept(event("gitlab", "a"), plugins(&["echo"])).await.expect("accept"), Accepted::New);
+        assert_eq!(
+            journal
+                .accept(event("github", "a"), plugins(&["echo"]))
+                .await
+                .expect("accept"),
+            Accepted::New
+        );
+        assert_eq!(
+            journal
+                .accept(event("github", "a"), plugins(&["echo"]))
+                .await
+                .expect("accept"),
+            Accepted::Duplicate
+        );
+        assert_eq!(
+            journal
+                .accept(event("gitlab", "a"), plugins(&["echo"]))
+                .await
+                .expect("accept"),
+            Accepted::New
+        );
     }
 
     #[tokio::test]
     async fn finish_records_the_outcome_and_the_event_status() {
         let dir = tempfile::tempdir().expect("tempdir");
         let journal = SqliteJournal::open(dir.path()).expect("open");
-        journal.accept(event("github", "a"), plugins(&["echo", "push"])).await.expect("accept");
-        for lease in journal.take(&plugins(&["echo", "push"]), 10, LEASE, NO_WAIT).await.expect("take") {
-            let outcome = if lease.plugin == "echo" { Outcome::Done } else { Outcome::Dead { error: "permanent: bad".into() } };
+        journal
+            .accept(event("github", "a"), plugins(&["echo", "push"]))
+            .await
+            .expect("accept");
+        for lease in journal
+            .take(&plugins(&["echo", "push"]), 10, LEASE, NO_WAIT)
+            .await
+            .expect("take")
+        {
+            let outcome = if lease.plugin == "echo" {
+                Outcome::Done
+            } else {
+                Outcome::Dead {
+                    error: "permanent: bad".into(),
+                }
+            };
             journal.finish(&lease, outcome).await.expect("finish");
         }
         let record = journal.event("a").await.expect("read").expect("found");
         assert_eq!(record.status, EventStatus::Dead);
         assert_eq!(record.deliveries[0].status, DeliveryStatus::Done);
-        assert_eq!(record.deliveries[1].last_error.as_deref(), Some("permanent: bad"));
+        assert_eq!(
+            record.deliveries[1].last_error.as_deref(),
+            Some("permanent: bad")
+        );
         assert!(journal.event("missing").await.expect("read").is_none());
     }
 
@@ -474,25 +630,82 @@ mod tests {
     async fn an_expired_lease_is_taken_again_and_the_stale_result_is_dropped() {
         let dir = tempfile::tempdir().expect("tempdir");
         let journal = SqliteJournal::open(dir.path()).expect("open");
-        journal.accept(event("github", "a"), plugins(&["echo"])).await.expect("accept");
-        let first = journal.take(&plugins(&["echo"]), 1, Duration::ZERO, NO_WAIT).await.expect("take").remove(0);
-        let second = journal.take(&plugins(&["echo"]), 1, LEASE, NO_WAIT).await.expect("take").remove(0);
+        journal
+            .accept(event("github", "a"), plugins(&["echo"]))
+            .await
+            .expect("accept");
+        let first = journal
+            .take(&plugins(&["echo"]), 1, Duration::ZERO, NO_WAIT)
+            .await
+            .expect("take")
+            .remove(0);
+        let second = journal
+            .take(&plugins(&["echo"]), 1, LEASE, NO_WAIT)
+            .await
+            .expect("take")
+            .remove(0);
         assert_eq!(second.attempt, 2);
-        journal.finish(&first, Outcome::Dead { error: "late".into() }).await.expect("finish");
+        journal
+            .finish(
+                &first,
+                Outcome::Dead {
+                    error: "late".into(),
+                },
+            )
+            .await
+            .expect("finish");
         let record = journal.event("a").await.expect("read").expect("found");
         assert_eq!(record.deliveries[0].status, DeliveryStatus::Running);
-        journal.finish(&second, Outcome::Done).await.expect("finish");
-        assert_eq!(journal.event("a").await.expect("read").expect("found").status, EventStatus::Done);
+        journal
+            .finish(&second, Outcome::Done)
+            .await
+            .expect("finish");
+        assert_eq!(
+            journal
+                .event("a")
+                .await
+                .expect("read")
+                .expect("found")
+                .status,
+            EventStatus::Done
+        );
     }
 
     #[tokio::test]
     async fn deliveries_of_unloaded_plugins_wait_and_unrouted_events_are_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
         let journal = SqliteJournal::open(dir.path()).expect("open");
-        journal.accept(event("github", "a"), plugins(&["gone"])).await.expect("accept");
-        journal.accept(event("github", "b"), Vec::new()).await.expect("accept");
-        assert!(journal.take(&plugins(&["echo"]), 10, LEASE, NO_WAIT).await.expect("take").is_empty());
-        assert_eq!(journal.take(&plugins(&["gone"]), 10, LEASE, NO_WAIT).await.expect("take").len(), 1);
-        assert_eq!(journal.event("b").await.expect("read").expect("found").status, EventStatus::Unrouted);
+        journal
+            .accept(event("github", "a"), plugins(&["gone"]))
+            .await
+            .expect("accept");
+        journal
+            .accept(event("github", "b"), Vec::new())
+            .await
+            .expect("accept");
+        assert!(
+            journal
+                .take(&plugins(&["echo"]), 10, LEASE, NO_WAIT)
+                .await
+                .expect("take")
+                .is_empty()
+        );
+        assert_eq!(
+            journal
+                .take(&plugins(&["gone"]), 10, LEASE, NO_WAIT)
+                .await
+                .expect("take")
+                .len(),
+            1
+        );
+        assert_eq!(
+            journal
+                .event("b")
+                .await
+                .expect("read")
+                .expect("found")
+                .status,
+            EventStatus::Unrouted
+        );
     }
 }

@@ -25,13 +25,21 @@ pub struct CallState {
 impl CallState {
     /// State for a call of `plugin` on `event_id` (none while loading), with at most
     /// `memory_bytes` of linear memory.
-    pub fn new(plugin: Arc<str>, event_id: Option<String>, config: Arc<BTreeMap<String, String>>, memory_bytes: usize) -> Self {
+    pub fn new(
+        plugin: Arc<str>,
+        event_id: Option<String>,
+        config: Arc<BTreeMap<String, String>>,
+        memory_bytes: usize,
+    ) -> Self {
         CallState {
             // The default context grants nothing: no environment, no preopened folders,
             // no sockets, stdin closed, stdout and stderr discarded.
             wasi: WasiCtx::builder().build(),
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new().memory_size(memory_bytes).trap_on_grow_failure(true).build(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(memory_bytes)
+                .trap_on_grow_failure(true)
+                .build(),
             plugin,
             event_id,
             config,
@@ -41,7 +49,10 @@ impl CallState {
 
 impl WasiView for CallState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -52,11 +63,21 @@ impl host::Host for CallState {
         let plugin = &*self.plugin;
         let event_id = self.event_id.as_deref().unwrap_or("");
         match level {
-            Level::Trace => tracing::trace!(target: "plugin", plugin, event.id = event_id, "{message}"),
-            Level::Debug => tracing::debug!(target: "plugin", plugin, event.id = event_id, "{message}"),
-            Level::Info => tracing::info!(target: "plugin", plugin, event.id = event_id, "{message}"),
-            Level::Warn => tracing::warn!(target: "plugin", plugin, event.id = event_id, "{message}"),
-            Level::Error => tracing::error!(target: "plugin", plugin, event.id = event_id, "{message}"),
+            Level::Trace => {
+                tracing::trace!(target: "plugin", plugin, event.id = event_id, "{message}")
+            }
+            Level::Debug => {
+                tracing::debug!(target: "plugin", plugin, event.id = event_id, "{message}")
+            }
+            Level::Info => {
+                tracing::info!(target: "plugin", plugin, event.id = event_id, "{message}")
+            }
+            Level::Warn => {
+                tracing::warn!(target: "plugin", plugin, event.id = event_id, "{message}")
+            }
+            Level::Error => {
+                tracing::error!(target: "plugin", plugin, event.id = event_id, "{message}")
+            }
         }
     }
 

@@ -1,18 +1,27 @@
-//! The admin API on its own listener: health, plugins, events. Every route but `/healthz`
-//! requires `Authorization: Bearer <token>` when the operator sets a token. It only reads
-//! from the other modules; nothing reads from it.
+//! The admin API on its own listener: health, plugins, events, stats, dead letters and
+//! replay. Every route but `/healthz` requires `Authorization: Bearer <token>` when the
+//! operator sets a token. It only reads from and asks the other modules; nothing reads from it.
 
 use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use crate::config::Secret;
+use crate::event::now_ms;
 use crate::http::{self, Body};
-use crate::journal::Journal;
-use crate::registry::Registry;
+use crate::journal::{DeadSelector, Journal, JournalError};
+use crate::registry::{self, Registry};
+
+/// Largest request body the admin API reads.
+const MAX_ADMIN_BODY_BYTES: usize = 64 * 1024;
+/// Dead letters listed when the request does not say how many.
+const DEFAULT_LIST_LIMIT: usize = 100;
 
 /// The admin API's state.
 pub struct Admin {
@@ -31,51 +40,133 @@ struct PluginView<'a> {
     sha256: &'a str,
 }
 
+/// `{"ids": [..]}`, `{"plugin": ".."}` or `{"all": true}`: exactly one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SelectorBody {
+    ids: Option<Vec<i64>>,
+    plugin: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+/// `{"type": "github.*", "since": "2026-11-25T08:00:00Z" | "1h", "plugin": ".."}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayBody {
+    #[serde(rename = "type", default = "any_type")]
+    event_type: String,
+    since: String,
+    plugin: Option<String>,
+}
+
+fn any_type() -> String {
+    "*".to_owned()
+}
+
+/// A refused admin request: status and message.
+struct Refusal(StatusCode, String);
+
+impl From<JournalError> for Refusal {
+    fn from(err: JournalError) -> Self {
+        tracing::error!(error = %err, "admin request failed in the journal");
+        Refusal(StatusCode::INTERNAL_SERVER_ERROR, "the journal failed; see the host's log".to_owned())
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> Refusal {
+    Refusal(StatusCode::BAD_REQUEST, message.into())
+}
+
 impl Admin {
     /// An admin API over `journal` and `registry`, guarded by `token` when there is one.
     pub fn new(journal: Arc<dyn Journal>, registry: Arc<Registry>, token: Option<Secret>) -> Self {
-        Admin {
-            journal,
-            registry,
-            token,
-        }
+        Admin { journal, registry, token }
     }
 
     /// Answers one HTTP request.
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
-        let path = request.uri().path().to_owned();
-        if path == "/healthz" {
+        if request.uri().path() == "/healthz" {
             return http::json(StatusCode::OK, &serde_json::json!({"status": "ok"}));
         }
         if !self.authorized(&request) {
-            let mut response =
-                http::error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
+            let mut response = http::error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
             return response;
         }
-        let known = path == "/v1/plugins" || path.starts_with("/v1/events/");
-        if !known {
-            return http::error(StatusCode::NOT_FOUND, format!("no admin route {path}"));
+        match self.route(request).await {
+            Ok(response) => response,
+            Err(Refusal(status, message)) => http::error(status, message),
         }
-        if request.method() != Method::GET {
-            return http::error(
+    }
+
+    async fn route(&self, request: Request<Incoming>) -> Result<Response<Body>, Refusal> {
+        let path = request.uri().path().to_owned();
+        let query = request.uri().query().unwrap_or("").to_owned();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let method = request.method().clone();
+        let expected = match segments.as_slice() {
+            ["v1", "dead-letters", "replay" | "purge"] | ["v1", "replay"] => Method::POST,
+            ["v1", "plugins"]
+            | ["v1", "events", _]
+            | ["v1", "stats"]
+            | ["v1", "dead-letters"]
+            | ["v1", "dead-letters", _] => Method::GET,
+            _ => return Err(Refusal(StatusCode::NOT_FOUND, format!("no admin route {path}"))),
+        };
+        if method != expected {
+            return Err(Refusal(
                 StatusCode::METHOD_NOT_ALLOWED,
-                format!("method {} not allowed on {path}; use GET", request.method()),
-            );
+                format!("method {method} not allowed on {path}; use {expected}"),
+            ));
         }
-        match path.strip_prefix("/v1/events/") {
-            Some(id) => self.event(id).await,
-            None => self.plugins(),
+        let ok = |value: serde_json::Value| Ok(http::json(StatusCode::OK, &value));
+        match segments.as_slice() {
+            ["v1", "plugins"] => ok(self.plugins()),
+            ["v1", "stats"] => ok(serde_json::to_value(self.journal.stats().await?).unwrap_or_default()),
+            ["v1", "events", id] => match self.journal.event(id).await? {
+                Some(record) => ok(serde_json::to_value(record).unwrap_or_default()),
+                None => Err(Refusal(StatusCode::NOT_FOUND, format!("no event with id {id:?}"))),
+            },
+            ["v1", "dead-letters"] => {
+                let plugin = query_value(&query, "plugin");
+                let limit = match query_value(&query, "limit") {
+                    Some(limit) => limit.parse().map_err(|_| bad_request(format!("limit={limit} is not a number")))?,
+                    None => DEFAULT_LIST_LIMIT,
+                };
+                let letters = self.journal.dead_letters(plugin, limit).await?;
+                ok(serde_json::json!({ "dead_letters": letters }))
+            }
+            ["v1", "dead-letters", "replay"] => {
+                let selector = selector(&read_json::<SelectorBody>(request).await?)?;
+                ok(serde_json::json!({ "replayed": self.journal.replay_dead(selector).await? }))
+            }
+            ["v1", "dead-letters", "purge"] => {
+                let selector = selector(&read_json::<SelectorBody>(request).await?)?;
+                ok(serde_json::json!({ "purged": self.journal.purge_dead(selector).await? }))
+            }
+            ["v1", "dead-letters", id] => {
+                let delivery: i64 = id.parse().map_err(|_| bad_request(format!("{id:?} is not a dead-letter id")))?;
+                match self.journal.dead_letter(delivery).await? {
+                    Some(detail) => ok(serde_json::json!({
+                        "dead_letter": detail.letter,
+                        "errors": detail.errors,
+                        "content_type": detail.content_type,
+                        "data": payload_view(&detail.data),
+                    })),
+                    None => Err(Refusal(StatusCode::NOT_FOUND, format!("no dead letter {delivery}"))),
+                }
+            }
+            ["v1", "replay"] => {
+                let body = read_json::<ReplayBody>(request).await?;
+                ok(serde_json::json!({ "replayed": self.replay(body).await? }))
+            }
+            _ => Err(Refusal(StatusCode::NOT_FOUND, format!("no admin route {path}"))),
         }
     }
 
     fn authorized(&self, request: &Request<Incoming>) -> bool {
-        let Some(token) = &self.token else {
-            return true;
-        };
+        let Some(token) = &self.token else { return true };
         let given = request
             .headers()
             .get(header::AUTHORIZATION)
@@ -84,7 +175,7 @@ impl Admin {
         bool::from(given.ct_eq(token.expose()))
     }
 
-    fn plugins(&self) -> Response<Body> {
+    fn plugins(&self) -> serde_json::Value {
         let plugins = self.registry.list();
         let views: Vec<PluginView<'_>> = plugins
             .iter()
@@ -100,17 +191,102 @@ impl Admin {
                 }
             })
             .collect();
-        http::json(StatusCode::OK, &serde_json::json!({ "plugins": views }))
+        serde_json::json!({ "plugins": views })
     }
 
-    async fn event(&self, id: &str) -> Response<Body> {
-        match self.journal.event(id).await {
-            Ok(Some(record)) => http::json(StatusCode::OK, &record),
-            Ok(None) => http::error(StatusCode::NOT_FOUND, format!("no event with id {id:?}")),
-            Err(err) => {
-                tracing::error!(error = %err, "cannot read an event from the journal");
-                http::error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the journal")
-            }
+    async fn replay(&self, body: ReplayBody) -> Result<u64, Refusal> {
+        let since_ms = parse_since(&body.since).map_err(bad_request)?;
+        let types = registry::matcher(std::slice::from_ref(&body.event_type)).map_err(bad_request)?;
+        if let Some(plugin) = &body.plugin
+            && self.registry.get(plugin).is_none()
+        {
+            return Err(bad_request(format!("no plugin named {plugin:?} is loaded")));
         }
+        let registry = Arc::clone(&self.registry);
+        let route = move |event_type: &str| {
+            if !types.is_match(event_type) {
+                return Vec::new();
+            }
+            let mut plugins = registry.route(event_type);
+            if let Some(only) = &body.plugin {
+                plugins.retain(|plugin| plugin == only);
+            }
+            plugins
+        };
+        let replayed = self.journal.replay(since_ms, &route).await?;
+        tracing::info!(replayed, since_ms, "replay requested through the admin API");
+        Ok(replayed)
+    }
+}
+
+fn selector(body: &SelectorBody) -> Result<DeadSelector, Refusal> {
+    match (&body.ids, &body.plugin, body.all) {
+        (Some(ids), None, false) => Ok(DeadSelector::Ids(ids.clone())),
+        (None, Some(plugin), false) => Ok(DeadSelector::Plugin(plugin.clone())),
+        (None, None, true) => Ok(DeadSelector::All),
+        _ => Err(bad_request("give exactly one of \"ids\": [..], \"plugin\": \"..\" or \"all\": true")),
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(request: Request<Incoming>) -> Result<T, Refusal> {
+    let body = Limited::new(request.into_body(), MAX_ADMIN_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|err| bad_request(format!("cannot read the body: {err}")))?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|err| bad_request(format!("body is not what this route takes: {err}")))
+}
+
+/// A query parameter's raw value (names and ids here never need percent-decoding).
+fn query_value<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+    query.split('&').filter_map(|pair| pair.split_once('=')).find(|(key, _)| *key == name).map(|(_, value)| value)
+}
+
+/// A payload as JSON when it is JSON, else as text.
+fn payload_view(data: &Bytes) -> serde_json::Value {
+    serde_json::from_slice(data)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(data).into_owned()))
+}
+
+/// `since` as an RFC 3339 time (`2026-11-25T08:00:00Z`) or an age (`90m`: that long ago),
+/// in milliseconds since the Unix epoch.
+pub fn parse_since(text: &str) -> Result<u64, String> {
+    if let Ok(time) = humantime::parse_rfc3339_weak(text) {
+        let since = time.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+        return Ok(u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
+    }
+    match humantime::parse_duration(text) {
+        Ok(age) => Ok(now_ms().saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX))),
+        Err(_) => Err(format!("since = {text:?} is neither a time like 2026-11-25T08:00:00Z nor an age like 2h")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_a_time_or_an_age() {
+        assert_eq!(parse_since("2026-11-25T08:00:00Z"), Ok(1_795_593_600_000));
+        let hour_ago = parse_since("1h").expect("an age");
+        let expected = now_ms() - 3_600_000;
+        assert!(hour_ago.abs_diff(expected) < 5_000, "{hour_ago} vs {expected}");
+        assert!(parse_since("yesterday-ish").is_err());
+    }
+
+    #[test]
+    fn a_selector_names_exactly_one_thing() {
+        let body = |ids, plugin: Option<&str>, all| SelectorBody { ids, plugin: plugin.map(str::to_owned), all };
+        assert_eq!(selector(&body(Some(vec![1]), None, false)).ok(), Some(DeadSelector::Ids(vec![1])));
+        assert_eq!(selector(&body(None, Some("p"), false)).ok(), Some(DeadSelector::Plugin("p".into())));
+        assert_eq!(selector(&body(None, None, true)).ok(), Some(DeadSelector::All));
+        assert!(selector(&body(None, None, false)).is_err());
+        assert!(selector(&body(Some(vec![1]), None, true)).is_err());
+    }
+
+    #[test]
+    fn query_values_are_found_by_name() {
+        assert_eq!(query_value("plugin=echo&limit=5", "limit"), Some("5"));
+        assert_eq!(query_value("plugin=echo", "limit"), None);
     }
 }

@@ -4,12 +4,18 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use hyper::Method;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Env, Overrides, ProcessEnv};
-use crate::send;
+use crate::{client, send};
+
+/// The admin API the operator commands talk to, unless `--admin` says otherwise.
+pub const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:9090";
+/// The variable the operator commands read the admin bearer token from.
+pub const ADMIN_TOKEN_ENV: &str = "WASMHOOK_ADMIN_TOKEN";
 
 /// A WebAssembly plugin host for webhooks and cloud-native events.
 #[derive(Debug, Parser)]
@@ -28,6 +34,72 @@ enum Command {
         #[command(subcommand)]
         scheme: SendScheme,
     },
+    /// List, inspect, replay or purge dead letters (through the admin API).
+    Dlq {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Deliver stored events again to the plugins that subscribe to them now.
+    Replay {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Event types to replay, as a glob pattern.
+        #[arg(long = "type", value_name = "GLOB", default_value = "*")]
+        event_type: String,
+        /// Events accepted since this time (2026-11-25T08:00:00Z) or this long ago (2h).
+        #[arg(long)]
+        since: String,
+        /// Only to this plugin.
+        #[arg(long)]
+        plugin: Option<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct AdminArgs {
+    /// The host's admin API.
+    #[arg(long, env = "WASMHOOK_ADMIN_URL", default_value = DEFAULT_ADMIN_URL, global = true)]
+    admin: String,
+    /// Print the admin API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqAction {
+    /// The newest dead letters.
+    List {
+        /// Only this plugin's.
+        #[arg(long)]
+        plugin: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// One dead letter with every error and its payload.
+    Show {
+        /// The dead letter's id (from `dlq list`).
+        id: i64,
+    },
+    /// Deliver dead letters again with a fresh attempt budget.
+    Replay(DlqSelection),
+    /// Delete dead letters for good.
+    Purge(DlqSelection),
+}
+
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct DlqSelection {
+    /// These dead letters.
+    ids: Vec<i64>,
+    /// Every dead letter of this plugin.
+    #[arg(long)]
+    plugin: Option<String>,
+    /// Every dead letter.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -76,6 +148,13 @@ impl Cli {
         match self.command {
             Command::Serve(args) => serve(args),
             Command::Send { scheme } => send(scheme, &ProcessEnv),
+            Command::Dlq { admin, action } => dlq(&admin, action, &ProcessEnv),
+            Command::Replay { admin, event_type, since, plugin } => {
+                let body = serde_json::json!({ "type": event_type, "since": since, "plugin": plugin });
+                let answer = call_admin(&admin, Method::POST, "/v1/replay", Some(body), &ProcessEnv)?;
+                print_answer(&admin, &answer, |answer| format!("{} deliveries made due", answer["replayed"]));
+                Ok(ExitCode::SUCCESS)
+            }
         }
     }
 }
@@ -89,9 +168,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     // The whole configuration is checked before anything starts or binds.
     let config = config::load(args.config.as_deref(), overrides, &ProcessEnv)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -105,9 +182,7 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(term) => term,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops the host");
@@ -127,27 +202,99 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
 }
 
 fn send(scheme: SendScheme, env: &dyn Env) -> anyhow::Result<ExitCode> {
-    let SendScheme::Github {
-        url,
-        secret_env,
-        event,
-        delivery,
-        file,
-    } = scheme;
-    let secret = env
-        .var(&secret_env)
-        .with_context(|| format!("environment variable {secret_env} is not set"))?;
+    let SendScheme::Github { url, secret_env, event, delivery, file } = scheme;
+    let secret = env.var(&secret_env).with_context(|| format!("environment variable {secret_env} is not set"))?;
     let body = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
     let delivery = delivery.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let outgoing = send::github(secret.as_bytes(), &event, &delivery, body);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let (status, answer) = runtime.block_on(send::post(&url, outgoing))?;
+    let (status, answer) = client::blocking_request(Method::POST, &url, &outgoing.headers, outgoing.body)?;
     println!("{} {answer}", status.as_u16());
-    Ok(if status.is_success() {
-        ExitCode::SUCCESS
+    Ok(if status.is_success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn dlq(admin: &AdminArgs, action: DlqAction, env: &dyn Env) -> anyhow::Result<ExitCode> {
+    match action {
+        DlqAction::List { plugin, limit } => {
+            let mut path = format!("/v1/dead-letters?limit={limit}");
+            if let Some(plugin) = plugin {
+                path.push_str(&format!("&plugin={plugin}"));
+            }
+            let answer = call_admin(admin, Method::GET, &path, None, env)?;
+            print_answer(admin, &answer, dead_letter_table);
+        }
+        DlqAction::Show { id } => {
+            let answer = call_admin(admin, Method::GET, &format!("/v1/dead-letters/{id}"), None, env)?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+        }
+        DlqAction::Replay(selection) => {
+            let answer = call_admin(admin, Method::POST, "/v1/dead-letters/replay", Some(selection.body()), env)?;
+            print_answer(admin, &answer, |answer| format!("{} dead letters replayed", answer["replayed"]));
+        }
+        DlqAction::Purge(selection) => {
+            let answer = call_admin(admin, Method::POST, "/v1/dead-letters/purge", Some(selection.body()), env)?;
+            print_answer(admin, &answer, |answer| format!("{} dead letters purged", answer["purged"]));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn dead_letter_table(answer: &serde_json::Value) -> String {
+    let mut table =
+        format!("{:<8} {:<16} {:<36} {:<28} {:>8}  LAST ERROR\n", "ID", "PLUGIN", "EVENT", "TYPE", "ATTEMPTS");
+    for letter in answer["dead_letters"].as_array().into_iter().flatten() {
+        let text = |field: &str| letter[field].as_str().unwrap_or("").to_owned();
+        table.push_str(&format!(
+            "{:<8} {:<16} {:<36} {:<28} {:>8}  {}\n",
+            letter["delivery"],
+            text("plugin"),
+            text("event_id"),
+            text("type"),
+            letter["attempts"],
+            text("last_error")
+        ));
+    }
+    table.trim_end().to_owned()
+}
+
+impl DlqSelection {
+    fn body(&self) -> serde_json::Value {
+        if self.all {
+            serde_json::json!({ "all": true })
+        } else if let Some(plugin) = &self.plugin {
+            serde_json::json!({ "plugin": plugin })
+        } else {
+            serde_json::json!({ "ids": self.ids })
+        }
+    }
+}
+
+/// Calls the admin API; a non-2xx answer becomes an error carrying the API's message.
+fn call_admin(
+    admin: &AdminArgs,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+    env: &dyn Env,
+) -> anyhow::Result<serde_json::Value> {
+    let mut headers = vec![("content-type".to_owned(), "application/json".to_owned())];
+    if let Some(token) = env.var(ADMIN_TOKEN_ENV) {
+        headers.push(("authorization".to_owned(), format!("Bearer {token}")));
+    }
+    let body = body.map(|body| body.to_string().into_bytes()).unwrap_or_default();
+    let url = format!("{}{path}", admin.admin.trim_end_matches('/'));
+    let (status, text) = client::blocking_request(method, &url, &headers, body)?;
+    let answer: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{url} answered {status} with no JSON: {text}"))?;
+    if !status.is_success() {
+        bail!("{url} answered {status}: {}", answer["error"].as_str().unwrap_or(&text));
+    }
+    Ok(answer)
+}
+
+fn print_answer(admin: &AdminArgs, answer: &serde_json::Value, human: impl FnOnce(&serde_json::Value) -> String) {
+    if admin.json {
+        println!("{answer}");
     } else {
-        ExitCode::FAILURE
-    })
+        println!("{}", human(answer));
+    }
 }

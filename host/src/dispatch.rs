@@ -1,16 +1,25 @@
 //! The dispatcher: leases due deliveries from the journal, runs each on its plugin in a
-//! bounded pool of workers, and records the outcome. One log line per delivery outcome.
+//! bounded pool of workers, and settles it: done, retried after a backoff, or dead (with a
+//! `wasmhook.dead_letter` event for anyone who subscribes). One log line per outcome.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::journal::{Journal, Lease, Outcome};
-use crate::registry::Registry;
+use crate::event::{Event, now_ms};
+use crate::journal::{DEFAULT_DEDUP_WINDOW, Journal, Lease, NewEvent, Outcome};
+use crate::registry::{Plugin, Registry};
+use crate::retry::RetryPolicy;
+use crate::runtime::CallError;
 
+/// The type of the event emitted when a delivery goes dead.
+pub const DEAD_LETTER_TYPE: &str = "wasmhook.dead_letter";
+/// The source of events the host itself emits.
+pub const HOST_SOURCE: &str = "wasmhook";
 /// How long one `take` waits for work before looking at the shutdown signal again.
 const TAKE_WAIT: Duration = Duration::from_millis(200);
 /// A lease lasts the longest plugin timeout plus this, so that a healthy call always
@@ -19,12 +28,14 @@ const LEASE_MARGIN: Duration = Duration::from_secs(30);
 /// Pause after the journal fails, before asking again.
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
 
-/// Runs deliveries with at most `workers` calls at once until `shutdown`, then waits for the
-/// calls already running to finish.
+/// Runs deliveries with at most `workers` calls at once until `shutdown`, then gives the
+/// calls already running up to `grace` to finish. A call still running after that is
+/// abandoned: its lease runs out and it runs again after the next start.
 pub async fn run(
     journal: Arc<dyn Journal>,
     registry: Arc<Registry>,
     workers: usize,
+    grace: Duration,
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(workers));
@@ -38,10 +49,7 @@ pub async fn run(
         let Ok(first) = first else { break };
         let free = slots.available_permits() + 1;
         let lease_time = registry.max_timeout() + LEASE_MARGIN;
-        let leases = match journal
-            .take(&registry.names(), free, lease_time, TAKE_WAIT)
-            .await
-        {
+        let leases = match journal.take(&registry.names(), free, lease_time, TAKE_WAIT).await {
             Ok(leases) => leases,
             Err(err) => {
                 tracing::error!(error = %err, "cannot take deliveries from the journal");
@@ -66,7 +74,13 @@ pub async fn run(
         }
     }
     calls.close();
-    calls.wait().await;
+    if tokio::time::timeout(grace, calls.wait()).await.is_err() {
+        tracing::warn!(
+            running = calls.len(),
+            grace_ms = grace.as_millis() as u64,
+            "calls still running after the grace period; they will run again after the next start"
+        );
+    }
 }
 
 /// Runs one leased delivery and records how it ended.
@@ -80,26 +94,145 @@ async fn deliver(journal: &dyn Journal, registry: &Registry, lease: Lease) {
     let started = Instant::now();
     let result = plugin.component.invoke(event, lease.attempt).await;
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let outcome = match &result {
-        Ok(()) => {
-            tracing::info!(
-                event.id = %event.id, event.type = %event.event_type, source = %event.source,
-                plugin = %plugin.name, attempt = lease.attempt, duration_ms, outcome = "done", "delivered"
-            );
-            Outcome::Done
+    let (outcome, emitted) = settle(&plugin.name, &plugin.retry, &lease, result);
+    log_outcome(&plugin, &lease, &outcome, duration_ms);
+    let emitted = emitted.map(|alert| route(registry, alert)).into_iter().collect();
+    if let Err(err) = journal.finish(&lease, outcome, emitted).await {
+        tracing::error!(event.id = %event.id, plugin = %plugin.name, error = %err, "cannot record the delivery's outcome");
+    }
+}
+
+/// What a call's result means for the delivery: done, another attempt after a backoff, or
+/// dead (with the alert event to emit, unless the dead event is itself an alert).
+fn settle(plugin: &str, retry: &RetryPolicy, lease: &Lease, result: Result<(), CallError>) -> (Outcome, Option<Event>) {
+    let err = match result {
+        Ok(()) => return (Outcome::Done, None),
+        Err(err) => err,
+    };
+    let error = err.to_string();
+    let retryable = !matches!(err, CallError::Permanent(_));
+    if retryable && retry.retries_after(lease.attempt) {
+        let delay = retry.delay(lease.attempt, fastrand::f64());
+        return (Outcome::Retry { error, delay }, None);
+    }
+    let alert = (lease.event.event_type != DEAD_LETTER_TYPE).then(|| dead_letter_event(plugin, lease, &error));
+    (Outcome::Dead { error }, alert)
+}
+
+/// The `wasmhook.dead_letter` event: which event, which plugin, how many attempts, why.
+fn dead_letter_event(plugin: &str, lease: &Lease, error: &str) -> Event {
+    let data = serde_json::json!({
+        "event_id": lease.event.id,
+        "source": lease.event.source,
+        "type": lease.event.event_type,
+        "plugin": plugin,
+        "delivery": lease.delivery,
+        "attempts": lease.attempt,
+        "last_error": error,
+    });
+    Event {
+        id: uuid::Uuid::new_v4().to_string(),
+        source: HOST_SOURCE.to_owned(),
+        event_type: DEAD_LETTER_TYPE.to_owned(),
+        time_ms: now_ms(),
+        content_type: "application/json".to_owned(),
+        data: Bytes::from(data.to_string()),
+        attributes: Vec::new(),
+    }
+}
+
+fn route(registry: &Registry, event: Event) -> NewEvent {
+    let plugins = registry.route(&event.event_type);
+    NewEvent { event, plugins, dedup_window: DEFAULT_DEDUP_WINDOW }
+}
+
+fn log_outcome(plugin: &Plugin, lease: &Lease, outcome: &Outcome, duration_ms: u64) {
+    let (event, attempt, name) = (&lease.event, lease.attempt, &plugin.name);
+    match outcome {
+        Outcome::Done => tracing::info!(
+            event.id = %event.id, event.type = %event.event_type, source = %event.source, plugin = %name,
+            attempt, duration_ms, outcome = "done", "delivered"
+        ),
+        Outcome::Retry { error, delay } => tracing::warn!(
+            event.id = %event.id, event.type = %event.event_type, source = %event.source, plugin = %name,
+            attempt, duration_ms, outcome = "retry", %error, retry_in_ms = delay.as_millis() as u64,
+            "delivery failed; will retry"
+        ),
+        Outcome::Dead { error } => tracing::error!(
+            event.id = %event.id, event.type = %event.event_type, source = %event.source, plugin = %name,
+            attempt, duration_ms, outcome = "dead", %error, "delivery failed for good; kept as a dead letter"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(event_type: &str, attempt: u32) -> Lease {
+        Lease {
+            delivery: 7,
+            plugin: "p".into(),
+            attempt,
+            event: Arc::new(Event {
+                id: "e".into(),
+                source: "github".into(),
+                event_type: event_type.into(),
+                time_ms: 0,
+                content_type: "application/json".into(),
+                data: Bytes::new(),
+                attributes: Vec::new(),
+            }),
         }
-        Err(err) => {
-            tracing::warn!(
-                event.id = %event.id, event.type = %event.event_type, source = %event.source,
-                plugin = %plugin.name, attempt = lease.attempt, duration_ms, outcome = "dead", error = %err,
-                "delivery failed"
-            );
-            Outcome::Dead {
-                error: err.to_string(),
+    }
+
+    const POLICY: RetryPolicy = RetryPolicy {
+        max_attempts: 3,
+        first_delay: Duration::from_secs(10),
+        multiplier: 2.0,
+        max_delay: Duration::from_secs(60),
+    };
+
+    #[test]
+    fn success_is_done() {
+        assert_eq!(settle("p", &POLICY, &lease("x", 1), Ok(())), (Outcome::Done, None));
+    }
+
+    #[test]
+    fn failures_retry_within_the_budget_with_a_bounded_delay() {
+        for (attempt, err) in [
+            (1, CallError::Retry("busy".into())),
+            (2, CallError::Timeout(Duration::ZERO)),
+            (2, CallError::Trap("oops".into())),
+        ] {
+            match settle("p", &POLICY, &lease("x", attempt), Err(err.clone())) {
+                (Outcome::Retry { error, delay }, None) => {
+                    assert_eq!(error, err.to_string());
+                    assert!(delay <= POLICY.delay(attempt, 1.0), "{delay:?}");
+                }
+                other => panic!("attempt {attempt} {err}: expected a retry, got {other:?}"),
             }
         }
-    };
-    if let Err(err) = journal.finish(&lease, outcome).await {
-        tracing::error!(event.id = %event.id, plugin = %plugin.name, error = %err, "cannot record the delivery's outcome");
+    }
+
+    #[test]
+    fn the_last_attempt_and_permanent_errors_die_with_an_alert() {
+        for (attempt, err) in [(3, CallError::Retry("busy".into())), (1, CallError::Permanent("bad".into()))] {
+            let (outcome, alert) = settle("p", &POLICY, &lease("github.push", attempt), Err(err.clone()));
+            assert_eq!(outcome, Outcome::Dead { error: err.to_string() });
+            let alert = alert.expect("an alert");
+            assert_eq!((alert.source.as_str(), alert.event_type.as_str()), (HOST_SOURCE, DEAD_LETTER_TYPE));
+            let data: serde_json::Value = serde_json::from_slice(&alert.data).expect("json");
+            assert_eq!((data["event_id"].as_str(), data["plugin"].as_str()), (Some("e"), Some("p")));
+            assert_eq!((data["attempts"].as_u64(), data["delivery"].as_i64()), (Some(u64::from(attempt)), Some(7)));
+        }
+    }
+
+    #[test]
+    fn a_dead_alert_raises_no_alert_of_its_own() {
+        let (outcome, alert) =
+            settle("p", &POLICY, &lease(DEAD_LETTER_TYPE, 1), Err(CallError::Permanent("bad".into())));
+        assert!(matches!(outcome, Outcome::Dead { .. }));
+        assert!(alert.is_none());
     }
 }

@@ -40,12 +40,7 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
     struct ErrorBody {
         error: String,
     }
-    json(
-        status,
-        &ErrorBody {
-            error: message.into(),
-        },
-    )
+    json(status, &ErrorBody { error: message.into() })
 }
 
 /// Serves HTTP/1.1 on `listener` until `shutdown` fires, then lets open connections finish
@@ -57,9 +52,7 @@ where
 {
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -86,10 +79,7 @@ where
             }
         });
     }
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
         tracing::warn!("connections still open after the shutdown grace period; closing them");
     }
 }

@@ -10,12 +10,14 @@
 //!
 //! Beside that flow: [`registry`] (loaded plugins and their subscriptions, with
 //! [`manifest`] for what an operator grants each), [`admin`] (health, plugins, events),
-//! [`config`], [`cli`], [`serve`] (wiring), [`send`] (a signing client), [`http`] and
-//! [`telemetry`] (plumbing). Start reading at [`serve::serve`].
+//! [`retry`] (the backoff policy), [`config`], [`cli`], [`serve`] (wiring), [`send`] (a signing
+//! client), [`client`], [`clock`], [`http`] and [`telemetry`] (plumbing). Start reading at [`serve::serve`].
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod cli;
+pub mod client;
+pub mod clock;
 pub mod config;
 pub mod dispatch;
 pub mod event;
@@ -24,6 +26,7 @@ pub mod ingest;
 pub mod journal;
 pub mod manifest;
 pub mod registry;
+pub mod retry;
 pub mod runtime;
 pub mod send;
 pub mod serve;

@@ -6,13 +6,18 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::retry::RetrySettings;
+
 /// What the operator grants one plugin.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// Values the plugin reads with `config(key)`.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+    /// Overrides of the host's retry policy for this plugin.
+    #[serde(default)]
+    pub retry: RetrySettings,
 }
 
 impl Manifest {
@@ -43,8 +48,7 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused_with_their_line() {
-        let err = Manifest::parse("[config]\na = \"b\"\n\n[grants]\nall = true\n")
-            .expect_err("unknown table");
+        let err = Manifest::parse("[config]\na = \"b\"\n\n[grants]\nall = true\n").expect_err("unknown table");
         assert!(err.contains("grants") && err.contains("line 4"), "{err}");
     }
 }

@@ -13,6 +13,7 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use sha2::{Digest, Sha256};
 
 use crate::manifest::Manifest;
+use crate::retry::RetryPolicy;
 use crate::runtime::{Component, Limits, Runtime};
 
 /// One loaded plugin.
@@ -28,6 +29,8 @@ pub struct Plugin {
     pub subscriptions: Vec<String>,
     /// The compiled code, ready to call.
     pub component: Component,
+    /// How its failed deliveries are retried.
+    pub retry: RetryPolicy,
     matcher: GlobSet,
 }
 
@@ -45,12 +48,12 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Loads every `*.wasm` in `dir`. A file that cannot be loaded is skipped with one error
-    /// line naming it and the reason; only an unreadable folder is an error.
-    pub async fn load_dir(runtime: &Runtime, dir: &Path) -> anyhow::Result<Registry> {
-        let entries = std::fs::read_dir(dir).map_err(|err| {
-            anyhow::anyhow!("cannot read the plugins folder {}: {err}", dir.display())
-        })?;
+    /// Loads every `*.wasm` in `dir`, with `retry` as the policy manifests may override. A
+    /// file that cannot be loaded is skipped with one error line naming it and the reason;
+    /// only an unreadable folder is an error.
+    pub async fn load_dir(runtime: &Runtime, dir: &Path, retry: &RetryPolicy) -> anyhow::Result<Registry> {
+        let entries = std::fs::read_dir(dir)
+            .map_err(|err| anyhow::anyhow!("cannot read the plugins folder {}: {err}", dir.display()))?;
         let mut files: Vec<PathBuf> = entries
             .filter_map(Result::ok)
             .map(|entry| entry.path())
@@ -59,7 +62,7 @@ impl Registry {
         files.sort();
         let mut plugins = BTreeMap::new();
         for file in files {
-            match load_file(runtime, &file).await {
+            match load_file(runtime, &file, retry).await {
                 Ok(plugin) => {
                     tracing::info!(
                         plugin = %plugin.name, version = %plugin.component.metadata().version,
@@ -73,18 +76,11 @@ impl Registry {
         if plugins.is_empty() {
             tracing::warn!(folder = %dir.display(), "no plugins loaded; events will be kept as unrouted");
         }
-        Ok(Registry {
-            plugins: RwLock::new(Arc::new(plugins)),
-        })
+        Ok(Registry { plugins: RwLock::new(Arc::new(plugins)) })
     }
 
     fn snapshot(&self) -> Arc<BTreeMap<String, Arc<Plugin>>> {
-        Arc::clone(
-            &self
-                .plugins
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
+        Arc::clone(&self.plugins.read().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     /// Names of the plugins that subscribe to `event_type`, in name order.
@@ -113,15 +109,11 @@ impl Registry {
 
     /// The longest call timeout among the loaded plugins.
     pub fn max_timeout(&self) -> Duration {
-        self.snapshot()
-            .values()
-            .map(|plugin| plugin.component.limits().timeout)
-            .max()
-            .unwrap_or_default()
+        self.snapshot().values().map(|plugin| plugin.component.limits().timeout).max().unwrap_or_default()
     }
 }
 
-async fn load_file(runtime: &Runtime, file: &Path) -> Result<Plugin, String> {
+async fn load_file(runtime: &Runtime, file: &Path, retry: &RetryPolicy) -> Result<Plugin, String> {
     let name = file
         .file_stem()
         .and_then(|stem| stem.to_str())
@@ -131,37 +123,22 @@ async fn load_file(runtime: &Runtime, file: &Path) -> Result<Plugin, String> {
     let bytes = std::fs::read(file).map_err(|err| format!("cannot read it: {err}"))?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
     let manifest = Manifest::beside(file)?;
-    let limits = Limits {
-        config: Arc::new(manifest.config),
-        ..Limits::default()
-    };
-    let component = runtime
-        .load(&name, bytes, limits)
-        .await
-        .map_err(|err| err.to_string())?;
+    let retry = manifest.retry.apply(retry).map_err(|problems| format!("manifest: {}", problems.join("; ")))?;
+    let limits = Limits { config: Arc::new(manifest.config), ..Limits::default() };
+    let component = runtime.load(&name, bytes, limits).await.map_err(|err| err.to_string())?;
     let subscriptions = component.metadata().subscriptions.clone();
     let matcher = matcher(&subscriptions)?;
     if subscriptions.is_empty() {
         tracing::warn!(plugin = %name, "plugin subscribes to nothing");
     }
-    Ok(Plugin {
-        name,
-        file: file.to_owned(),
-        sha256,
-        subscriptions,
-        component,
-        matcher,
-    })
+    Ok(Plugin { name, file: file.to_owned(), sha256, subscriptions, component, retry, matcher })
 }
 
-/// One matcher for a plugin's patterns. `*` matches any run of characters, dots included.
-fn matcher(patterns: &[String]) -> Result<GlobSet, String> {
+/// One matcher for a list of patterns. `*` matches any run of characters, dots included.
+pub fn matcher(patterns: &[String]) -> Result<GlobSet, String> {
     let mut set = GlobSetBuilder::new();
     for pattern in patterns {
-        set.add(
-            Glob::new(pattern)
-                .map_err(|err| format!("subscription {pattern:?} is not a valid pattern: {err}"))?,
-        );
+        set.add(Glob::new(pattern).map_err(|err| format!("subscription {pattern:?} is not a valid pattern: {err}"))?);
     }
     set.build().map_err(|err| err.to_string())
 }
@@ -172,9 +149,7 @@ mod tests {
 
     fn matches(patterns: &[&str], event_type: &str) -> bool {
         let patterns: Vec<String> = patterns.iter().map(|p| (*p).to_owned()).collect();
-        matcher(&patterns)
-            .expect("valid patterns")
-            .is_match(event_type)
+        matcher(&patterns).expect("valid patterns").is_match(event_type)
     }
 
     #[test]
@@ -184,10 +159,7 @@ mod tests {
         assert!(matches(&["stripe.invoice.*"], "stripe.invoice.paid"));
         assert!(!matches(&["stripe.invoice.*"], "stripe.charge.failed"));
         assert!(!matches(&["github.push"], "github.push.extra"));
-        assert!(matches(
-            &["github.push", "github.issues.*"],
-            "github.issues.opened"
-        ));
+        assert!(matches(&["github.push", "github.issues.*"], "github.issues.opened"));
         assert!(!matches(&[], "github.push"));
     }
 

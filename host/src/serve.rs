@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -18,44 +19,28 @@ use crate::registry::Registry;
 use crate::runtime::Runtime;
 use crate::{dispatch, http};
 
+/// How often expired dedup keys and old handled events are removed.
+const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(60);
+
 /// Runs the host until `shutdown` fires, then stops taking requests, lets running plugin
 /// calls finish, and returns. Everything accepted is already in the journal.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let journal: Arc<dyn Journal> = Arc::new(SqliteJournal::open(&config.data_dir)?);
+    let journal: Arc<dyn Journal> = Arc::new(SqliteJournal::open(&config.data_dir, config.journal.clone())?);
     let runtime = Runtime::new().context("cannot start the WebAssembly runtime")?;
-    let registry = Arc::new(Registry::load_dir(&runtime, &config.plugins_dir).await?);
+    let registry = Arc::new(Registry::load_dir(&runtime, &config.plugins_dir, &config.retry).await?);
     warn_about_unsigned_sources(&config);
 
     let ingest_listener = bind(config.listen, "webhook").await?;
     let admin_listener = bind(config.admin_listen, "admin").await?;
 
-    let ingest = Arc::new(Ingest::new(
-        config.sources.clone(),
-        Arc::clone(&journal),
-        Arc::clone(&registry),
-    ));
-    let admin = Arc::new(Admin::new(
-        Arc::clone(&journal),
-        Arc::clone(&registry),
-        config.admin_token.clone(),
-    ));
+    let ingest =
+        Arc::new(Ingest::new(config.sources.clone(), Arc::clone(&journal), Arc::clone(&registry), shutdown.clone()));
+    let admin = Arc::new(Admin::new(Arc::clone(&journal), Arc::clone(&registry), config.admin_token.clone()));
     let tasks = TaskTracker::new();
-    tasks.spawn(http::serve(
-        ingest_listener,
-        move |request| Arc::clone(&ingest).handle(request),
-        shutdown.clone(),
-    ));
-    tasks.spawn(http::serve(
-        admin_listener,
-        move |request| Arc::clone(&admin).handle(request),
-        shutdown.clone(),
-    ));
-    tasks.spawn(dispatch::run(
-        journal,
-        registry,
-        config.workers,
-        shutdown.clone(),
-    ));
+    tasks.spawn(http::serve(ingest_listener, move |request| Arc::clone(&ingest).handle(request), shutdown.clone()));
+    tasks.spawn(http::serve(admin_listener, move |request| Arc::clone(&admin).handle(request), shutdown.clone()));
+    tasks.spawn(housekeeping(Arc::clone(&journal), shutdown.clone()));
+    tasks.spawn(dispatch::run(journal, registry, config.workers, config.shutdown_grace, shutdown.clone()));
     tasks.close();
 
     shutdown.cancelled().await;
@@ -66,10 +51,26 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     Ok(())
 }
 
+/// Removes expired dedup keys and old handled events, once a period, until shutdown.
+async fn housekeeping(journal: Arc<dyn Journal>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING_PERIOD);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        match journal.expire().await {
+            Ok(expired) if expired.dedup_keys + expired.events > 0 => {
+                tracing::info!(dedup_keys = expired.dedup_keys, events = expired.events, "expired old journal entries");
+            }
+            Ok(_) => {}
+            Err(err) => tracing::error!(error = %err, "journal housekeeping failed"),
+        }
+    }
+}
+
 async fn bind(address: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    let listener = TcpListener::bind(address)
-        .await
-        .with_context(|| format!("cannot listen on {address} ({what})"))?;
+    let listener = TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address} ({what})"))?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "{what} listener on http://{bound}");
     Ok(listener)

@@ -36,10 +36,7 @@ pub use wit_bindgen;
 #[doc(hidden)]
 pub mod bindings {
     //! The generated bindings of the `plugin` world. Not part of the stable API.
-    #![allow(
-        clippy::too_many_arguments,
-        reason = "generated code mirrors the WIT signatures"
-    )]
+    #![allow(clippy::too_many_arguments, reason = "generated code mirrors the WIT signatures")]
     wit_bindgen::generate!({
         world: "plugin",
         path: "../wit",
@@ -79,25 +76,19 @@ macro_rules! export_plugin {
                     <$plugin as $crate::Plugin>::metadata()
                 }
 
-                fn handle(
-                    event: $crate::Event,
-                ) -> ::core::result::Result<(), $crate::HandlerError> {
+                fn handle(event: $crate::Event) -> ::core::result::Result<(), $crate::HandlerError> {
                     <$plugin as $crate::Plugin>::handle(event)
                 }
             }
 
-    $crate::bindings::__export_bindings!(__WasmhookExport with_types_in $crate::bindings);
+            $crate::bindings::__export_bindings!(__WasmhookExport with_types_in $crate::bindings);
         };
     };
 }
 
 impl Metadata {
     /// Builds metadata from a name, a version and the subscribed event-type patterns.
-    pub fn new<S: Into<String>>(
-        name: &str,
-        version: &str,
-        subscriptions: impl IntoIterator<Item = S>,
-    ) -> Self {
+    pub fn new<S: Into<String>>(name: &str, version: &str, subscriptions: impl IntoIterator<Item = S>) -> Self {
         Metadata {
             name: name.to_owned(),
             version: version.to_owned(),
@@ -113,19 +104,13 @@ impl Event {
     /// [`HandlerError::Permanent`], naming the event type and serde's reason: return it with `?`.
     pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, HandlerError> {
         serde_json::from_slice(&self.data).map_err(|err| {
-            HandlerError::Permanent(format!(
-                "{} payload is not what this plugin expects: {err}",
-                self.event_type
-            ))
+            HandlerError::Permanent(format!("{} payload is not what this plugin expects: {err}", self.event_type))
         })
     }
 
     /// The value of attribute `name` (a selected request header or a CloudEvents extension).
     pub fn attribute(&self, name: &str) -> Option<&str> {
-        self.attributes
-            .iter()
-            .find(|(key, _)| key == name)
-            .map(|(_, value)| value.as_str())
+        self.attributes.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
     }
 }
 

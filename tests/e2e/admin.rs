@@ -9,18 +9,12 @@ fn health_answers_and_an_unknown_event_is_404() {
     assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
     let (status, body) = host.admin_get("/v1/events/nope");
     assert_eq!(status, 404);
-    assert!(
-        body["error"].as_str().is_some_and(|e| e.contains("nope")),
-        "{body}"
-    );
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("nope")), "{body}");
 }
 
 #[test]
 fn a_configured_token_guards_everything_but_health() {
-    let host = TestHost::builder()
-        .setting("admin_token_env = \"ADMIN_TOKEN\"")
-        .env("ADMIN_TOKEN", "t0ken")
-        .start();
+    let host = TestHost::builder().setting("admin_token_env = \"ADMIN_TOKEN\"").env("ADMIN_TOKEN", "t0ken").start();
     assert_eq!(host.admin_get("/healthz").0, 200);
     assert_eq!(host.admin_get("/v1/plugins").0, 401);
     let url = format!("{}/v1/plugins", host.admin);

@@ -8,29 +8,15 @@ use crate::util::{SECRET, SECRET_ENV, TestHost, workspace};
 fn send_signs_a_sample_that_the_host_accepts() {
     let host = TestHost::builder().plugin("github-push").start();
     let output = Command::new(env!("CARGO_BIN_EXE_wasmhook"))
-        .args([
-            "send",
-            "github",
-            "--url",
-            &format!("{}/hooks/github", host.url),
-            "--secret-env",
-            SECRET_ENV,
-        ])
+        .args(["send", "github", "--url", &format!("{}/hooks/github", host.url), "--secret-env", SECRET_ENV])
         .args(["--event", "push", "--delivery", "sent-1"])
         .arg(workspace().join("examples/github/push.json"))
         .env(SECRET_ENV, SECRET)
         .output()
         .expect("run wasmhook send");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        stdout.starts_with("202 ") && stdout.contains("sent-1"),
-        "{stdout}"
-    );
+    assert!(output.status.success(), "{stdout} {}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.starts_with("202 ") && stdout.contains("sent-1"), "{stdout}");
     assert_eq!(host.wait_for_event("sent-1")["status"], "done");
 }
 
@@ -38,11 +24,8 @@ fn send_signs_a_sample_that_the_host_accepts() {
 fn a_missing_secret_stops_start_up_naming_the_variable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("wasmhook.toml");
-    std::fs::write(
-        &config,
-        "[sources.github]\nverify = \"github\"\nsecret_env = \"NOT_SET_ANYWHERE\"\n",
-    )
-    .expect("write");
+    std::fs::write(&config, "[sources.github]\nverify = \"github\"\nsecret_env = \"NOT_SET_ANYWHERE\"\n")
+        .expect("write");
     let output = Command::new(env!("CARGO_BIN_EXE_wasmhook"))
         .args(["serve", "--config"])
         .arg(&config)
@@ -51,10 +34,7 @@ fn a_missing_secret_stops_start_up_naming_the_variable() {
         .expect("run wasmhook serve");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(
-        stderr.contains("NOT_SET_ANYWHERE") && stderr.contains("wasmhook.toml"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("NOT_SET_ANYWHERE") && stderr.contains("wasmhook.toml"), "{stderr}");
 }
 
 #[test]
@@ -62,15 +42,9 @@ fn an_unknown_config_key_is_reported_with_its_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("wasmhook.toml");
     std::fs::write(&config, "listen = \"127.0.0.1:0\"\n\nplugin_dir = \"x\"\n").expect("write");
-    let output = Command::new(env!("CARGO_BIN_EXE_wasmhook"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .output()
-        .expect("run");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_wasmhook")).args(["serve", "--config"]).arg(&config).output().expect("run");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(
-        stderr.contains("plugin_dir") && stderr.contains("line 3"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("plugin_dir") && stderr.contains("line 3"), "{stderr}");
 }

@@ -4,10 +4,7 @@ use crate::util::{SECRET, TestHost, example, post};
 
 #[test]
 fn signed_push_reaches_github_push_and_echo() {
-    let mut host = TestHost::builder()
-        .plugin("echo")
-        .plugin("github-push")
-        .start();
+    let mut host = TestHost::builder().plugin("echo").plugin("github-push").start();
     let (status, body) = host.post_github("push", "push-1", &example("github/push.json"), SECRET);
     assert_eq!(
         (status, body["id"].as_str(), body["type"].as_str()),
@@ -18,23 +15,9 @@ fn signed_push_reaches_github_push_and_echo() {
     let event = host.wait_for_event("push-1");
     assert_eq!(event["status"], "done", "{event}");
     let deliveries = event["deliveries"].as_array().expect("deliveries");
-    let plugins: Vec<_> = deliveries
-        .iter()
-        .map(|d| {
-            (
-                d["plugin"].as_str(),
-                d["status"].as_str(),
-                d["attempts"].as_u64(),
-            )
-        })
-        .collect();
-    assert_eq!(
-        plugins,
-        [
-            (Some("echo"), Some("done"), Some(1)),
-            (Some("github-push"), Some("done"), Some(1))
-        ]
-    );
+    let plugins: Vec<_> =
+        deliveries.iter().map(|d| (d["plugin"].as_str(), d["status"].as_str(), d["attempts"].as_u64())).collect();
+    assert_eq!(plugins, [(Some("echo"), Some("done"), Some(1)), (Some("github-push"), Some("done"), Some(1))]);
     let line = host.wait_for_log("octo-org/hello-world refs/heads/main: 2 commits by octocat");
     assert!(
         line.contains("github-push") && line.contains("push-1"),
@@ -45,29 +28,16 @@ fn signed_push_reaches_github_push_and_echo() {
 #[test]
 fn bad_signature_is_refused_and_nothing_is_dispatched() {
     let host = TestHost::builder().plugin("echo").start();
-    let (status, body) = host.post_github(
-        "push",
-        "forged-1",
-        &example("github/push.json"),
-        "wrong-secret",
-    );
+    let (status, body) = host.post_github("push", "forged-1", &example("github/push.json"), "wrong-secret");
     assert_eq!(status, 401, "{body}");
-    assert!(
-        body["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("does not match")),
-        "{body}"
-    );
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("does not match")), "{body}");
     assert!(!body.to_string().contains(SECRET));
 
     // A good event after it is handled, and the refused one left no trace.
     host.post_github("push", "real-1", &example("github/push.json"), SECRET);
     assert_eq!(host.wait_for_event("real-1")["status"], "done");
     assert_eq!(host.admin_get("/v1/events/forged-1").0, 404);
-    assert!(
-        !host.log().contains("event.id=\"forged-1\""),
-        "the forged event reached a plugin"
-    );
+    assert!(!host.log().contains("event.id=\"forged-1\""), "the forged event reached a plugin");
 }
 
 #[test]
@@ -76,14 +46,8 @@ fn unknown_source_wrong_method_and_bad_paths_are_refused() {
     let json = [("content-type", "application/json")];
     let (status, body) = post(&format!("{}/hooks/gitlab", host.url), &json, b"{}");
     assert_eq!(status, 404);
-    assert!(
-        body["error"].as_str().is_some_and(|e| e.contains("gitlab")),
-        "{body}"
-    );
-    assert_eq!(
-        post(&format!("{}/elsewhere", host.url), &json, b"{}").0,
-        404
-    );
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("gitlab")), "{body}");
+    assert_eq!(post(&format!("{}/elsewhere", host.url), &json, b"{}").0, 404);
     let (status, body) = crate::util::get(&format!("{}/hooks/github", host.url), &[]);
     assert_eq!(status, 405, "{body}");
 }
@@ -91,18 +55,9 @@ fn unknown_source_wrong_method_and_bad_paths_are_refused() {
 #[test]
 fn non_json_content_type_is_415() {
     let host = TestHost::builder().start();
-    let (status, body) = post(
-        &format!("{}/hooks/github", host.url),
-        &[("content-type", "text/plain")],
-        b"hello",
-    );
+    let (status, body) = post(&format!("{}/hooks/github", host.url), &[("content-type", "text/plain")], b"hello");
     assert_eq!(status, 415);
-    assert!(
-        body["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("text/plain")),
-        "{body}"
-    );
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("text/plain")), "{body}");
 }
 
 #[test]
@@ -110,32 +65,18 @@ fn malformed_json_is_400_after_the_signature_checks_out() {
     let host = TestHost::builder().start();
     let (status, body) = host.post_github("push", "broken-json", b"{\"ref\": ", SECRET);
     assert_eq!(status, 400);
-    assert!(
-        body["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("not valid JSON")),
-        "{body}"
-    );
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("not valid JSON")), "{body}");
     assert_eq!(host.admin_get("/v1/events/broken-json").0, 404);
 }
 
 #[test]
 fn body_over_the_limit_is_413() {
-    let host = TestHost::builder()
-        .config("[sources.small]\nverify = \"none\"\nmax_body_bytes = 64\n")
-        .start();
+    let host = TestHost::builder().config("[sources.small]\nverify = \"none\"\nmax_body_bytes = 64\n").start();
     let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(100));
-    let (status, body) = post(
-        &format!("{}/hooks/small", host.url),
-        &[("content-type", "application/json")],
-        big.as_bytes(),
-    );
+    let (status, body) =
+        post(&format!("{}/hooks/small", host.url), &[("content-type", "application/json")], big.as_bytes());
     assert_eq!(status, 413, "{body}");
-    let (status, _) = post(
-        &format!("{}/hooks/small", host.url),
-        &[("content-type", "application/json")],
-        b"{}",
-    );
+    let (status, _) = post(&format!("{}/hooks/small", host.url), &[("content-type", "application/json")], b"{}");
     assert_eq!(status, 202);
 }
 
@@ -143,11 +84,7 @@ fn body_over_the_limit_is_413() {
 fn unsubscribed_type_is_accepted_and_kept_unrouted() {
     let mut host = TestHost::builder().plugin("github-push").start();
     let (status, body) = host.post_github("issues", "issue-1", b"{\"action\":\"opened\"}", SECRET);
-    assert_eq!(
-        (status, body["type"].as_str()),
-        (202, Some("github.issues.opened")),
-        "{body}"
-    );
+    assert_eq!((status, body["type"].as_str()), (202, Some("github.issues.opened")), "{body}");
     let event = host.wait_for_event("issue-1");
     assert_eq!(event["status"], "unrouted", "{event}");
     assert_eq!(event["deliveries"].as_array().map(Vec::len), Some(0));
@@ -157,18 +94,10 @@ fn unsubscribed_type_is_accepted_and_kept_unrouted() {
 #[test]
 fn a_repeated_delivery_id_is_a_duplicate_and_not_dispatched_again() {
     let host = TestHost::builder().plugin("echo").start();
-    assert_eq!(
-        host.post_github("push", "dup-1", &example("github/push.json"), SECRET)
-            .0,
-        202
-    );
+    assert_eq!(host.post_github("push", "dup-1", &example("github/push.json"), SECRET).0, 202);
     host.wait_for_event("dup-1");
     let (status, body) = host.post_github("push", "dup-1", &example("github/push.json"), SECRET);
-    assert_eq!(
-        (status, &body["duplicate"]),
-        (200, &serde_json::json!(true)),
-        "{body}"
-    );
+    assert_eq!((status, &body["duplicate"]), (200, &serde_json::json!(true)), "{body}");
     let event = host.wait_for_event("dup-1");
     assert_eq!(event["deliveries"][0]["attempts"], 1, "{event}");
 }

@@ -18,22 +18,13 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 
 /// The workspace's root folder.
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("host/ has a parent")
-        .to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("host/ has a parent").to_owned()
 }
 
 /// A compiled plugin from `make plugins`.
 pub fn plugin_wasm(name: &str) -> PathBuf {
-    let path = workspace()
-        .join("target/plugins")
-        .join(format!("{name}.wasm"));
-    assert!(
-        path.is_file(),
-        "{} is missing: run `make plugins` (or `make test`) first",
-        path.display()
-    );
+    let path = workspace().join("target/plugins").join(format!("{name}.wasm"));
+    assert!(path.is_file(), "{} is missing: run `make plugins` (or `make test`) first", path.display());
     path
 }
 
@@ -97,15 +88,13 @@ impl HostBuilder {
         let plugins = dir.path().join("plugins");
         std::fs::create_dir(&plugins).expect("plugins folder");
         for name in &self.plugins {
-            std::fs::copy(plugin_wasm(name), plugins.join(format!("{name}.wasm")))
-                .expect("copy plugin");
+            std::fs::copy(plugin_wasm(name), plugins.join(format!("{name}.wasm"))).expect("copy plugin");
         }
         for (name, contents) in &self.files {
             std::fs::write(plugins.join(name), contents).expect("write plugin folder file");
         }
         let config = dir.path().join("wasmhook.toml");
-        std::fs::write(&config, format!("{}\n{}", self.settings, self.config))
-            .expect("write config");
+        std::fs::write(&config, format!("{}\n{}", self.settings, self.config)).expect("write config");
         let mut host = TestHost::spawn(&config, &self.env, dir);
         let webhook = host.wait_for_address("webhook listener on http://");
         let admin = host.wait_for_address("admin listener on http://");
@@ -134,9 +123,7 @@ impl TestHost {
             plugins: Vec::new(),
             files: Vec::new(),
             settings: "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n".to_owned(),
-            config: format!(
-                "[sources.github]\nverify = \"github\"\nsecret_env = \"{SECRET_ENV}\"\n"
-            ),
+            config: format!("[sources.github]\nverify = \"github\"\nsecret_env = \"{SECRET_ENV}\"\n"),
             env: vec![(SECRET_ENV.to_owned(), SECRET.to_owned())],
         }
     }
@@ -166,23 +153,13 @@ impl TestHost {
                 }
             });
         }
-        TestHost {
-            child,
-            output,
-            url: String::new(),
-            admin: String::new(),
-            _dir: dir,
-        }
+        TestHost { child, output, url: String::new(), admin: String::new(), _dir: dir }
     }
 
     fn wait_for_address(&mut self, marker: &str) -> String {
         let line = self.wait_for_log(marker);
         let start = line.find(marker).expect("marker") + marker.len();
-        line[start..]
-            .split_whitespace()
-            .next()
-            .expect("address")
-            .to_owned()
+        line[start..].split_whitespace().next().expect("address").to_owned()
     }
 
     /// Waits until a log line contains `needle` and returns it. Panics with the whole log
@@ -196,25 +173,14 @@ impl TestHost {
             }
             let now = Instant::now();
             if now >= deadline {
-                panic!(
-                    "no log line contains {needle:?} after {PATIENCE:?}; log:\n{}",
-                    lines.join("\n")
-                );
+                panic!("no log line contains {needle:?} after {PATIENCE:?}; log:\n{}", lines.join("\n"));
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 drop(lines);
                 std::thread::sleep(Duration::from_millis(100));
-                panic!(
-                    "wasmhook exited ({status}) before logging {needle:?}; log:\n{}",
-                    self.log()
-                );
+                panic!("wasmhook exited ({status}) before logging {needle:?}; log:\n{}", self.log());
             }
-            lines = self
-                .output
-                .grew
-                .wait_timeout(lines, Duration::from_millis(100))
-                .expect("lines")
-                .0;
+            lines = self.output.grew.wait_timeout(lines, Duration::from_millis(100)).expect("lines").0;
         }
     }
 
@@ -224,13 +190,7 @@ impl TestHost {
     }
 
     /// Posts a GitHub-style webhook `event` with `delivery` id, signed with `secret`.
-    pub fn post_github(
-        &self,
-        event: &str,
-        delivery: &str,
-        body: &[u8],
-        secret: &str,
-    ) -> (u16, Value) {
+    pub fn post_github(&self, event: &str, delivery: &str, body: &[u8], secret: &str) -> (u16, Value) {
         let signature = wasmhook::ingest::verify::github::sign(secret.as_bytes(), body);
         post(
             &format!("{}/hooks/github", self.url),
@@ -257,11 +217,7 @@ impl TestHost {
             if status == 200 && body["status"] != "pending" {
                 return body;
             }
-            assert!(
-                Instant::now() < deadline,
-                "event {id} still not finished ({status} {body}); log:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "event {id} still not finished ({status} {body}); log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -275,10 +231,7 @@ impl Drop for TestHost {
 }
 
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
+    ureq::Agent::config_builder().http_status_as_error(false).build().into()
 }
 
 fn answer(response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> (u16, Value) {

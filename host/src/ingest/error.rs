@@ -32,9 +32,9 @@ pub enum IngestError {
     /// The request is authentic but unusable.
     #[error("{0}")]
     BadRequest(String),
-    /// The journal cannot take more work right now.
-    #[error("the host is over capacity; retry later")]
-    Unavailable,
+    /// The host cannot take the event right now (journal full, shutting down).
+    #[error("{0}; retry later")]
+    Unavailable(String),
     /// Something failed on the host's side; details are in the host's log only.
     #[error("internal error; the event was not accepted")]
     Internal,
@@ -50,7 +50,7 @@ impl IngestError {
             IngestError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             IngestError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            IngestError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -63,11 +63,8 @@ impl IngestError {
             IngestError::MethodNotAllowed(_) => {
                 headers.insert(header::ALLOW, header::HeaderValue::from_static("POST"));
             }
-            IngestError::Unavailable => {
-                headers.insert(
-                    header::RETRY_AFTER,
-                    header::HeaderValue::from(RETRY_AFTER_SECONDS),
-                );
+            IngestError::Unavailable(_) => {
+                headers.insert(header::RETRY_AFTER, header::HeaderValue::from(RETRY_AFTER_SECONDS));
             }
             _ => {}
         }

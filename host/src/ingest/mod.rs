@@ -21,8 +21,9 @@ pub use error::{IngestError, RETRY_AFTER_SECONDS};
 use crate::config::SourceConfig;
 use crate::event::{Event, now_ms};
 use crate::http::{self, Body};
-use crate::journal::{Accepted, Journal};
+use crate::journal::{Accepted, Journal, JournalError, NewEvent};
 use crate::registry::Registry;
+use tokio_util::sync::CancellationToken;
 
 /// Path prefix of the webhook routes.
 pub const HOOKS_PREFIX: &str = "/hooks/";
@@ -34,6 +35,7 @@ pub struct Ingest {
     sources: BTreeMap<String, SourceConfig>,
     journal: Arc<dyn Journal>,
     registry: Arc<Registry>,
+    shutdown: CancellationToken,
 }
 
 #[derive(Serialize)]
@@ -46,17 +48,15 @@ struct AcceptedBody<'a> {
 }
 
 impl Ingest {
-    /// An endpoint for `sources` that stores into `journal`, routing with `registry`.
+    /// An endpoint for `sources` that stores into `journal`, routing with `registry`, and
+    /// refusing new events (503) once `shutdown` fires.
     pub fn new(
         sources: BTreeMap<String, SourceConfig>,
         journal: Arc<dyn Journal>,
         registry: Arc<Registry>,
+        shutdown: CancellationToken,
     ) -> Self {
-        Ingest {
-            sources,
-            journal,
-            registry,
-        }
+        Ingest { sources, journal, registry, shutdown }
     }
 
     /// Answers one HTTP request.
@@ -69,19 +69,8 @@ impl Ingest {
                     event.id = %event.id, event.type = %event.event_type, source = %event.source, duplicate,
                     "accepted"
                 );
-                let status = if duplicate {
-                    StatusCode::OK
-                } else {
-                    StatusCode::ACCEPTED
-                };
-                http::json(
-                    status,
-                    &AcceptedBody {
-                        id: &event.id,
-                        event_type: &event.event_type,
-                        duplicate,
-                    },
-                )
+                let status = if duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
+                http::json(status, &AcceptedBody { id: &event.id, event_type: &event.event_type, duplicate })
             }
             Err(err) => {
                 if err.status().is_server_error() {
@@ -96,9 +85,7 @@ impl Ingest {
 
     async fn accept(&self, request: Request<Incoming>) -> Result<(Event, Accepted), IngestError> {
         let path = request.uri().path();
-        let name = path
-            .strip_prefix(HOOKS_PREFIX)
-            .ok_or_else(|| IngestError::NoRoute(path.to_owned()))?;
+        let name = path.strip_prefix(HOOKS_PREFIX).ok_or_else(|| IngestError::NoRoute(path.to_owned()))?;
         if name.is_empty() || name.contains('/') {
             return Err(IngestError::NoRoute(path.to_owned()));
         }
@@ -106,10 +93,7 @@ impl Ingest {
         if request.method() != Method::POST {
             return Err(IngestError::MethodNotAllowed(request.method().to_string()));
         }
-        let source = self
-            .sources
-            .get(&name)
-            .ok_or_else(|| IngestError::UnknownSource(name.clone()))?;
+        let source = self.sources.get(&name).ok_or_else(|| IngestError::UnknownSource(name.clone()))?;
         let content_type = json_content_type(request.headers())?;
         let (parts, body) = request.into_parts();
         let body = read_body(body, &parts.headers, source.max_body_bytes).await?;
@@ -128,39 +112,33 @@ impl Ingest {
             attributes: identity.attributes,
         };
 
+        if self.shutdown.is_cancelled() {
+            return Err(IngestError::Unavailable("the host is shutting down".to_owned()));
+        }
         let plugins = self.registry.route(&event.event_type);
         if plugins.is_empty() {
             tracing::warn!(event.id = %event.id, event.type = %event.event_type, source = %event.source, "no plugin subscribes; kept as unrouted");
         }
-        let accepted = self
-            .journal
-            .accept(event.clone(), plugins)
-            .await
-            .map_err(|err| {
-                tracing::error!(error = %err, "journal refused an event");
+        let new = NewEvent { event: event.clone(), plugins, dedup_window: source.dedup_window };
+        let accepted = self.journal.accept(new).await.map_err(|err| match err {
+            JournalError::Full { .. } => IngestError::Unavailable(err.to_string()),
+            other => {
+                tracing::error!(error = %other, "journal refused an event");
                 IngestError::Internal
-            })?;
+            }
+        })?;
         Ok((event, accepted))
     }
 }
 
 /// The request's content type if it is JSON (`application/json` or any `+json` type).
 fn json_content_type(headers: &HeaderMap) -> Result<String, IngestError> {
-    let value = headers
-        .get(header::CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap_or("(not text)"));
+    let value = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("(not text)"));
     let Some(value) = value else {
         return Err(IngestError::UnsupportedMediaType("(none)".to_owned()));
     };
-    let essence = value
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    if essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
-    {
+    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json")) {
         Ok(essence)
     } else {
         Err(IngestError::UnsupportedMediaType(value.to_owned()))
@@ -169,40 +147,25 @@ fn json_content_type(headers: &HeaderMap) -> Result<String, IngestError> {
 
 /// Reads the body, refusing it as soon as it passes `limit` bytes (a declared length over the
 /// limit is refused before reading anything).
-async fn read_body(
-    body: Incoming,
-    headers: &HeaderMap,
-    limit: usize,
-) -> Result<Bytes, IngestError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+async fn read_body(body: Incoming, headers: &HeaderMap, limit: usize) -> Result<Bytes, IngestError> {
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|length| length > limit as u64) {
         return Err(IngestError::PayloadTooLarge(limit));
     }
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(err)
-            if err
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
+        Err(err) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             Err(IngestError::PayloadTooLarge(limit))
         }
-        Err(err) => Err(IngestError::BadRequest(format!(
-            "could not read the body: {err}"
-        ))),
+        Err(err) => Err(IngestError::BadRequest(format!("could not read the body: {err}"))),
     }
 }
 
 /// An event id or type must be non-empty, at most [`MAX_NAME_BYTES`], and free of control
 /// characters and spaces.
 fn checked_name(what: &str, value: String) -> Result<String, IngestError> {
-    if value.is_empty()
-        || value.len() > MAX_NAME_BYTES
-        || value.chars().any(|c| c.is_control() || c.is_whitespace())
-    {
+    if value.is_empty() || value.len() > MAX_NAME_BYTES || value.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(IngestError::BadRequest(format!(
             "{what} {value:?} must be 1 to {MAX_NAME_BYTES} bytes without spaces or control characters"
         )));
@@ -223,16 +186,12 @@ mod tests {
     #[test]
     fn json_content_types_are_recognised() {
         assert_eq!(
-            json_content_type(&with_content_type("application/json; charset=utf-8"))
-                .ok()
-                .as_deref(),
+            json_content_type(&with_content_type("application/json; charset=utf-8")).ok().as_deref(),
             Some("application/json")
         );
         assert!(json_content_type(&with_content_type("application/cloudevents+json")).is_ok());
         assert!(json_content_type(&with_content_type("text/plain")).is_err());
-        assert!(
-            json_content_type(&with_content_type("application/x-www-form-urlencoded")).is_err()
-        );
+        assert!(json_content_type(&with_content_type("application/x-www-form-urlencoded")).is_err());
         assert!(json_content_type(&HeaderMap::new()).is_err());
     }
 

@@ -1,9 +1,11 @@
-//! The journal: where accepted events and their per-plugin deliveries live until done.
+//! The journal: where accepted events and their per-plugin deliveries live until done, and
+//! where failures wait to be retried or replayed.
 //!
 //! [`Journal`] is the seam every backend implements; [`sqlite::SqliteJournal`] is the
-//! embedded default. Ingest calls [`Journal::accept`] and answers only after it returns;
-//! the dispatcher leases due deliveries with [`Journal::take`] and settles each with
-//! [`Journal::finish`]; the admin API reads with [`Journal::event`].
+//! embedded default. Ingest calls [`Journal::accept`] and answers only after it returns; the
+//! dispatcher leases due deliveries with [`Journal::take`] and settles each with
+//! [`Journal::finish`]; the admin API reads, replays and purges. Retry *policy* (how long to
+//! wait) is the dispatcher's; the journal only records when a delivery is next due.
 
 pub mod sqlite;
 
@@ -14,12 +16,30 @@ use serde::Serialize;
 
 use crate::event::Event;
 
+/// How long a (source, id) is remembered to refuse repeats, unless the source says otherwise.
+pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
+/// How long handled events are kept (for `/v1/events` and replay) unless configured.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+/// Deliveries not yet finished above which ingest refuses new events, unless configured.
+pub const DEFAULT_MAX_PENDING: u64 = 100_000;
+
+/// An event offered to the journal, with the plugins that subscribe to it.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// The event.
+    pub event: Event,
+    /// One delivery is created per plugin; none means the event is kept as unrouted.
+    pub plugins: Vec<String>,
+    /// How long its (source, id) refuses repeats.
+    pub dedup_window: Duration,
+}
+
 /// The result of offering an event to the journal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {
     /// Stored durably, with one delivery per subscribed plugin.
     New,
-    /// The same (source, id) was accepted before; nothing was stored.
+    /// The same (source, id) was accepted within its dedup window; nothing was stored.
     Duplicate,
 }
 
@@ -37,15 +57,21 @@ pub struct Lease {
     pub event: Arc<Event>,
 }
 
-/// How a delivery attempt ended.
+/// How a delivery attempt ended, and what happens next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The plugin handled the event.
     Done,
-    /// The plugin failed; the delivery is parked with the error. (Retries with backoff belong
-    /// to the journal's retry policy, which builds on this.)
+    /// The attempt failed; try again after `delay`.
+    Retry {
+        /// What went wrong.
+        error: String,
+        /// The wait before the next attempt.
+        delay: Duration,
+    },
+    /// The attempt failed and there will be no other: park it as a dead letter.
     Dead {
-        /// What went wrong, for the operator.
+        /// What went wrong.
         error: String,
     },
 }
@@ -64,6 +90,28 @@ pub enum DeliveryStatus {
     Retrying,
     /// Given up on; kept for the operator.
     Dead,
+}
+
+impl DeliveryStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Running => "running",
+            DeliveryStatus::Done => "done",
+            DeliveryStatus::Retrying => "retrying",
+            DeliveryStatus::Dead => "dead",
+        }
+    }
+
+    fn parse(text: &str) -> DeliveryStatus {
+        match text {
+            "running" => DeliveryStatus::Running,
+            "done" => DeliveryStatus::Done,
+            "retrying" => DeliveryStatus::Retrying,
+            "dead" => DeliveryStatus::Dead,
+            _ => DeliveryStatus::Pending,
+        }
+    }
 }
 
 /// Where an event stands, summed over its deliveries.
@@ -87,10 +135,7 @@ impl EventStatus {
             EventStatus::Unrouted
         } else if deliveries.iter().all(|d| d.status == DeliveryStatus::Done) {
             EventStatus::Done
-        } else if deliveries
-            .iter()
-            .all(|d| matches!(d.status, DeliveryStatus::Done | DeliveryStatus::Dead))
-        {
+        } else if deliveries.iter().all(|d| matches!(d.status, DeliveryStatus::Done | DeliveryStatus::Dead)) {
             EventStatus::Dead
         } else {
             EventStatus::Pending
@@ -119,6 +164,8 @@ pub struct EventRecord {
 /// One delivery as the admin API shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeliveryRecord {
+    /// The journal's key of the delivery (the dead-letter id when it is dead).
+    pub delivery: i64,
     /// The plugin's name.
     pub plugin: String,
     /// Where it stands.
@@ -127,11 +174,110 @@ pub struct DeliveryRecord {
     pub attempts: u32,
     /// The last attempt's error, if it failed.
     pub last_error: Option<String>,
+    /// When it is next due (pending, retrying) or its lease ends (running).
+    pub next_attempt_ms: Option<u64>,
+    /// Every failed attempt, oldest first.
+    pub errors: Vec<AttemptError>,
+}
+
+/// One failed attempt.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AttemptError {
+    /// Which attempt.
+    pub attempt: u32,
+    /// When it failed, in milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// What went wrong.
+    pub error: String,
+}
+
+/// A dead letter: a delivery the host gave up on, with its event.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// Its id: the delivery's key.
+    pub delivery: i64,
+    /// The event's id.
+    pub event_id: String,
+    /// The event's source.
+    pub source: String,
+    /// The event's type.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The plugin that failed.
+    pub plugin: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// When it died, in milliseconds since the Unix epoch.
+    pub died_ms: Option<u64>,
+}
+
+/// One dead letter in full: its errors and its event's payload.
+#[derive(Debug, Clone)]
+pub struct DeadLetterDetail {
+    /// The summary also listed by [`Journal::dead_letters`].
+    pub letter: DeadLetter,
+    /// Every failed attempt, oldest first.
+    pub errors: Vec<AttemptError>,
+    /// The event's content type.
+    pub content_type: String,
+    /// The event's payload.
+    pub data: bytes::Bytes,
+}
+
+/// Which dead letters an operation applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadSelector {
+    /// These ids.
+    Ids(Vec<i64>),
+    /// Every dead letter of this plugin.
+    Plugin(String),
+    /// Every dead letter.
+    All,
+}
+
+/// Counts per status, for `/v1/stats`.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Stats {
+    /// Events stored.
+    pub events: u64,
+    /// Events stored with no delivery.
+    pub unrouted: u64,
+    /// Deliveries waiting for their first attempt.
+    pub pending: u64,
+    /// Deliveries leased to a worker.
+    pub running: u64,
+    /// Deliveries waiting for a retry.
+    pub retrying: u64,
+    /// Deliveries handled (within the retention period).
+    pub done: u64,
+    /// Dead letters.
+    pub dead: u64,
+    /// The cap on unfinished deliveries above which ingest answers 503.
+    pub max_pending: u64,
+}
+
+/// What a round of housekeeping removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// Dedup keys past their window.
+    pub dedup_keys: u64,
+    /// Handled events past the retention period.
+    pub events: u64,
 }
 
 /// Why the journal could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
+    /// Too many deliveries are unfinished; the caller should come back later.
+    #[error("the journal holds {pending} unfinished deliveries (the limit is {max})")]
+    Full {
+        /// Unfinished deliveries now.
+        pending: u64,
+        /// The configured cap.
+        max: u64,
+    },
     /// The storage engine failed.
     #[error("journal storage failed: {0}")]
     Storage(String),
@@ -140,12 +286,15 @@ pub enum JournalError {
     Closed,
 }
 
+/// Which plugins should get an event of a given type (the registry's routing, for replay).
+pub type Route<'a> = &'a (dyn Fn(&str) -> Vec<String> + Send + Sync);
+
 /// A durable store of events and their deliveries.
 #[async_trait::async_trait]
 pub trait Journal: Send + Sync {
-    /// Stores `event` with one pending delivery per plugin in `plugins` (none: unrouted),
-    /// unless its (source, id) was accepted before. Returns only once the event is durable.
-    async fn accept(&self, event: Event, plugins: Vec<String>) -> Result<Accepted, JournalError>;
+    /// Stores an event with one pending delivery per plugin, unless its (source, id) was
+    /// accepted within the dedup window. Returns only once the event is durable.
+    async fn accept(&self, new: NewEvent) -> Result<Accepted, JournalError>;
 
     /// Leases up to `max` due deliveries for the named plugins, each for `lease`. Waits up
     /// to `wait` for work to arrive when none is due; an empty result means none came.
@@ -157,12 +306,36 @@ pub trait Journal: Send + Sync {
         wait: Duration,
     ) -> Result<Vec<Lease>, JournalError>;
 
-    /// Settles a leased delivery. A lease that ran out and was taken again by someone else
-    /// is left alone, so a delivery is settled at most once per attempt.
-    async fn finish(&self, lease: &Lease, outcome: Outcome) -> Result<(), JournalError>;
+    /// Settles a leased delivery and, in the same transaction, accepts `emitted` events.
+    /// A lease that ran out and was taken again is left alone (and `emitted` dropped), so a
+    /// delivery is settled at most once per attempt. Returns whether the lease still held.
+    async fn finish(&self, lease: &Lease, outcome: Outcome, emitted: Vec<NewEvent>) -> Result<bool, JournalError>;
 
     /// The most recent event with this id, with its deliveries.
     async fn event(&self, id: &str) -> Result<Option<EventRecord>, JournalError>;
+
+    /// Dead letters, newest first, of one plugin or all, at most `limit`.
+    async fn dead_letters(&self, plugin: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, JournalError>;
+
+    /// One dead letter with its errors and payload.
+    async fn dead_letter(&self, delivery: i64) -> Result<Option<DeadLetterDetail>, JournalError>;
+
+    /// Makes the selected dead letters due now, with a fresh attempt budget. Returns how many.
+    async fn replay_dead(&self, selector: DeadSelector) -> Result<u64, JournalError>;
+
+    /// Deletes the selected dead letters. Returns how many.
+    async fn purge_dead(&self, selector: DeadSelector) -> Result<u64, JournalError>;
+
+    /// Delivers again every stored event accepted since `since_ms` to the plugins `route`
+    /// names for its type (none: skipped), whatever became of earlier deliveries. Returns
+    /// how many deliveries were made due.
+    async fn replay(&self, since_ms: u64, route: Route<'_>) -> Result<u64, JournalError>;
+
+    /// Counts per status.
+    async fn stats(&self) -> Result<Stats, JournalError>;
+
+    /// Removes dedup keys past their window and handled events past the retention period.
+    async fn expire(&self) -> Result<Expired, JournalError>;
 }
 
 #[cfg(test)]
@@ -171,10 +344,13 @@ mod tests {
 
     fn delivery(status: DeliveryStatus) -> DeliveryRecord {
         DeliveryRecord {
+            delivery: 1,
             plugin: "p".into(),
             status,
             attempts: 1,
             last_error: None,
+            next_attempt_ms: None,
+            errors: Vec::new(),
         }
     }
 
@@ -182,21 +358,17 @@ mod tests {
     fn event_status_sums_its_deliveries() {
         use DeliveryStatus::*;
         assert_eq!(EventStatus::of(&[]), EventStatus::Unrouted);
-        assert_eq!(
-            EventStatus::of(&[delivery(Done), delivery(Done)]),
-            EventStatus::Done
-        );
-        assert_eq!(
-            EventStatus::of(&[delivery(Done), delivery(Dead)]),
-            EventStatus::Dead
-        );
-        assert_eq!(
-            EventStatus::of(&[delivery(Done), delivery(Running)]),
-            EventStatus::Pending
-        );
-        assert_eq!(
-            EventStatus::of(&[delivery(Dead), delivery(Pending)]),
-            EventStatus::Pending
-        );
+        assert_eq!(EventStatus::of(&[delivery(Done), delivery(Done)]), EventStatus::Done);
+        assert_eq!(EventStatus::of(&[delivery(Done), delivery(Dead)]), EventStatus::Dead);
+        assert_eq!(EventStatus::of(&[delivery(Done), delivery(Running)]), EventStatus::Pending);
+        assert_eq!(EventStatus::of(&[delivery(Dead), delivery(Retrying)]), EventStatus::Pending);
+    }
+
+    #[test]
+    fn statuses_round_trip_through_their_stored_text() {
+        use DeliveryStatus::*;
+        for status in [Pending, Running, Done, Retrying, Dead] {
+            assert_eq!(DeliveryStatus::parse(status.as_str()), status);
+        }
     }
 }

@@ -1,15 +1,18 @@
 //! The embedded journal: one SQLite file in WAL mode in the data folder.
 //!
 //! One writer thread owns the write connection and runs every write that arrives while it is
-//! busy in one transaction (group commit): an accepted event is on disk (`synchronous = FULL`)
-//! before its caller hears back, yet a burst of requests shares one fsync. Reads for the admin
-//! API use a second connection, which WAL lets run beside the writer.
+//! busy in one transaction (group commit): an accepted event is on disk (`synchronous = FULL`
+//! by default) before its caller hears back, yet a burst of requests shares one fsync. Each
+//! write runs in its own savepoint, so a failing one leaves nothing half-done. Reads for the
+//! admin API use a second connection, which WAL lets run beside the writer.
 //!
-//! A delivery's `due_ms` is when it next needs attention: its first attempt, or the end of
-//! its lease while it runs (a lease that runs out makes it due again). Finished deliveries
-//! have no `due_ms`, which keeps the index of due work small.
+//! A delivery's `due_ms` is when it next needs attention: its first attempt, its next retry,
+//! or the end of its lease while it runs (a lease that runs out makes it due again).
+//! Finished deliveries (done, dead) have none, which keeps the index of due work small.
+//! Dedup keys live in their own table with an expiry, apart from the events they guard.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,10 +22,11 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{
-    Accepted, DeliveryRecord, DeliveryStatus, EventRecord, EventStatus, Journal, JournalError,
-    Lease, Outcome,
+    Accepted, AttemptError, DeadLetter, DeadLetterDetail, DeadSelector, DeliveryRecord, DeliveryStatus, EventRecord,
+    EventStatus, Expired, Journal, JournalError, Lease, NewEvent, Outcome, Route, Stats,
 };
-use crate::event::{Event, now_ms};
+use crate::clock::{Clock, SystemClock};
+use crate::event::Event;
 
 /// The journal's file name inside the data folder.
 pub const FILE_NAME: &str = "journal.sqlite3";
@@ -31,13 +35,17 @@ pub const FILE_NAME: &str = "journal.sqlite3";
 const MAX_BATCH: usize = 1024;
 /// Writes waiting for the writer thread before callers wait to queue theirs.
 const QUEUE_DEPTH: usize = 4096;
-/// How often an idle `take` looks again, for leases that ran out.
-const IDLE_POLL: Duration = Duration::from_millis(250);
+/// How often an idle `take` looks again, for retries and leases coming due.
+const IDLE_POLL: Duration = Duration::from_millis(100);
 /// How long the read connection waits for a lock before failing.
 const READ_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Events looked at per round of replay or expiry.
+const PAGE: usize = 1000;
+/// The schema this code writes; an older or newer file is refused, not guessed at.
+const SCHEMA_VERSION: i64 = 1;
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS events (
+CREATE TABLE events (
     seq          INTEGER PRIMARY KEY,
     source       TEXT    NOT NULL,
     id           TEXT    NOT NULL,
@@ -45,85 +53,125 @@ CREATE TABLE IF NOT EXISTS events (
     time_ms      INTEGER NOT NULL,
     content_type TEXT    NOT NULL,
     data         BLOB    NOT NULL,
-    attributes   TEXT    NOT NULL,
-    UNIQUE (source, id)
+    attributes   TEXT    NOT NULL
 );
-CREATE INDEX IF NOT EXISTS events_by_id ON events (id);
-CREATE TABLE IF NOT EXISTS deliveries (
-    seq        INTEGER PRIMARY KEY,
-    event_seq  INTEGER NOT NULL REFERENCES events (seq),
-    plugin     TEXT    NOT NULL,
-    status     TEXT    NOT NULL,
-    attempts   INTEGER NOT NULL DEFAULT 0,
-    due_ms     INTEGER,
-    last_error TEXT,
+CREATE INDEX events_by_id ON events (id);
+CREATE INDEX events_by_time ON events (time_ms);
+CREATE TABLE dedup (
+    source     TEXT    NOT NULL,
+    id         TEXT    NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    PRIMARY KEY (source, id)
+) WITHOUT ROWID;
+CREATE INDEX dedup_by_expiry ON dedup (expires_ms);
+CREATE TABLE deliveries (
+    seq         INTEGER PRIMARY KEY,
+    event_seq   INTEGER NOT NULL REFERENCES events (seq),
+    plugin      TEXT    NOT NULL,
+    status      TEXT    NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    due_ms      INTEGER,
+    last_error  TEXT,
+    finished_ms INTEGER,
     UNIQUE (event_seq, plugin)
 );
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (due_ms) WHERE due_ms IS NOT NULL;
+CREATE INDEX deliveries_due ON deliveries (due_ms) WHERE due_ms IS NOT NULL;
+CREATE INDEX deliveries_dead ON deliveries (plugin, finished_ms) WHERE status = 'dead';
+CREATE TABLE delivery_errors (
+    delivery_seq INTEGER NOT NULL REFERENCES deliveries (seq),
+    attempt      INTEGER NOT NULL,
+    time_ms      INTEGER NOT NULL,
+    error        TEXT    NOT NULL
+);
+CREATE INDEX delivery_errors_by_delivery ON delivery_errors (delivery_seq);
 ";
+
+/// SQLite's `synchronous` setting: how hard each commit waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// Every commit is on disk before it returns (the default: 202 means durable).
+    Full,
+    /// In WAL mode, a power loss may undo the last commits; a process crash loses nothing.
+    Normal,
+}
+
+/// How the embedded journal behaves.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// How hard commits wait for the disk.
+    pub synchronous: Synchronous,
+    /// Unfinished deliveries above which `accept` answers [`JournalError::Full`].
+    pub max_pending: u64,
+    /// How long handled events are kept.
+    pub retention: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            synchronous: Synchronous::Full,
+            max_pending: super::DEFAULT_MAX_PENDING,
+            retention: super::DEFAULT_RETENTION,
+        }
+    }
+}
 
 /// The embedded SQLite journal.
 pub struct SqliteJournal {
     writes: mpsc::Sender<Write>,
     reader: Arc<Mutex<Connection>>,
-    work: Notify,
+    work: Arc<Notify>,
+    pending: Arc<AtomicU64>,
+    options: Options,
     writer: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for SqliteJournal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteJournal").finish_non_exhaustive()
+        f.debug_struct("SqliteJournal").field("options", &self.options).finish_non_exhaustive()
     }
 }
 
 type Reply<T> = oneshot::Sender<Result<T, JournalError>>;
 
-/// A write for the writer thread, with where to send its result after the commit.
+/// A write for the writer thread; each carries where to send its result after the commit.
 enum Write {
-    Accept {
-        event: Event,
-        plugins: Vec<String>,
-        reply: Reply<Accepted>,
-    },
-    Take {
-        plugins: String,
-        max: usize,
-        lease_ms: u64,
-        reply: Reply<Vec<Lease>>,
-    },
-    Finish {
-        delivery: i64,
-        attempt: u32,
-        outcome: Outcome,
-        reply: Reply<()>,
-    },
+    Accept { new: NewEvent, reply: Reply<Accepted> },
+    Take { plugins: String, max: usize, lease_ms: u64, reply: Reply<Vec<Lease>> },
+    Finish { delivery: i64, attempt: u32, outcome: Outcome, emitted: Vec<NewEvent>, reply: Reply<bool> },
+    ReplayDead { selector: DeadSelector, reply: Reply<u64> },
+    PurgeDead { selector: DeadSelector, reply: Reply<u64> },
+    Redeliver { items: Vec<(i64, Vec<String>)>, reply: Reply<u64> },
+    Expire { retention_ms: u64, reply: Reply<Expired> },
 }
 
-/// A write's result, held until its transaction commits.
-enum Done {
-    Accept(Reply<Accepted>, Result<Accepted, JournalError>),
-    Take(Reply<Vec<Lease>>, Result<Vec<Lease>, JournalError>),
-    Finish(Reply<()>, Result<(), JournalError>),
+/// A write's answer, sent once its transaction's fate is known.
+type Answer = Box<dyn FnOnce(&Result<(), JournalError>) + Send>;
+
+/// A write's result, and how it changes the count of unfinished deliveries once committed.
+struct Applied {
+    answer: Answer,
+    pending_delta: i64,
 }
 
-impl Done {
-    fn send(self, commit: &Result<(), JournalError>) {
-        fn pick<T>(
-            result: Result<T, JournalError>,
-            commit: &Result<(), JournalError>,
-        ) -> Result<T, JournalError> {
-            match commit {
-                Ok(()) => result,
-                Err(err) => Err(JournalError::Storage(err.to_string())),
-            }
-        }
-        // A caller that gave up waiting is no longer listening; that is fine.
-        let _ = match self {
-            Done::Accept(reply, result) => reply.send(pick(result, commit)).map_err(drop),
-            Done::Take(reply, result) => reply.send(pick(result, commit)).map_err(drop),
-            Done::Finish(reply, result) => reply.send(pick(result, commit)).map_err(drop),
+fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, JournalError>) -> Answer {
+    Box::new(move |commit| {
+        let result = match commit {
+            Ok(()) => result,
+            Err(err) => Err(JournalError::Storage(err.to_string())),
         };
-    }
+        // A caller that stopped waiting no longer listens; nothing to do about it.
+        let _ = reply.send(result);
+    })
+}
+
+fn storage(err: rusqlite::Error) -> JournalError {
+    JournalError::Storage(err.to_string())
+}
+
+fn json_error(err: serde_json::Error) -> JournalError {
+    JournalError::Storage(err.to_string())
 }
 
 /// SQLite stores integers as i64; times in ms since 1970 fit with room to spare.
@@ -131,54 +179,89 @@ fn sql_ms(ms: u64) -> i64 {
     i64::try_from(ms).unwrap_or(i64::MAX)
 }
 
-fn storage(err: rusqlite::Error) -> JournalError {
-    JournalError::Storage(err.to_string())
+fn from_sql_ms(ms: i64) -> u64 {
+    u64::try_from(ms).unwrap_or(0)
+}
+
+fn duration_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl SqliteJournal {
     /// Opens (creating if needed) the journal in `data_dir`.
-    pub fn open(data_dir: &Path) -> Result<Self, JournalError> {
-        std::fs::create_dir_all(data_dir).map_err(|err| {
-            JournalError::Storage(format!(
-                "cannot create data folder {}: {err}",
-                data_dir.display()
-            ))
-        })?;
-        let path: PathBuf = data_dir.join(FILE_NAME);
-        let open_err = |err: rusqlite::Error| {
-            JournalError::Storage(format!("cannot open {}: {err}", path.display()))
+    pub fn open(data_dir: &Path, options: Options) -> Result<Self, JournalError> {
+        Self::open_with_clock(data_dir, options, Arc::new(SystemClock))
+    }
+
+    /// Opens the journal with `clock` as its notion of now (tests move it by hand).
+    pub fn open_with_clock(data_dir: &Path, options: Options, clock: Arc<dyn Clock>) -> Result<Self, JournalError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|err| JournalError::Storage(format!("cannot create data folder {}: {err}", data_dir.display())))?;
+        let path = data_dir.join(FILE_NAME);
+        let open_err = |err: rusqlite::Error| JournalError::Storage(format!("cannot open {}: {err}", path.display()));
+        let mut writer = Connection::open(&path).map_err(open_err)?;
+        let synchronous = match options.synchronous {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
         };
-        let writer = Connection::open(&path).map_err(open_err)?;
         writer
             .pragma_update(None, "journal_mode", "WAL")
-            .and_then(|()| writer.pragma_update(None, "synchronous", "FULL"))
-            .and_then(|()| writer.execute_batch(SCHEMA))
+            .and_then(|()| writer.pragma_update(None, "synchronous", synchronous))
+            .map_err(open_err)?;
+        migrate(&mut writer, &path)?;
+        let pending: i64 = writer
+            .query_row("SELECT COUNT(*) FROM deliveries WHERE due_ms IS NOT NULL", [], |row| row.get(0))
             .map_err(open_err)?;
         let reader = Connection::open(&path).map_err(open_err)?;
         reader.busy_timeout(READ_BUSY_TIMEOUT).map_err(open_err)?;
 
+        let pending = Arc::new(AtomicU64::new(u64::try_from(pending).unwrap_or(0)));
+        let work = Arc::new(Notify::new());
         let (writes, queue) = mpsc::channel(QUEUE_DEPTH);
-        let thread = std::thread::Builder::new()
-            .name("journal-writer".into())
-            .spawn(move || write_loop(writer, queue))
-            .map_err(|err| {
-                JournalError::Storage(format!("cannot start the journal writer: {err}"))
-            })?;
-        Ok(SqliteJournal {
-            writes,
-            reader: Arc::new(Mutex::new(reader)),
-            work: Notify::new(),
-            writer: Some(thread),
-        })
+        let thread = {
+            let (pending, work) = (Arc::clone(&pending), Arc::clone(&work));
+            std::thread::Builder::new()
+                .name("journal-writer".into())
+                .spawn(move || write_loop(writer, queue, clock, &pending, &work))
+                .map_err(|err| JournalError::Storage(format!("cannot start the journal writer: {err}")))?
+        };
+        Ok(SqliteJournal { writes, reader: Arc::new(Mutex::new(reader)), work, pending, options, writer: Some(thread) })
     }
 
     async fn call<T>(&self, write: impl FnOnce(Reply<T>) -> Write) -> Result<T, JournalError> {
         let (reply, answer) = oneshot::channel();
-        self.writes
-            .send(write(reply))
-            .await
-            .map_err(|_| JournalError::Closed)?;
+        self.writes.send(write(reply)).await.map_err(|_| JournalError::Closed)?;
         answer.await.map_err(|_| JournalError::Closed)?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        query: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, JournalError> {
+        let reader = Arc::clone(&self.reader);
+        tokio::task::spawn_blocking(move || {
+            let connection = reader.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            query(&connection).map_err(storage)
+        })
+        .await
+        .map_err(|err| JournalError::Storage(err.to_string()))?
+    }
+}
+
+fn migrate(connection: &mut Connection, path: &Path) -> Result<(), JournalError> {
+    let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(storage)?;
+    match version {
+        0 => {
+            let tx = connection.transaction().map_err(storage)?;
+            tx.execute_batch(SCHEMA).map_err(storage)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(storage)?;
+            tx.commit().map_err(storage)
+        }
+        SCHEMA_VERSION => Ok(()),
+        other => Err(JournalError::Storage(format!(
+            "{} has schema version {other}, this wasmhook reads version {SCHEMA_VERSION}",
+            path.display()
+        ))),
     }
 }
 
@@ -195,19 +278,12 @@ impl Drop for SqliteJournal {
 
 #[async_trait::async_trait]
 impl Journal for SqliteJournal {
-    async fn accept(&self, event: Event, plugins: Vec<String>) -> Result<Accepted, JournalError> {
-        let routed = !plugins.is_empty();
-        let accepted = self
-            .call(|reply| Write::Accept {
-                event,
-                plugins,
-                reply,
-            })
-            .await?;
-        if routed && accepted == Accepted::New {
-            self.work.notify_one();
+    async fn accept(&self, new: NewEvent) -> Result<Accepted, JournalError> {
+        let pending = self.pending.load(Ordering::Relaxed);
+        if pending >= self.options.max_pending {
+            return Err(JournalError::Full { pending, max: self.options.max_pending });
         }
-        Ok(accepted)
+        self.call(|reply| Write::Accept { new, reply }).await
     }
 
     async fn take(
@@ -218,20 +294,12 @@ impl Journal for SqliteJournal {
         wait: Duration,
     ) -> Result<Vec<Lease>, JournalError> {
         let deadline = Instant::now() + wait;
-        let names =
-            serde_json::to_string(plugins).map_err(|err| JournalError::Storage(err.to_string()))?;
-        let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+        let names = serde_json::to_string(plugins).map_err(json_error)?;
+        let lease_ms = duration_ms(lease);
         loop {
             if !plugins.is_empty() && max > 0 {
                 let plugins = names.clone();
-                let leases = self
-                    .call(|reply| Write::Take {
-                        plugins,
-                        max,
-                        lease_ms,
-                        reply,
-                    })
-                    .await?;
+                let leases = self.call(|reply| Write::Take { plugins, max, lease_ms, reply }).await?;
                 if !leases.is_empty() {
                     return Ok(leases);
                 }
@@ -247,32 +315,69 @@ impl Journal for SqliteJournal {
         }
     }
 
-    async fn finish(&self, lease: &Lease, outcome: Outcome) -> Result<(), JournalError> {
+    async fn finish(&self, lease: &Lease, outcome: Outcome, emitted: Vec<NewEvent>) -> Result<bool, JournalError> {
         let (delivery, attempt) = (lease.delivery, lease.attempt);
-        self.call(|reply| Write::Finish {
-            delivery,
-            attempt,
-            outcome,
-            reply,
-        })
-        .await
+        self.call(|reply| Write::Finish { delivery, attempt, outcome, emitted, reply }).await
     }
 
     async fn event(&self, id: &str) -> Result<Option<EventRecord>, JournalError> {
-        let reader = Arc::clone(&self.reader);
         let id = id.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let connection = reader
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            read_event(&connection, &id).map_err(storage)
-        })
-        .await
-        .map_err(|err| JournalError::Storage(err.to_string()))?
+        self.read(move |connection| read_event(connection, &id)).await
+    }
+
+    async fn dead_letters(&self, plugin: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, JournalError> {
+        let plugin = plugin.map(str::to_owned);
+        self.read(move |connection| read_dead_letters(connection, plugin.as_deref(), limit)).await
+    }
+
+    async fn dead_letter(&self, delivery: i64) -> Result<Option<DeadLetterDetail>, JournalError> {
+        self.read(move |connection| read_dead_letter(connection, delivery)).await
+    }
+
+    async fn replay_dead(&self, selector: DeadSelector) -> Result<u64, JournalError> {
+        self.call(|reply| Write::ReplayDead { selector, reply }).await
+    }
+
+    async fn purge_dead(&self, selector: DeadSelector) -> Result<u64, JournalError> {
+        self.call(|reply| Write::PurgeDead { selector, reply }).await
+    }
+
+    async fn replay(&self, since_ms: u64, route: Route<'_>) -> Result<u64, JournalError> {
+        let mut after = 0_i64;
+        let mut made_due = 0;
+        loop {
+            let page = self.read(move |connection| read_replay_page(connection, since_ms, after)).await?;
+            let Some(&(last, _)) = page.last() else { return Ok(made_due) };
+            after = last;
+            let items: Vec<(i64, Vec<String>)> = page
+                .into_iter()
+                .map(|(seq, event_type)| (seq, route(&event_type)))
+                .filter(|(_, plugins)| !plugins.is_empty())
+                .collect();
+            if !items.is_empty() {
+                made_due += self.call(|reply| Write::Redeliver { items, reply }).await?;
+            }
+        }
+    }
+
+    async fn stats(&self) -> Result<Stats, JournalError> {
+        let max_pending = self.options.max_pending;
+        self.read(move |connection| read_stats(connection, max_pending)).await
+    }
+
+    async fn expire(&self) -> Result<Expired, JournalError> {
+        let retention_ms = duration_ms(self.options.retention);
+        self.call(|reply| Write::Expire { retention_ms, reply }).await
     }
 }
 
-fn write_loop(mut connection: Connection, mut queue: mpsc::Receiver<Write>) {
+fn write_loop(
+    mut connection: Connection,
+    mut queue: mpsc::Receiver<Write>,
+    clock: Arc<dyn Clock>,
+    pending: &AtomicU64,
+    work: &Notify,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.blocking_recv() {
         batch.push(first);
@@ -282,118 +387,143 @@ fn write_loop(mut connection: Connection, mut queue: mpsc::Receiver<Write>) {
                 Err(_) => break,
             }
         }
-        commit_batch(&mut connection, batch.drain(..));
+        let delta = commit_batch(&mut connection, batch.drain(..), clock.now_ms());
+        if delta != 0 {
+            let _ = pending
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| Some(now.saturating_add_signed(delta)));
+        }
+        if delta > 0 {
+            work.notify_one();
+        }
     }
 }
 
-/// Runs `batch` in one transaction, each write in its own savepoint so that one failing write
-/// leaves no half of itself behind, then answers every caller after the commit.
-fn commit_batch(connection: &mut Connection, batch: impl Iterator<Item = Write>) {
-    let now = now_ms();
-    let mut done = Vec::new();
+/// Runs `batch` in one transaction, each write in its own savepoint, then answers every
+/// caller. Returns the change in unfinished deliveries (zero if the commit failed).
+fn commit_batch(connection: &mut Connection, batch: impl Iterator<Item = Write>, now: u64) -> i64 {
+    let mut applied = Vec::new();
     let commit = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(mut tx) => {
             for write in batch {
-                done.push(match write {
-                    Write::Accept {
-                        event,
-                        plugins,
-                        reply,
-                    } => Done::Accept(reply, accept(&mut tx, &event, &plugins, now)),
-                    Write::Take {
-                        plugins,
-                        max,
-                        lease_ms,
-                        reply,
-                    } => Done::Take(
-                        reply,
-                        take(&mut tx, &plugins, max, now, now.saturating_add(lease_ms)),
-                    ),
-                    Write::Finish {
-                        delivery,
-                        attempt,
-                        outcome,
-                        reply,
-                    } => Done::Finish(reply, finish(&mut tx, delivery, attempt, &outcome)),
-                });
+                applied.push(apply(&mut tx, write, now));
             }
             tx.commit().map_err(storage)
         }
         Err(err) => {
             let err = storage(err);
-            for write in batch {
-                done.push(match write {
-                    Write::Accept { reply, .. } => Done::Accept(reply, Err(JournalError::Closed)),
-                    Write::Take { reply, .. } => Done::Take(reply, Ok(Vec::new())),
-                    Write::Finish { reply, .. } => Done::Finish(reply, Ok(())),
-                });
-            }
+            applied.extend(batch.map(|write| refuse(write, &err)));
             Err(err)
         }
     };
     if let Err(err) = &commit {
-        tracing::error!(error = %err, writes = done.len(), "journal commit failed");
+        tracing::error!(error = %err, writes = applied.len(), "journal commit failed");
     }
-    for reply in done {
-        reply.send(&commit);
+    let mut delta = 0;
+    for Applied { answer, pending_delta } in applied {
+        delta += pending_delta;
+        answer(&commit);
     }
+    if commit.is_ok() { delta } else { 0 }
 }
 
-fn accept(
-    tx: &mut Transaction<'_>,
-    event: &Event,
-    plugins: &[String],
-    now: u64,
-) -> Result<Accepted, JournalError> {
-    let savepoint = tx.savepoint().map_err(storage)?;
-    let attributes = serde_json::to_string(&event.attributes)
-        .map_err(|err| JournalError::Storage(err.to_string()))?;
-    let inserted = savepoint
-        .prepare_cached(
-            "INSERT INTO events (source, id, event_type, time_ms, content_type, data, attributes)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (source, id) DO NOTHING",
-        )
-        .and_then(|mut insert| {
-            insert.execute(params![
-                event.source,
-                event.id,
-                event.event_type,
-                sql_ms(event.time_ms),
-                event.content_type,
-                &event.data[..],
-                attributes
-            ])
-        })
-        .map_err(storage)?;
-    if inserted == 0 {
-        return Ok(Accepted::Duplicate);
-    }
-    let event_seq = savepoint.last_insert_rowid();
-    {
-        let mut insert = savepoint
-            .prepare_cached("INSERT INTO deliveries (event_seq, plugin, status, due_ms) VALUES (?1, ?2, 'pending', ?3)")
-            .map_err(storage)?;
-        for plugin in plugins {
-            insert
-                .execute(params![event_seq, plugin, sql_ms(now)])
-                .map_err(storage)?;
+fn refuse(write: Write, err: &JournalError) -> Applied {
+    let failed = || JournalError::Storage(err.to_string());
+    let answer = match write {
+        Write::Accept { reply, .. } => answer(reply, Err(failed())),
+        Write::Take { reply, .. } => answer(reply, Err(failed())),
+        Write::Finish { reply, .. } => answer(reply, Err(failed())),
+        Write::ReplayDead { reply, .. } | Write::PurgeDead { reply, .. } | Write::Redeliver { reply, .. } => {
+            answer(reply, Err(failed()))
+        }
+        Write::Expire { reply, .. } => answer(reply, Err(failed())),
+    };
+    Applied { answer, pending_delta: 0 }
+}
+
+/// Runs one write in a savepoint: all of it or none of it.
+fn apply(tx: &mut Transaction<'_>, write: Write, now: u64) -> Applied {
+    fn run<T: Send + 'static>(
+        tx: &mut Transaction<'_>,
+        reply: Reply<T>,
+        body: impl FnOnce(&Connection) -> Result<(T, i64), JournalError>,
+    ) -> Applied {
+        let result = tx.savepoint().map_err(storage).and_then(|savepoint| {
+            let done = body(&savepoint)?;
+            savepoint.commit().map_err(storage)?;
+            Ok(done)
+        });
+        match result {
+            Ok((value, pending_delta)) => Applied { answer: answer(reply, Ok(value)), pending_delta },
+            Err(err) => Applied { answer: answer(reply, Err(err)), pending_delta: 0 },
         }
     }
-    savepoint.commit().map_err(storage)?;
-    Ok(Accepted::New)
+    match write {
+        Write::Accept { new, reply } => run(tx, reply, |tx| accept(tx, &new, now)),
+        Write::Take { plugins, max, lease_ms, reply } => {
+            run(tx, reply, |tx| Ok((take(tx, &plugins, max, now, now.saturating_add(lease_ms))?, 0)))
+        }
+        Write::Finish { delivery, attempt, outcome, emitted, reply } => {
+            run(tx, reply, |tx| finish(tx, delivery, attempt, &outcome, &emitted, now))
+        }
+        Write::ReplayDead { selector, reply } => run(tx, reply, |tx| {
+            let made_due = replay_dead(tx, &selector, now)?;
+            Ok((made_due, i64::try_from(made_due).unwrap_or(i64::MAX)))
+        }),
+        Write::PurgeDead { selector, reply } => run(tx, reply, |tx| Ok((purge_dead(tx, &selector)?, 0))),
+        Write::Redeliver { items, reply } => run(tx, reply, |tx| {
+            let made_due = redeliver(tx, &items, now)?;
+            Ok((made_due, i64::try_from(made_due).unwrap_or(i64::MAX)))
+        }),
+        Write::Expire { retention_ms, reply } => run(tx, reply, |tx| Ok((expire(tx, now, retention_ms)?, 0))),
+    }
 }
 
-fn take(
-    tx: &mut Transaction<'_>,
-    plugins: &str,
-    max: usize,
-    now: u64,
-    lease_until: u64,
-) -> Result<Vec<Lease>, JournalError> {
-    let savepoint = tx.savepoint().map_err(storage)?;
+/// Stores the event unless its key is within its dedup window. Returns the result and the
+/// number of deliveries it adds.
+fn accept(tx: &Connection, new: &NewEvent, now: u64) -> Result<(Accepted, i64), JournalError> {
+    let event = &new.event;
+    let expires = now.saturating_add(duration_ms(new.dedup_window));
+    let fresh = tx
+        .prepare_cached(
+            "INSERT INTO dedup (source, id, expires_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (source, id) DO UPDATE SET expires_ms = excluded.expires_ms WHERE dedup.expires_ms <= ?4",
+        )
+        .and_then(|mut upsert| upsert.execute(params![event.source, event.id, sql_ms(expires), sql_ms(now)]))
+        .map_err(storage)?;
+    if fresh == 0 {
+        return Ok((Accepted::Duplicate, 0));
+    }
+    let attributes = serde_json::to_string(&event.attributes).map_err(json_error)?;
+    tx.prepare_cached(
+        "INSERT INTO events (source, id, event_type, time_ms, content_type, data, attributes)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .and_then(|mut insert| {
+        insert.execute(params![
+            event.source,
+            event.id,
+            event.event_type,
+            sql_ms(event.time_ms),
+            event.content_type,
+            &event.data[..],
+            attributes
+        ])
+    })
+    .map_err(storage)?;
+    let event_seq = tx.last_insert_rowid();
+    let mut insert = tx
+        .prepare_cached("INSERT INTO deliveries (event_seq, plugin, status, due_ms) VALUES (?1, ?2, 'pending', ?3)")
+        .map_err(storage)?;
+    for plugin in &new.plugins {
+        insert.execute(params![event_seq, plugin, sql_ms(now)]).map_err(storage)?;
+    }
+    Ok((Accepted::New, i64::try_from(new.plugins.len()).unwrap_or(i64::MAX)))
+}
+
+fn take(tx: &Connection, plugins: &str, max: usize, now: u64, lease_until: u64) -> Result<Vec<Lease>, JournalError> {
     let mut leases = Vec::new();
     {
-        let mut select = savepoint
+        let mut select = tx
             .prepare_cached(
                 "SELECT d.seq, d.plugin, d.attempts, e.source, e.id, e.event_type, e.time_ms,
                         e.content_type, e.data, e.attributes
@@ -403,9 +533,7 @@ fn take(
             )
             .map_err(storage)?;
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
-        let mut rows = select
-            .query(params![sql_ms(now), plugins, limit])
-            .map_err(storage)?;
+        let mut rows = select.query(params![sql_ms(now), plugins, limit]).map_err(storage)?;
         while let Some(row) = rows.next().map_err(storage)? {
             let attributes: String = row.get(9).map_err(storage)?;
             let previous_attempts: u32 = row.get(2).map_err(storage)?;
@@ -417,59 +545,153 @@ fn take(
                     source: row.get(3).map_err(storage)?,
                     id: row.get(4).map_err(storage)?,
                     event_type: row.get(5).map_err(storage)?,
-                    time_ms: u64::try_from(row.get::<_, i64>(6).map_err(storage)?).unwrap_or(0),
+                    time_ms: from_sql_ms(row.get(6).map_err(storage)?),
                     content_type: row.get(7).map_err(storage)?,
                     data: Bytes::from(row.get::<_, Vec<u8>>(8).map_err(storage)?),
-                    attributes: serde_json::from_str(&attributes)
-                        .map_err(|err| JournalError::Storage(err.to_string()))?,
+                    attributes: serde_json::from_str(&attributes).map_err(json_error)?,
                 }),
             });
         }
     }
-    {
-        let mut lease = savepoint
-            .prepare_cached("UPDATE deliveries SET status = 'running', attempts = attempts + 1, due_ms = ?2 WHERE seq = ?1")
-            .map_err(storage)?;
-        for taken in &leases {
-            lease
-                .execute(params![taken.delivery, sql_ms(lease_until)])
-                .map_err(storage)?;
-        }
+    let mut lease = tx
+        .prepare_cached("UPDATE deliveries SET status = 'running', attempts = attempts + 1, due_ms = ?2 WHERE seq = ?1")
+        .map_err(storage)?;
+    for taken in &leases {
+        lease.execute(params![taken.delivery, sql_ms(lease_until)]).map_err(storage)?;
     }
-    savepoint.commit().map_err(storage)?;
     Ok(leases)
 }
 
 fn finish(
-    tx: &mut Transaction<'_>,
+    tx: &Connection,
     delivery: i64,
     attempt: u32,
     outcome: &Outcome,
-) -> Result<(), JournalError> {
-    let (status, error) = match outcome {
-        Outcome::Done => ("done", None),
-        Outcome::Dead { error } => ("dead", Some(error.as_str())),
+    emitted: &[NewEvent],
+    now: u64,
+) -> Result<(bool, i64), JournalError> {
+    let (status, due, error, finished) = match outcome {
+        Outcome::Done => (DeliveryStatus::Done, None, None, Some(now)),
+        Outcome::Retry { error, delay } => {
+            (DeliveryStatus::Retrying, Some(now.saturating_add(duration_ms(*delay))), Some(error.as_str()), None)
+        }
+        Outcome::Dead { error } => (DeliveryStatus::Dead, None, Some(error.as_str()), Some(now)),
     };
     let settled = tx
         .prepare_cached(
-            "UPDATE deliveries SET status = ?3, due_ms = NULL, last_error = ?4
+            "UPDATE deliveries SET status = ?3, due_ms = ?4, last_error = COALESCE(?5, last_error), finished_ms = ?6
              WHERE seq = ?1 AND attempts = ?2 AND status = 'running'",
         )
-        .and_then(|mut update| update.execute(params![delivery, attempt, status, error]))
+        .and_then(|mut update| {
+            update.execute(params![delivery, attempt, status.as_str(), due.map(sql_ms), error, finished.map(sql_ms)])
+        })
         .map_err(storage)?;
     if settled == 0 {
-        tracing::warn!(
-            delivery,
-            attempt,
-            "lease ran out before the attempt finished; its result is dropped"
-        );
+        tracing::warn!(delivery, attempt, "lease ran out before the attempt finished; its result is dropped");
+        return Ok((false, 0));
     }
-    Ok(())
+    if let Some(error) = error {
+        tx.prepare_cached(
+            "INSERT INTO delivery_errors (delivery_seq, attempt, time_ms, error) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .and_then(|mut insert| insert.execute(params![delivery, attempt, sql_ms(now), error]))
+        .map_err(storage)?;
+    }
+    let mut delta = if status == DeliveryStatus::Retrying { 0 } else { -1 };
+    for new in emitted {
+        delta += accept(tx, new, now)?.1;
+    }
+    Ok((true, delta))
+}
+
+/// The SQL condition choosing dead letters, and its one parameter.
+fn dead_filter(selector: &DeadSelector) -> Result<(&'static str, String), JournalError> {
+    Ok(match selector {
+        DeadSelector::Ids(ids) => {
+            ("seq IN (SELECT value FROM json_each(?1))", serde_json::to_string(ids).map_err(json_error)?)
+        }
+        DeadSelector::Plugin(plugin) => ("plugin = ?1", plugin.clone()),
+        DeadSelector::All => ("?1 IS NOT NULL", String::new()),
+    })
+}
+
+fn replay_dead(tx: &Connection, selector: &DeadSelector, now: u64) -> Result<u64, JournalError> {
+    let (filter, value) = dead_filter(selector)?;
+    let sql = format!(
+        "UPDATE deliveries SET status = 'pending', attempts = 0, due_ms = ?2, finished_ms = NULL
+         WHERE status = 'dead' AND {filter}"
+    );
+    let changed = tx.execute(&sql, params![value, sql_ms(now)]).map_err(storage)?;
+    Ok(changed as u64)
+}
+
+fn purge_dead(tx: &Connection, selector: &DeadSelector) -> Result<u64, JournalError> {
+    let (filter, value) = dead_filter(selector)?;
+    let errors = format!(
+        "DELETE FROM delivery_errors WHERE delivery_seq IN (SELECT seq FROM deliveries WHERE status = 'dead' AND {filter})"
+    );
+    tx.execute(&errors, [&value]).map_err(storage)?;
+    let deliveries = format!("DELETE FROM deliveries WHERE status = 'dead' AND {filter}");
+    let purged = tx.execute(&deliveries, [&value]).map_err(storage)?;
+    Ok(purged as u64)
+}
+
+fn redeliver(tx: &Connection, items: &[(i64, Vec<String>)], now: u64) -> Result<u64, JournalError> {
+    let mut upsert = tx
+        .prepare_cached(
+            "INSERT INTO deliveries (event_seq, plugin, status, attempts, due_ms) VALUES (?1, ?2, 'pending', 0, ?3)
+             ON CONFLICT (event_seq, plugin) DO UPDATE
+             SET status = 'pending', attempts = 0, due_ms = excluded.due_ms, finished_ms = NULL
+             WHERE deliveries.due_ms IS NULL",
+        )
+        .map_err(storage)?;
+    let mut made_due = 0;
+    for (event_seq, plugins) in items {
+        for plugin in plugins {
+            made_due += upsert.execute(params![event_seq, plugin, sql_ms(now)]).map_err(storage)? as u64;
+        }
+    }
+    Ok(made_due)
+}
+
+fn expire(tx: &Connection, now: u64, retention_ms: u64) -> Result<Expired, JournalError> {
+    let limit = i64::try_from(PAGE * 10).unwrap_or(i64::MAX);
+    let dedup_keys = tx
+        .execute(
+            "DELETE FROM dedup WHERE (source, id) IN
+             (SELECT source, id FROM dedup WHERE expires_ms <= ?1 LIMIT ?2)",
+            params![sql_ms(now), limit],
+        )
+        .map_err(storage)? as u64;
+    let cutoff = sql_ms(now.saturating_sub(retention_ms));
+    let handled: Vec<i64> = tx
+        .prepare_cached(
+            "SELECT seq FROM events e WHERE time_ms < ?1 AND NOT EXISTS
+             (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq AND d.status <> 'done') LIMIT ?2",
+        )
+        .and_then(|mut select| select.query_map(params![cutoff, limit], |row| row.get(0))?.collect())
+        .map_err(storage)?;
+    if !handled.is_empty() {
+        let seqs = serde_json::to_string(&handled).map_err(json_error)?;
+        tx.execute_batch("CREATE TEMP TABLE IF NOT EXISTS expiring (seq INTEGER PRIMARY KEY); DELETE FROM expiring;")
+            .map_err(storage)?;
+        tx.execute("INSERT INTO expiring SELECT value FROM json_each(?1)", [&seqs]).map_err(storage)?;
+        tx.execute_batch(
+            "DELETE FROM delivery_errors WHERE delivery_seq IN
+                 (SELECT seq FROM deliveries WHERE event_seq IN (SELECT seq FROM expiring));
+             DELETE FROM deliveries WHERE event_seq IN (SELECT seq FROM expiring);
+             DELETE FROM events WHERE seq IN (SELECT seq FROM expiring);",
+        )
+        .map_err(storage)?;
+    }
+    Ok(Expired { dedup_keys, events: handled.len() as u64 })
 }
 
 fn read_event(connection: &Connection, id: &str) -> rusqlite::Result<Option<EventRecord>> {
     let found = connection
-        .prepare_cached("SELECT seq, source, id, event_type, time_ms FROM events WHERE id = ?1 ORDER BY seq DESC LIMIT 1")?
+        .prepare_cached(
+            "SELECT seq, source, id, event_type, time_ms FROM events WHERE id = ?1 ORDER BY seq DESC LIMIT 1",
+        )?
         .query_row([id], |row| {
             Ok((
                 row.get::<_, i64>(0)?,
@@ -477,235 +699,321 @@ fn read_event(connection: &Connection, id: &str) -> rusqlite::Result<Option<Even
                     source: row.get(1)?,
                     id: row.get(2)?,
                     event_type: row.get(3)?,
-                    time_ms: u64::try_from(row.get::<_, i64>(4)?).unwrap_or(0),
+                    time_ms: from_sql_ms(row.get(4)?),
                     status: EventStatus::Unrouted,
                     deliveries: Vec::new(),
                 },
             ))
         })
         .optional()?;
-    let Some((seq, mut record)) = found else {
-        return Ok(None);
-    };
-    let mut select = connection
-        .prepare_cached("SELECT plugin, status, attempts, last_error FROM deliveries WHERE event_seq = ?1 ORDER BY plugin")?;
-    record.deliveries = select
+    let Some((seq, mut record)) = found else { return Ok(None) };
+    let mut deliveries: Vec<DeliveryRecord> = connection
+        .prepare_cached(
+            "SELECT seq, plugin, status, attempts, last_error, due_ms FROM deliveries WHERE event_seq = ?1 ORDER BY plugin",
+        )?
         .query_map([seq], |row| {
             Ok(DeliveryRecord {
-                plugin: row.get(0)?,
-                status: parse_status(&row.get::<_, String>(1)?),
-                attempts: row.get(2)?,
-                last_error: row.get(3)?,
+                delivery: row.get(0)?,
+                plugin: row.get(1)?,
+                status: DeliveryStatus::parse(&row.get::<_, String>(2)?),
+                attempts: row.get(3)?,
+                last_error: row.get(4)?,
+                next_attempt_ms: row.get::<_, Option<i64>>(5)?.map(from_sql_ms),
+                errors: Vec::new(),
             })
         })?
         .collect::<rusqlite::Result<_>>()?;
-    record.status = EventStatus::of(&record.deliveries);
+    for delivery in &mut deliveries {
+        delivery.errors = read_errors(connection, delivery.delivery)?;
+    }
+    record.status = EventStatus::of(&deliveries);
+    record.deliveries = deliveries;
     Ok(Some(record))
 }
 
-fn parse_status(text: &str) -> DeliveryStatus {
-    match text {
-        "running" => DeliveryStatus::Running,
-        "done" => DeliveryStatus::Done,
-        "retrying" => DeliveryStatus::Retrying,
-        "dead" => DeliveryStatus::Dead,
-        _ => DeliveryStatus::Pending,
+fn read_errors(connection: &Connection, delivery: i64) -> rusqlite::Result<Vec<AttemptError>> {
+    connection
+        .prepare_cached("SELECT attempt, time_ms, error FROM delivery_errors WHERE delivery_seq = ?1 ORDER BY rowid")?
+        .query_map([delivery], |row| {
+            Ok(AttemptError { attempt: row.get(0)?, time_ms: from_sql_ms(row.get(1)?), error: row.get(2)? })
+        })?
+        .collect()
+}
+
+const DEAD_LETTER_COLUMNS: &str =
+    "d.seq, e.id, e.source, e.event_type, d.plugin, d.attempts, d.last_error, d.finished_ms, e.content_type, e.data";
+
+fn dead_letter_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
+    Ok(DeadLetter {
+        delivery: row.get(0)?,
+        event_id: row.get(1)?,
+        source: row.get(2)?,
+        event_type: row.get(3)?,
+        plugin: row.get(4)?,
+        attempts: row.get(5)?,
+        last_error: row.get(6)?,
+        died_ms: row.get::<_, Option<i64>>(7)?.map(from_sql_ms),
+    })
+}
+
+fn read_dead_letter(connection: &Connection, delivery: i64) -> rusqlite::Result<Option<DeadLetterDetail>> {
+    let sql = format!(
+        "SELECT {DEAD_LETTER_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq
+         WHERE d.seq = ?1 AND d.status = 'dead'"
+    );
+    let found = connection
+        .prepare_cached(&sql)?
+        .query_row([delivery], |row| Ok((dead_letter_row(row)?, row.get::<_, String>(8)?, row.get::<_, Vec<u8>>(9)?)))
+        .optional()?;
+    let Some((letter, content_type, data)) = found else { return Ok(None) };
+    let errors = read_errors(connection, delivery)?;
+    Ok(Some(DeadLetterDetail { letter, errors, content_type, data: Bytes::from(data) }))
+}
+
+fn read_dead_letters(connection: &Connection, plugin: Option<&str>, limit: usize) -> rusqlite::Result<Vec<DeadLetter>> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let sql = format!(
+        "SELECT {DEAD_LETTER_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq
+         WHERE d.status = 'dead' AND (?1 IS NULL OR d.plugin = ?1)
+         ORDER BY d.finished_ms DESC, d.seq DESC LIMIT ?2"
+    );
+    connection.prepare_cached(&sql)?.query_map(params![plugin, limit], dead_letter_row)?.collect()
+}
+
+fn read_replay_page(connection: &Connection, since_ms: u64, after: i64) -> rusqlite::Result<Vec<(i64, String)>> {
+    let limit = i64::try_from(PAGE).unwrap_or(i64::MAX);
+    connection
+        .prepare_cached("SELECT seq, event_type FROM events WHERE time_ms >= ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")?
+        .query_map(params![sql_ms(since_ms), after, limit], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect()
+}
+
+fn read_stats(connection: &Connection, max_pending: u64) -> rusqlite::Result<Stats> {
+    let count =
+        |sql: &str| connection.query_row(sql, [], |row| row.get::<_, i64>(0)).map(|n| u64::try_from(n).unwrap_or(0));
+    let mut stats = Stats {
+        events: count("SELECT COUNT(*) FROM events")?,
+        unrouted: count(
+            "SELECT COUNT(*) FROM events e WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq)",
+        )?,
+        max_pending,
+        ..Stats::default()
+    };
+    let mut by_status = connection.prepare_cached("SELECT status, COUNT(*) FROM deliveries GROUP BY status")?;
+    let rows = by_status.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?;
+    for row in rows {
+        let (status, n) = row?;
+        let n = u64::try_from(n).unwrap_or(0);
+        match DeliveryStatus::parse(&status) {
+            DeliveryStatus::Pending => stats.pending = n,
+            DeliveryStatus::Running => stats.running = n,
+            DeliveryStatus::Retrying => stats.retrying = n,
+            DeliveryStatus::Done => stats.done = n,
+            DeliveryStatus::Dead => stats.dead = n,
+        }
     }
+    Ok(stats)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::ManualClock;
+
+    const LEASE: Duration = Duration::from_secs(60);
+    const NO_WAIT: Duration = Duration::ZERO;
+    const START_MS: u64 = 1_800_000_000_000;
 
     fn event(source: &str, id: &str) -> Event {
         Event {
             id: id.into(),
             source: source.into(),
             event_type: "github.push".into(),
-            time_ms: 1,
+            time_ms: START_MS,
             content_type: "application/json".into(),
             data: Bytes::from_static(b"{}"),
             attributes: vec![("hook-id".into(), "7".into())],
         }
     }
 
-    fn plugins(names: &[&str]) -> Vec<String> {
-        names.iter().map(|name| (*name).to_owned()).collect()
+    fn new(source: &str, id: &str, plugins: &[&str]) -> NewEvent {
+        NewEvent {
+            event: event(source, id),
+            plugins: plugins.iter().map(|name| (*name).to_owned()).collect(),
+            dedup_window: Duration::from_secs(60),
+        }
     }
 
-    const LEASE: Duration = Duration::from_secs(60);
-    const NO_WAIT: Duration = Duration::ZERO;
+    fn names(plugins: &[&str]) -> Vec<String> {
+        plugins.iter().map(|name| (*name).to_owned()).collect()
+    }
+
+    struct Fixture {
+        journal: SqliteJournal,
+        clock: Arc<ManualClock>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn open(options: Options) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::at(START_MS));
+        let journal =
+            SqliteJournal::open_with_clock(dir.path(), options, Arc::clone(&clock) as Arc<dyn Clock>).expect("open");
+        Fixture { journal, clock, _dir: dir }
+    }
+
+    impl Fixture {
+        async fn take(&self, plugins: &[&str]) -> Vec<Lease> {
+            self.journal.take(&names(plugins), 10, LEASE, NO_WAIT).await.expect("take")
+        }
+
+        async fn status(&self, id: &str) -> EventRecord {
+            self.journal.event(id).await.expect("read").expect("event exists")
+        }
+    }
 
     #[tokio::test]
     async fn accepted_event_is_leased_once_per_plugin_and_survives_reopening() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let journal = SqliteJournal::open(dir.path()).expect("open");
-            assert_eq!(
-                journal
-                    .accept(event("github", "a"), plugins(&["echo", "push"]))
-                    .await
-                    .expect("accept"),
-                Accepted::New
-            );
+            let journal = SqliteJournal::open(dir.path(), Options::default()).expect("open");
+            assert_eq!(journal.accept(new("github", "a", &["echo", "push"])).await.expect("accept"), Accepted::New);
         }
-        let journal = SqliteJournal::open(dir.path()).expect("reopen");
-        let mut leases = journal
-            .take(&plugins(&["echo", "push"]), 10, LEASE, NO_WAIT)
-            .await
-            .expect("take");
+        let journal = SqliteJournal::open(dir.path(), Options::default()).expect("reopen");
+        let mut leases = journal.take(&names(&["echo", "push"]), 10, LEASE, NO_WAIT).await.expect("take");
         leases.sort_by(|a, b| a.plugin.cmp(&b.plugin));
         assert_eq!(leases.len(), 2);
         assert_eq!((leases[0].plugin.as_str(), leases[0].attempt), ("echo", 1));
         assert_eq!(*leases[1].event, event("github", "a"));
-        assert!(
-            journal
-                .take(&plugins(&["echo", "push"]), 10, LEASE, NO_WAIT)
-                .await
-                .expect("take")
-                .is_empty()
-        );
+        assert!(journal.take(&names(&["echo", "push"]), 10, LEASE, NO_WAIT).await.expect("take").is_empty());
     }
 
     #[tokio::test]
-    async fn repeated_source_and_id_is_a_duplicate_but_another_source_is_not() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let journal = SqliteJournal::open(dir.path()).expect("open");
-        assert_eq!(
-            journal
-                .accept(event("github", "a"), plugins(&["echo"]))
-                .await
-                .expect("accept"),
-            Accepted::New
-        );
-        assert_eq!(
-            journal
-                .accept(event("github", "a"), plugins(&["echo"]))
-                .await
-                .expect("accept"),
-            Accepted::Duplicate
-        );
-        assert_eq!(
-            journal
-                .accept(event("gitlab", "a"), plugins(&["echo"]))
-                .await
-                .expect("accept"),
-            Accepted::New
-        );
+    async fn duplicates_are_refused_within_the_window_and_accepted_after_it() {
+        let f = open(Options::default());
+        assert_eq!(f.journal.accept(new("github", "a", &["echo"])).await.expect("accept"), Accepted::New);
+        assert_eq!(f.journal.accept(new("github", "a", &["echo"])).await.expect("accept"), Accepted::Duplicate);
+        assert_eq!(f.journal.accept(new("gitlab", "a", &["echo"])).await.expect("accept"), Accepted::New);
+        f.clock.advance(60_000);
+        assert_eq!(f.journal.accept(new("github", "a", &["echo"])).await.expect("accept"), Accepted::New);
     }
 
     #[tokio::test]
-    async fn finish_records_the_outcome_and_the_event_status() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let journal = SqliteJournal::open(dir.path()).expect("open");
-        journal
-            .accept(event("github", "a"), plugins(&["echo", "push"]))
-            .await
-            .expect("accept");
-        for lease in journal
-            .take(&plugins(&["echo", "push"]), 10, LEASE, NO_WAIT)
-            .await
-            .expect("take")
-        {
-            let outcome = if lease.plugin == "echo" {
-                Outcome::Done
-            } else {
-                Outcome::Dead {
-                    error: "permanent: bad".into(),
-                }
-            };
-            journal.finish(&lease, outcome).await.expect("finish");
+    async fn expired_dedup_keys_and_old_handled_events_are_purged_but_dead_letters_stay() {
+        let f = open(Options { retention: Duration::from_secs(3600), ..Options::default() });
+        f.journal.accept(new("github", "done", &["echo"])).await.expect("accept");
+        f.journal.accept(new("github", "dead", &["echo"])).await.expect("accept");
+        f.journal.accept(new("github", "unrouted", &[])).await.expect("accept");
+        for lease in f.take(&["echo"]).await {
+            let outcome = if lease.event.id == "done" { Outcome::Done } else { Outcome::Dead { error: "no".into() } };
+            f.journal.finish(&lease, outcome, Vec::new()).await.expect("finish");
         }
-        let record = journal.event("a").await.expect("read").expect("found");
+        assert_eq!(f.journal.expire().await.expect("expire"), Expired::default(), "nothing is old yet");
+        f.clock.advance(3_600_001);
+        assert_eq!(f.journal.expire().await.expect("expire"), Expired { dedup_keys: 3, events: 2 });
+        assert!(f.journal.event("done").await.expect("read").is_none());
+        assert!(f.journal.event("unrouted").await.expect("read").is_none());
+        assert_eq!(f.status("dead").await.status, EventStatus::Dead);
+    }
+
+    #[tokio::test]
+    async fn a_retry_waits_for_its_delay_and_records_each_error() {
+        let f = open(Options::default());
+        f.journal.accept(new("github", "a", &["echo"])).await.expect("accept");
+        let first = f.take(&["echo"]).await.remove(0);
+        let retry = Outcome::Retry { error: "retry: busy".into(), delay: Duration::from_secs(30) };
+        assert!(f.journal.finish(&first, retry, Vec::new()).await.expect("finish"));
+        let record = f.status("a").await;
+        assert_eq!(record.deliveries[0].status, DeliveryStatus::Retrying);
+        assert_eq!(record.deliveries[0].next_attempt_ms, Some(START_MS + 30_000));
+        assert!(f.take(&["echo"]).await.is_empty(), "not due yet");
+        f.clock.advance(30_000);
+        let second = f.take(&["echo"]).await.remove(0);
+        assert_eq!(second.attempt, 2);
+        f.journal.finish(&second, Outcome::Dead { error: "permanent: bad".into() }, Vec::new()).await.expect("finish");
+        let record = f.status("a").await;
+        let errors: Vec<_> = record.deliveries[0].errors.iter().map(|e| (e.attempt, e.error.as_str())).collect();
+        assert_eq!(errors, [(1, "retry: busy"), (2, "permanent: bad")]);
         assert_eq!(record.status, EventStatus::Dead);
-        assert_eq!(record.deliveries[0].status, DeliveryStatus::Done);
-        assert_eq!(
-            record.deliveries[1].last_error.as_deref(),
-            Some("permanent: bad")
-        );
-        assert!(journal.event("missing").await.expect("read").is_none());
     }
 
     #[tokio::test]
     async fn an_expired_lease_is_taken_again_and_the_stale_result_is_dropped() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let journal = SqliteJournal::open(dir.path()).expect("open");
-        journal
-            .accept(event("github", "a"), plugins(&["echo"]))
-            .await
-            .expect("accept");
-        let first = journal
-            .take(&plugins(&["echo"]), 1, Duration::ZERO, NO_WAIT)
-            .await
-            .expect("take")
-            .remove(0);
-        let second = journal
-            .take(&plugins(&["echo"]), 1, LEASE, NO_WAIT)
-            .await
-            .expect("take")
-            .remove(0);
+        let f = open(Options::default());
+        f.journal.accept(new("github", "a", &["echo"])).await.expect("accept");
+        let first = f.take(&["echo"]).await.remove(0);
+        assert!(f.take(&["echo"]).await.is_empty(), "still leased");
+        f.clock.advance(LEASE.as_millis() as u64);
+        let second = f.take(&["echo"]).await.remove(0);
         assert_eq!(second.attempt, 2);
-        journal
-            .finish(
-                &first,
-                Outcome::Dead {
-                    error: "late".into(),
-                },
-            )
-            .await
-            .expect("finish");
-        let record = journal.event("a").await.expect("read").expect("found");
-        assert_eq!(record.deliveries[0].status, DeliveryStatus::Running);
-        journal
-            .finish(&second, Outcome::Done)
-            .await
-            .expect("finish");
-        assert_eq!(
-            journal
-                .event("a")
-                .await
-                .expect("read")
-                .expect("found")
-                .status,
-            EventStatus::Done
-        );
+        let emitted = vec![new("plugin.echo", "child", &["echo"])];
+        assert!(!f.journal.finish(&first, Outcome::Done, emitted).await.expect("finish"), "stale lease");
+        assert!(f.journal.event("child").await.expect("read").is_none(), "a stale attempt emits nothing");
+        assert_eq!(f.status("a").await.deliveries[0].status, DeliveryStatus::Running);
+        assert!(f.journal.finish(&second, Outcome::Done, Vec::new()).await.expect("finish"));
+        assert_eq!(f.status("a").await.status, EventStatus::Done);
     }
 
     #[tokio::test]
-    async fn deliveries_of_unloaded_plugins_wait_and_unrouted_events_are_kept() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let journal = SqliteJournal::open(dir.path()).expect("open");
-        journal
-            .accept(event("github", "a"), plugins(&["gone"]))
-            .await
-            .expect("accept");
-        journal
-            .accept(event("github", "b"), Vec::new())
-            .await
-            .expect("accept");
-        assert!(
-            journal
-                .take(&plugins(&["echo"]), 10, LEASE, NO_WAIT)
-                .await
-                .expect("take")
-                .is_empty()
-        );
-        assert_eq!(
-            journal
-                .take(&plugins(&["gone"]), 10, LEASE, NO_WAIT)
-                .await
-                .expect("take")
-                .len(),
-            1
-        );
-        assert_eq!(
-            journal
-                .event("b")
-                .await
-                .expect("read")
-                .expect("found")
-                .status,
-            EventStatus::Unrouted
-        );
+    async fn finishing_commits_emitted_events_with_their_deliveries() {
+        let f = open(Options::default());
+        f.journal.accept(new("github", "a", &["echo"])).await.expect("accept");
+        let lease = f.take(&["echo"]).await.remove(0);
+        let alert = new("wasmhook", "alert-1", &["notify"]);
+        f.journal.finish(&lease, Outcome::Dead { error: "gone".into() }, vec![alert]).await.expect("finish");
+        assert_eq!(f.take(&["notify"]).await[0].event.id, "alert-1");
+    }
+
+    #[tokio::test]
+    async fn dead_letters_are_listed_replayed_with_a_fresh_budget_and_purged() {
+        let f = open(Options::default());
+        for id in ["a", "b", "c"] {
+            f.journal.accept(new("github", id, &["echo", "push"])).await.expect("accept");
+        }
+        for lease in f.take(&["echo", "push"]).await {
+            let outcome = if lease.event.id == "c" { Outcome::Done } else { Outcome::Dead { error: "x".into() } };
+            f.journal.finish(&lease, outcome, Vec::new()).await.expect("finish");
+        }
+        assert_eq!(f.journal.dead_letters(None, 10).await.expect("list").len(), 4);
+        let echo = f.journal.dead_letters(Some("echo"), 10).await.expect("list");
+        assert_eq!(echo.len(), 2);
+        let detail = f.journal.dead_letter(echo[0].delivery).await.expect("read").expect("dead");
+        assert_eq!((detail.errors.len(), &detail.data[..]), (1, &b"{}"[..]));
+        assert_eq!(f.journal.replay_dead(DeadSelector::Ids(vec![echo[0].delivery])).await.expect("replay"), 1);
+        assert!(f.journal.dead_letter(echo[0].delivery).await.expect("read").is_none(), "no longer dead");
+        let again = f.take(&["echo"]).await;
+        assert_eq!((again.len(), again[0].attempt), (1, 1));
+        assert_eq!(f.journal.replay_dead(DeadSelector::Plugin("push".into())).await.expect("replay"), 2);
+        assert_eq!(f.journal.purge_dead(DeadSelector::All).await.expect("purge"), 1);
+        assert!(f.journal.dead_letters(None, 10).await.expect("list").is_empty());
+    }
+
+    #[tokio::test]
+    async fn replay_delivers_stored_events_again_including_unrouted_ones() {
+        let f = open(Options::default());
+        f.journal.accept(new("github", "old", &[])).await.expect("accept");
+        f.journal.accept(new("github", "handled", &["echo"])).await.expect("accept");
+        let lease = f.take(&["echo"]).await.remove(0);
+        f.journal.finish(&lease, Outcome::Done, Vec::new()).await.expect("finish");
+        let route = |event_type: &str| if event_type == "github.push" { names(&["echo"]) } else { Vec::new() };
+        assert_eq!(f.journal.replay(START_MS, &route).await.expect("replay"), 2);
+        assert_eq!(f.take(&["echo"]).await.len(), 2);
+        assert_eq!(f.journal.replay(START_MS + 1, &route).await.expect("replay"), 0, "nothing that recent");
+    }
+
+    #[tokio::test]
+    async fn accept_refuses_once_unfinished_deliveries_reach_the_cap() {
+        let f = open(Options { max_pending: 2, ..Options::default() });
+        f.journal.accept(new("github", "a", &["echo", "push"])).await.expect("accept");
+        assert!(matches!(
+            f.journal.accept(new("github", "b", &["echo"])).await,
+            Err(JournalError::Full { pending: 2, max: 2 })
+        ));
+        for lease in f.take(&["echo", "push"]).await {
+            f.journal.finish(&lease, Outcome::Done, Vec::new()).await.expect("finish");
+        }
+        assert_eq!(f.journal.accept(new("github", "b", &["echo"])).await.expect("accept"), Accepted::New);
+        let stats = f.journal.stats().await.expect("stats");
+        assert_eq!((stats.events, stats.done, stats.pending, stats.max_pending), (2, 2, 1, 2));
     }
 }

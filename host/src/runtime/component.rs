@@ -26,11 +26,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            timeout: DEFAULT_TIMEOUT,
-            memory_bytes: DEFAULT_MEMORY_BYTES,
-            config: Arc::default(),
-        }
+        Limits { timeout: DEFAULT_TIMEOUT, memory_bytes: DEFAULT_MEMORY_BYTES, config: Arc::default() }
     }
 }
 
@@ -88,10 +84,7 @@ pub struct Component {
 
 impl std::fmt::Debug for Component {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Component")
-            .field("name", &self.name)
-            .field("metadata", &self.metadata)
-            .finish_non_exhaustive()
+        f.debug_struct("Component").field("name", &self.name).field("metadata", &self.metadata).finish_non_exhaustive()
     }
 }
 
@@ -104,15 +97,9 @@ impl Component {
         limits: Limits,
     ) -> Result<Self, LoadError> {
         let world_error = |err: wasmtime::Error| LoadError::World(describe(&err));
-        let pre = PluginPre::new(linker.instantiate_pre(compiled).map_err(world_error)?)
-            .map_err(world_error)?;
-        let mut component = Component {
-            engine: engine.clone(),
-            pre,
-            name: name.into(),
-            limits,
-            metadata: Metadata::default_for(name),
-        };
+        let pre = PluginPre::new(linker.instantiate_pre(compiled).map_err(world_error)?).map_err(world_error)?;
+        let mut component =
+            Component { engine: engine.clone(), pre, name: name.into(), limits, metadata: Metadata::default_for(name) };
         let mut store = component.store(None);
         let metadata = async {
             let plugin = component.pre.instantiate_async(&mut store).await?;
@@ -120,18 +107,10 @@ impl Component {
         };
         let metadata = tokio::time::timeout(component.limits.timeout, metadata)
             .await
-            .map_err(|_| {
-                LoadError::Metadata(format!(
-                    "timeout after {} ms",
-                    component.limits.timeout.as_millis()
-                ))
-            })?
+            .map_err(|_| LoadError::Metadata(format!("timeout after {} ms", component.limits.timeout.as_millis())))?
             .map_err(|err| LoadError::Metadata(describe(&err)))?;
-        component.metadata = Metadata {
-            name: metadata.name,
-            version: metadata.version,
-            subscriptions: metadata.subscriptions,
-        };
+        component.metadata =
+            Metadata { name: metadata.name, version: metadata.version, subscriptions: metadata.subscriptions };
         Ok(component)
     }
 
@@ -179,22 +158,14 @@ impl Component {
     /// A fresh store for one call: limits set, and the deadline armed before instantiation
     /// (a plugin's start-up code runs then, and must already be bounded).
     fn store(&self, event_id: Option<String>) -> Store<CallState> {
-        let state = CallState::new(
-            Arc::clone(&self.name),
-            event_id,
-            Arc::clone(&self.limits.config),
-            self.limits.memory_bytes,
-        );
+        let state =
+            CallState::new(Arc::clone(&self.name), event_id, Arc::clone(&self.limits.config), self.limits.memory_bytes);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
         let deadline = Instant::now() + self.limits.timeout;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
-            Ok(if Instant::now() >= deadline {
-                UpdateDeadline::Interrupt
-            } else {
-                UpdateDeadline::Yield(1)
-            })
+            Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
         });
         store
     }
@@ -202,20 +173,11 @@ impl Component {
 
 impl Metadata {
     fn default_for(name: &str) -> Self {
-        Metadata {
-            name: name.to_owned(),
-            version: String::new(),
-            subscriptions: Vec::new(),
-        }
+        Metadata { name: name.to_owned(), version: String::new(), subscriptions: Vec::new() }
     }
 }
 
 /// An error's whole chain (and wasm backtrace, when there is one) on one line.
 pub(super) fn describe(err: &wasmtime::Error) -> String {
-    format!("{err:?}")
-        .lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty())
-        .collect::<Vec<_>>()
-        .join(" | ")
+    format!("{err:?}").lines().map(str::trim).filter(|line| !line.is_empty()).collect::<Vec<_>>().join(" | ")
 }

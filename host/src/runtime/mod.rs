@@ -61,9 +61,7 @@ impl Runtime {
             .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
             .async_stack_keep_resident(KEEP_RESIDENT_BYTES);
         let mut config = Config::new();
-        config
-            .epoch_interruption(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        config.epoch_interruption(true).allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config)?;
 
         let mut linker = Linker::new(&engine);
@@ -71,28 +69,17 @@ impl Runtime {
         bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
 
         let ticker = EpochTicker::start(engine.clone())?;
-        Ok(Runtime {
-            engine,
-            linker: Arc::new(linker),
-            _ticker: ticker,
-        })
+        Ok(Runtime { engine, linker: Arc::new(linker), _ticker: ticker })
     }
 
     /// Compiles `bytes` (off the async threads), checks it implements the `plugin` world,
     /// pre-instantiates it, and reads its metadata. `name` labels its log lines.
-    pub async fn load(
-        &self,
-        name: &str,
-        bytes: Vec<u8>,
-        limits: Limits,
-    ) -> Result<Component, LoadError> {
+    pub async fn load(&self, name: &str, bytes: Vec<u8>, limits: Limits) -> Result<Component, LoadError> {
         let engine = self.engine.clone();
-        let compiled = tokio::task::spawn_blocking(move || {
-            wasmtime::component::Component::new(&engine, &bytes)
-        })
-        .await
-        .map_err(|err| LoadError::Compile(err.to_string()))?
-        .map_err(|err| LoadError::Compile(component::describe(&err)))?;
+        let compiled = tokio::task::spawn_blocking(move || wasmtime::component::Component::new(&engine, &bytes))
+            .await
+            .map_err(|err| LoadError::Compile(err.to_string()))?
+            .map_err(|err| LoadError::Compile(component::describe(&err)))?;
         Component::prepare(&self.engine, &self.linker, &compiled, name, limits).await
     }
 }
@@ -107,18 +94,13 @@ impl EpochTicker {
     fn start(engine: Engine) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
-        let thread = std::thread::Builder::new()
-            .name("epoch-ticker".into())
-            .spawn(move || {
-                while !stopped.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
-                }
-            })?;
-        Ok(EpochTicker {
-            stop,
-            thread: Some(thread),
-        })
+        let thread = std::thread::Builder::new().name("epoch-ticker".into()).spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                std::thread::sleep(EPOCH_TICK);
+                engine.increment_epoch();
+            }
+        })?;
+        Ok(EpochTicker { stop, thread: Some(thread) })
     }
 }
 

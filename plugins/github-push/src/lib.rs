@@ -31,13 +31,7 @@ impl Plugin for GithubPush {
 
     fn handle(event: Event) -> Result<(), HandlerError> {
         let push: Push = event.json()?;
-        info!(
-            "{} {}: {} commits by {}",
-            push.repository.full_name,
-            push.git_ref,
-            push.commits.len(),
-            push.pusher.name
-        );
+        info!("{} {}: {} commits by {}", push.repository.full_name, push.git_ref, push.commits.len(), push.pusher.name);
         Ok(())
     }
 }

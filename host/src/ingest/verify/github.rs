@@ -32,25 +32,18 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
 /// Checks the signature against each secret in constant time; any may match.
 pub fn verify(secrets: &[Secret], headers: &HeaderMap, body: &[u8]) -> Result<(), IngestError> {
     let Some(value) = header_str(headers, SIGNATURE_HEADER)? else {
-        return Err(IngestError::Unauthorized(
-            if headers.contains_key(SHA1_SIGNATURE_HEADER) {
-                "only a SHA-1 X-Hub-Signature was sent; X-Hub-Signature-256 is required".to_owned()
-            } else {
-                "missing X-Hub-Signature-256 header".to_owned()
-            },
-        ));
+        return Err(IngestError::Unauthorized(if headers.contains_key(SHA1_SIGNATURE_HEADER) {
+            "only a SHA-1 X-Hub-Signature was sent; X-Hub-Signature-256 is required".to_owned()
+        } else {
+            "missing X-Hub-Signature-256 header".to_owned()
+        }));
     };
-    let signature = value
-        .strip_prefix(PREFIX)
-        .and_then(|hex_digest| hex::decode(hex_digest).ok())
-        .ok_or_else(|| {
-            IngestError::Unauthorized(
-                "malformed X-Hub-Signature-256 header; expected sha256=<hex>".to_owned(),
-            )
+    let signature =
+        value.strip_prefix(PREFIX).and_then(|hex_digest| hex::decode(hex_digest).ok()).ok_or_else(|| {
+            IngestError::Unauthorized("malformed X-Hub-Signature-256 header; expected sha256=<hex>".to_owned())
         })?;
     let matches = secrets.iter().any(|secret| {
-        let mut mac =
-            Hmac::<Sha256>::new_from_slice(secret.expose()).expect("HMAC takes keys of any length");
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose()).expect("HMAC takes keys of any length");
         mac.update(body);
         // `verify_slice` compares in constant time.
         mac.verify_slice(&signature).is_ok()
@@ -58,18 +51,12 @@ pub fn verify(secrets: &[Secret], headers: &HeaderMap, body: &[u8]) -> Result<()
     if matches {
         Ok(())
     } else {
-        Err(IngestError::Unauthorized(
-            "X-Hub-Signature-256 does not match the body".to_owned(),
-        ))
+        Err(IngestError::Unauthorized("X-Hub-Signature-256 does not match the body".to_owned()))
     }
 }
 
 /// The event's id, type and attributes from GitHub's headers and the body's `action`.
-pub fn identify(
-    headers: &HeaderMap,
-    body: &[u8],
-    json: &serde_json::Value,
-) -> Result<Identity, IngestError> {
+pub fn identify(headers: &HeaderMap, body: &[u8], json: &serde_json::Value) -> Result<Identity, IngestError> {
     let event = header_str(headers, EVENT_HEADER)?
         .filter(|event| !event.is_empty())
         .ok_or_else(|| IngestError::BadRequest("missing X-GitHub-Event header".to_owned()))?;
@@ -86,11 +73,7 @@ pub fn identify(
     if let Some(hook_id) = header_str(headers, HOOK_ID_HEADER)? {
         attributes.push(("hook-id".to_owned(), hook_id.to_owned()));
     }
-    Ok(Identity {
-        id,
-        event_type,
-        attributes,
-    })
+    Ok(Identity { id, event_type, attributes })
 }
 
 #[cfg(test)]
@@ -100,12 +83,7 @@ mod tests {
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         pairs
             .iter()
-            .map(|(name, value)| {
-                (
-                    hyper::header::HeaderName::from_static(name),
-                    value.parse().expect("header value"),
-                )
-            })
+            .map(|(name, value)| (hyper::header::HeaderName::from_static(name), value.parse().expect("header value")))
             .collect()
     }
 
@@ -123,10 +101,7 @@ mod tests {
         let secrets = [Secret::new("s3cret")];
         let signed = headers(&[(SIGNATURE_HEADER, &sign(b"s3cret", b"{\"a\":1}"))]);
         assert!(verify(&secrets, &signed, b"{\"a\":1}").is_ok());
-        assert!(matches!(
-            verify(&secrets, &signed, b"{\"a\":2}"),
-            Err(IngestError::Unauthorized(_))
-        ));
+        assert!(matches!(verify(&secrets, &signed, b"{\"a\":2}"), Err(IngestError::Unauthorized(_))));
     }
 
     #[test]
@@ -139,37 +114,23 @@ mod tests {
     #[test]
     fn sha1_only_and_malformed_signatures_are_refused_with_a_reason() {
         let secrets = [Secret::new("s")];
-        let sha1 = verify(
-            &secrets,
-            &headers(&[(SHA1_SIGNATURE_HEADER, "sha1=abcd")]),
-            b"{}",
-        );
+        let sha1 = verify(&secrets, &headers(&[(SHA1_SIGNATURE_HEADER, "sha1=abcd")]), b"{}");
         assert!(matches!(sha1, Err(IngestError::Unauthorized(m)) if m.contains("SHA-1")));
         for bad in ["abcd", "sha256=zz", "sha256="] {
             let result = verify(&secrets, &headers(&[(SIGNATURE_HEADER, bad)]), b"{}");
-            assert!(
-                matches!(result, Err(IngestError::Unauthorized(_))),
-                "{bad} accepted"
-            );
+            assert!(matches!(result, Err(IngestError::Unauthorized(_))), "{bad} accepted");
         }
     }
 
     #[test]
     fn type_gets_the_action_and_id_falls_back_to_the_body_hash() {
         let json = serde_json::json!({"action": "opened"});
-        let identity = identify(&headers(&[(EVENT_HEADER, "pull_request")]), b"{}", &json)
-            .expect("identified");
+        let identity = identify(&headers(&[(EVENT_HEADER, "pull_request")]), b"{}", &json).expect("identified");
         assert_eq!(identity.event_type, "github.pull_request.opened");
         assert_eq!(identity.id, id_from_body(b"{}"));
-        let identity = identify(
-            &headers(&[(EVENT_HEADER, "push"), (DELIVERY_HEADER, "d-1")]),
-            b"{}",
-            &serde_json::json!({}),
-        )
-        .expect("identified");
-        assert_eq!(
-            (identity.event_type.as_str(), identity.id.as_str()),
-            ("github.push", "d-1")
-        );
+        let identity =
+            identify(&headers(&[(EVENT_HEADER, "push"), (DELIVERY_HEADER, "d-1")]), b"{}", &serde_json::json!({}))
+                .expect("identified");
+        assert_eq!((identity.event_type.as_str(), identity.id.as_str()), ("github.push", "d-1"));
     }
 }

@@ -46,15 +46,8 @@ pub fn identify(
 /// An unsigned source: the id is the body's SHA-256 and the type is `{source}.{type}` from the
 /// body's top-level string `type`, or `{source}.event` without one.
 fn identify_unsigned(source: &str, body: &[u8], json: &serde_json::Value) -> Identity {
-    let kind = json
-        .get("type")
-        .and_then(serde_json::Value::as_str)
-        .unwrap_or("event");
-    Identity {
-        id: id_from_body(body),
-        event_type: format!("{source}.{kind}"),
-        attributes: Vec::new(),
-    }
+    let kind = json.get("type").and_then(serde_json::Value::as_str).unwrap_or("event");
+    Identity { id: id_from_body(body), event_type: format!("{source}.{kind}"), attributes: Vec::new() }
 }
 
 /// The id of an event whose sender gives none: the hex SHA-256 of its body, so that a
@@ -67,11 +60,7 @@ pub fn id_from_body(body: &[u8]) -> String {
 pub fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, IngestError> {
     headers
         .get(name)
-        .map(|value| {
-            value
-                .to_str()
-                .map_err(|_| IngestError::BadRequest(format!("header {name} is not visible ASCII")))
-        })
+        .map(|value| value.to_str().map_err(|_| IngestError::BadRequest(format!("header {name} is not visible ASCII"))))
         .transpose()
 }
 
@@ -82,18 +71,11 @@ mod tests {
     #[test]
     fn unsigned_source_types_from_the_body() {
         let json = serde_json::json!({"type": "deploy"});
-        let identity =
-            identify(&Verify::None, "ci", &HeaderMap::new(), b"x", &json).expect("identified");
+        let identity = identify(&Verify::None, "ci", &HeaderMap::new(), b"x", &json).expect("identified");
         assert_eq!(identity.event_type, "ci.deploy");
         assert_eq!(identity.id.len(), 64);
-        let identity = identify(
-            &Verify::None,
-            "ci",
-            &HeaderMap::new(),
-            b"x",
-            &serde_json::json!([1]),
-        )
-        .expect("identified");
+        let identity =
+            identify(&Verify::None, "ci", &HeaderMap::new(), b"x", &serde_json::json!([1])).expect("identified");
         assert_eq!(identity.event_type, "ci.event");
     }
 }

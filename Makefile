@@ -3,8 +3,10 @@
 
 CARGO ?= cargo
 PLUGINS := echo github-push
-TEST_PLUGINS :=
+# Plugins that exist only for tests (faults, counters); kept apart so `make run` never serves them.
+TEST_PLUGINS := flaky
 PLUGIN_DIR := target/plugins
+TEST_PLUGIN_DIR := target/test-plugins
 WASM_OUT := target/wasm32-wasip2/plugin
 
 .PHONY: run test lint plugins host wasm-target clean
@@ -22,7 +24,7 @@ test: plugins
 lint: wasm-target
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --all-targets -- -D warnings
-	$(CARGO) clippy --profile plugin --target wasm32-wasip2 $(addprefix -p ,$(PLUGINS)) -- -D warnings
+	$(CARGO) clippy --profile plugin --target wasm32-wasip2 $(addprefix -p ,$(PLUGINS) $(TEST_PLUGINS)) -- -D warnings
 
 host:
 	$(CARGO) build --release -p wasmhook
@@ -30,11 +32,13 @@ host:
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
+## make plugins: the example plugins into target/plugins/, the test plugins into target/test-plugins/.
 plugins: wasm-target
 	$(CARGO) build --profile plugin --target wasm32-wasip2 $(addprefix -p ,$(PLUGINS) $(TEST_PLUGINS))
-	@mkdir -p $(PLUGIN_DIR)
+	@mkdir -p $(PLUGIN_DIR) $(TEST_PLUGIN_DIR)
 	@for p in $(PLUGINS); do cp $(WASM_OUT)/$$(echo $$p | tr - _).wasm $(PLUGIN_DIR)/$$p.wasm; done
-	@ls -l $(PLUGIN_DIR)
+	@for p in $(TEST_PLUGINS); do cp $(WASM_OUT)/$$(echo $$p | tr - _).wasm $(TEST_PLUGIN_DIR)/$$p.wasm; done
+	@ls -l $(PLUGIN_DIR) $(TEST_PLUGIN_DIR)
 
 clean:
 	$(CARGO) clean

@@ -81,7 +81,7 @@ macro_rules! export_plugin {
                 }
             }
 
-            $crate::bindings::__export_bindings!(__WasmhookExport with_types_in $crate::bindings);
+    $crate::bindings::__export_bindings!(__WasmhookExport with_types_in $crate::bindings);
         };
     };
 }

@@ -4,5 +4,6 @@
 mod admin;
 mod cli;
 mod ingest;
+mod journal;
 mod plugins;
 mod util;

@@ -21,11 +21,16 @@ pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("host/ has a parent").to_owned()
 }
 
-/// A compiled plugin from `make plugins`.
+/// A compiled plugin from `make plugins`: an example, or a test plugin.
 pub fn plugin_wasm(name: &str) -> PathBuf {
-    let path = workspace().join("target/plugins").join(format!("{name}.wasm"));
-    assert!(path.is_file(), "{} is missing: run `make plugins` (or `make test`) first", path.display());
-    path
+    let file = format!("{name}.wasm");
+    let candidates =
+        [workspace().join("target/plugins").join(&file), workspace().join("target/test-plugins").join(&file)];
+    candidates.iter().find(|path| path.is_file()).cloned().unwrap_or_else(|| {
+        panic!(
+            "{file} is missing from target/plugins and target/test-plugins: run `make plugins` (or `make test`) first"
+        )
+    })
 }
 
 /// A sample payload from `examples/`.
@@ -54,6 +59,11 @@ impl HostBuilder {
     pub fn plugin(mut self, name: &str) -> Self {
         self.plugins.push(name.to_owned());
         self
+    }
+
+    /// Adds a compiled plugin with a manifest (`NAME.toml`) beside it.
+    pub fn plugin_with_manifest(self, name: &str, manifest: &str) -> Self {
+        self.plugin(name).file(&format!("{name}.toml"), manifest)
     }
 
     /// Adds a file to the plugins folder.
@@ -93,27 +103,34 @@ impl HostBuilder {
         for (name, contents) in &self.files {
             std::fs::write(plugins.join(name), contents).expect("write plugin folder file");
         }
-        let config = dir.path().join("wasmhook.toml");
-        std::fs::write(&config, format!("{}\n{}", self.settings, self.config)).expect("write config");
-        let mut host = TestHost::spawn(&config, &self.env, dir);
-        let webhook = host.wait_for_address("webhook listener on http://");
-        let admin = host.wait_for_address("admin listener on http://");
-        host.url = format!("http://{webhook}");
-        host.admin = format!("http://{admin}");
+        let mut host = TestHost {
+            child: None,
+            output: Arc::default(),
+            url: String::new(),
+            admin: String::new(),
+            settings: self.settings,
+            config: self.config,
+            env: self.env,
+            dir,
+        };
+        host.launch("127.0.0.1:0", "127.0.0.1:0");
         host
     }
 }
 
-/// A running `wasmhook serve`, killed when dropped.
+/// A running `wasmhook serve`, killed when dropped. Its folder (config, plugins, data)
+/// outlives restarts and is removed when it is dropped.
 pub struct TestHost {
-    child: Child,
+    child: Option<Child>,
     output: Arc<Output>,
     /// Base URL of the webhook listener.
     pub url: String,
     /// Base URL of the admin listener.
     pub admin: String,
-    /// The host's folder (config, plugins, data); removed when dropped.
-    _dir: tempfile::TempDir,
+    settings: String,
+    config: String,
+    env: Vec<(String, String)>,
+    dir: tempfile::TempDir,
 }
 
 impl TestHost {
@@ -128,19 +145,28 @@ impl TestHost {
         }
     }
 
-    fn spawn(config: &Path, env: &[(String, String)], dir: tempfile::TempDir) -> TestHost {
+    /// Writes the config with these listen addresses, starts the host, and waits until both
+    /// listeners are bound.
+    fn launch(&mut self, listen: &str, admin_listen: &str) {
+        let config = self.dir.path().join("wasmhook.toml");
+        let settings = self.settings.replace(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{listen}\"\nadmin_listen = \"{admin_listen}\""),
+        );
+        std::fs::write(&config, format!("{settings}\n{}", self.config)).expect("write config");
+        let mark = self.output.lines.lock().expect("lines").len();
         let mut command = Command::new(env!("CARGO_BIN_EXE_wasmhook"));
         command
             .arg("serve")
             .arg("--config")
-            .arg(config)
+            .arg(&config)
             .env_clear()
             .env("RUST_LOG", "info")
-            .envs(env.iter().map(|(k, v)| (k, v)))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = command.spawn().expect("start wasmhook");
-        let output = Arc::new(Output::default());
+        let output = Arc::clone(&self.output);
         for stream in [
             Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
             Box::new(child.stderr.take().expect("stderr")),
@@ -153,29 +179,56 @@ impl TestHost {
                 }
             });
         }
-        TestHost { child, output, url: String::new(), admin: String::new(), _dir: dir }
+        self.child = Some(child);
+        let address = |host: &mut TestHost, marker: &str| {
+            let line = host.wait_for_log_after(marker, mark);
+            let start = line.find(marker).expect("marker") + marker.len();
+            line[start..].split_whitespace().next().expect("address").to_owned()
+        };
+        self.url = format!("http://{}", address(self, "webhook listener on http://"));
+        self.admin = format!("http://{}", address(self, "admin listener on http://"));
     }
 
-    fn wait_for_address(&mut self, marker: &str) -> String {
-        let line = self.wait_for_log(marker);
-        let start = line.find(marker).expect("marker") + marker.len();
-        line[start..].split_whitespace().next().expect("address").to_owned()
+    /// Kills the host with SIGKILL: no shutdown, no flush, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the host (SIGKILL) and starts it again on the same ports with the same data.
+    pub fn restart(&mut self) {
+        self.kill();
+        let (listen, admin) =
+            (self.url.trim_start_matches("http://").to_owned(), self.admin.trim_start_matches("http://").to_owned());
+        self.launch(&listen, &admin);
+    }
+
+    /// The plugins folder, to change what the next start loads.
+    pub fn plugins_dir(&self) -> PathBuf {
+        self.dir.path().join("plugins")
     }
 
     /// Waits until a log line contains `needle` and returns it. Panics with the whole log
     /// if none does within [`PATIENCE`] or the host exits.
     pub fn wait_for_log(&mut self, needle: &str) -> String {
+        self.wait_for_log_after(needle, 0)
+    }
+
+    /// [`Self::wait_for_log`], looking only at lines printed after the first `mark` lines.
+    pub fn wait_for_log_after(&mut self, needle: &str, mark: usize) -> String {
         let deadline = Instant::now() + PATIENCE;
         let mut lines = self.output.lines.lock().expect("lines");
         loop {
-            if let Some(line) = lines.iter().find(|line| line.contains(needle)) {
+            if let Some(line) = lines.iter().skip(mark).find(|line| line.contains(needle)) {
                 return line.clone();
             }
             let now = Instant::now();
             if now >= deadline {
                 panic!("no log line contains {needle:?} after {PATIENCE:?}; log:\n{}", lines.join("\n"));
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 drop(lines);
                 std::thread::sleep(Duration::from_millis(100));
                 panic!("wasmhook exited ({status}) before logging {needle:?}; log:\n{}", self.log());
@@ -184,24 +237,37 @@ impl TestHost {
         }
     }
 
-    /// Everything the host printed so far.
+    /// Everything the host printed so far, across restarts.
     pub fn log(&self) -> String {
         self.output.lines.lock().expect("lines").join("\n")
     }
 
+    /// How many log lines contain `needle`, across restarts.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.output.lines.lock().expect("lines").iter().filter(|line| line.contains(needle)).count()
+    }
+
+    /// Runs `wasmhook ARGS` against this host's admin API; returns success and stdout.
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let output = Command::new(env!("CARGO_BIN_EXE_wasmhook"))
+            .args(args)
+            .env("WASMHOOK_ADMIN_URL", &self.admin)
+            .output()
+            .expect("run wasmhook");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        (output.status.success(), format!("{stdout}{stderr}"))
+    }
+
     /// Posts a GitHub-style webhook `event` with `delivery` id, signed with `secret`.
     pub fn post_github(&self, event: &str, delivery: &str, body: &[u8], secret: &str) -> (u16, Value) {
-        let signature = wasmhook::ingest::verify::github::sign(secret.as_bytes(), body);
-        post(
-            &format!("{}/hooks/github", self.url),
-            &[
-                ("content-type", "application/json"),
-                ("x-github-event", event),
-                ("x-github-delivery", delivery),
-                ("x-hub-signature-256", &signature),
-            ],
-            body,
-        )
+        let Reply { status, json, .. } = self.github_reply(event, delivery, body, secret);
+        (status, json)
+    }
+
+    /// [`Self::post_github`] with the whole reply.
+    pub fn github_reply(&self, event: &str, delivery: &str, body: &[u8], secret: &str) -> Reply {
+        try_post_github(&self.url, event, delivery, body, secret).expect("HTTP exchange")
     }
 
     /// GETs an admin path, returning status and JSON body.
@@ -225,8 +291,7 @@ impl TestHost {
 
 impl Drop for TestHost {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -234,21 +299,62 @@ fn agent() -> ureq::Agent {
     ureq::Agent::config_builder().http_status_as_error(false).build().into()
 }
 
-fn answer(response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> (u16, Value) {
+/// An HTTP answer: status, JSON body, and the `Retry-After` header if any.
+pub struct Reply {
+    /// The status code.
+    pub status: u16,
+    /// The body, parsed.
+    pub json: Value,
+    /// The `Retry-After` header.
+    pub retry_after: Option<String>,
+}
+
+/// Posts a signed GitHub-style webhook to the host at `base`; an error if nobody answers.
+pub fn try_post_github(
+    base: &str,
+    event: &str,
+    delivery: &str,
+    body: &[u8],
+    secret: &str,
+) -> Result<Reply, ureq::Error> {
+    let signature = wasmhook::ingest::verify::github::sign(secret.as_bytes(), body);
+    let response = agent()
+        .post(format!("{base}/hooks/github"))
+        .header("content-type", "application/json")
+        .header("x-github-event", event)
+        .header("x-github-delivery", delivery)
+        .header("x-hub-signature-256", &signature)
+        .send(body)?;
+    Ok(reply(Ok(response)))
+}
+
+fn reply(response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
     let mut response = response.expect("HTTP exchange");
     let status = response.status().as_u16();
+    let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let text = response.body_mut().read_to_string().expect("body");
     let json = serde_json::from_str(&text).unwrap_or_else(|_| panic!("body is not JSON: {text:?}"));
+    Reply { status, json, retry_after }
+}
+
+fn answer(response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> (u16, Value) {
+    let Reply { status, json, .. } = reply(response);
     (status, json)
 }
 
-/// POSTs `body` with `headers` and returns the status and JSON body.
-pub fn post(url: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Value) {
+/// POSTs `body` with `headers` and returns the whole reply.
+pub fn post_reply(url: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
     let mut request = agent().post(url);
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
-    answer(request.send(body))
+    reply(request.send(body))
+}
+
+/// POSTs `body` with `headers` and returns the status and JSON body.
+pub fn post(url: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Value) {
+    let Reply { status, json, .. } = post_reply(url, headers, body);
+    (status, json)
 }
 
 /// GETs `url` with `headers` and returns the status and JSON body.

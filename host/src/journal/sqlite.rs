@@ -10,6 +10,9 @@
 //! or the end of its lease while it runs (a lease that runs out makes it due again).
 //! Finished deliveries (done, dead) have none, which keeps the index of due work small.
 //! Dedup keys live in their own table with an expiry, apart from the events they guard.
+//!
+//! One host owns the file: it holds an exclusive lock on the data folder, so at start every
+//! delivery still marked running was cut short by a crash and is made due at once.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +33,8 @@ use crate::event::Event;
 
 /// The journal's file name inside the data folder.
 pub const FILE_NAME: &str = "journal.sqlite3";
+/// The lock file that keeps a second host off the same data folder.
+pub const LOCK_FILE_NAME: &str = "wasmhook.lock";
 
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 1024;
@@ -125,6 +130,8 @@ pub struct SqliteJournal {
     pending: Arc<AtomicU64>,
     options: Options,
     writer: Option<JoinHandle<()>>,
+    /// Held for the journal's life: the lock on the data folder.
+    _lock: std::fs::File,
 }
 
 impl std::fmt::Debug for SqliteJournal {
@@ -197,6 +204,7 @@ impl SqliteJournal {
     pub fn open_with_clock(data_dir: &Path, options: Options, clock: Arc<dyn Clock>) -> Result<Self, JournalError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|err| JournalError::Storage(format!("cannot create data folder {}: {err}", data_dir.display())))?;
+        let lock = lock_folder(data_dir)?;
         let path = data_dir.join(FILE_NAME);
         let open_err = |err: rusqlite::Error| JournalError::Storage(format!("cannot open {}: {err}", path.display()));
         let mut writer = Connection::open(&path).map_err(open_err)?;
@@ -209,6 +217,15 @@ impl SqliteJournal {
             .and_then(|()| writer.pragma_update(None, "synchronous", synchronous))
             .map_err(open_err)?;
         migrate(&mut writer, &path)?;
+        let interrupted = writer
+            .execute("UPDATE deliveries SET due_ms = ?1 WHERE status = 'running'", [sql_ms(clock.now_ms())])
+            .map_err(open_err)?;
+        if interrupted > 0 {
+            tracing::warn!(
+                deliveries = interrupted,
+                "deliveries were running when the host last stopped; they run again now"
+            );
+        }
         let pending: i64 = writer
             .query_row("SELECT COUNT(*) FROM deliveries WHERE due_ms IS NOT NULL", [], |row| row.get(0))
             .map_err(open_err)?;
@@ -225,7 +242,15 @@ impl SqliteJournal {
                 .spawn(move || write_loop(writer, queue, clock, &pending, &work))
                 .map_err(|err| JournalError::Storage(format!("cannot start the journal writer: {err}")))?
         };
-        Ok(SqliteJournal { writes, reader: Arc::new(Mutex::new(reader)), work, pending, options, writer: Some(thread) })
+        Ok(SqliteJournal {
+            writes,
+            reader: Arc::new(Mutex::new(reader)),
+            work,
+            pending,
+            options,
+            writer: Some(thread),
+            _lock: lock,
+        })
     }
 
     async fn call<T>(&self, write: impl FnOnce(Reply<T>) -> Write) -> Result<T, JournalError> {
@@ -245,6 +270,23 @@ impl SqliteJournal {
         })
         .await
         .map_err(|err| JournalError::Storage(err.to_string()))?
+    }
+}
+
+/// Takes the data folder's lock, or says which folder another host holds.
+fn lock_folder(data_dir: &Path) -> Result<std::fs::File, JournalError> {
+    let path = data_dir.join(LOCK_FILE_NAME);
+    let file = std::fs::File::create(&path)
+        .map_err(|err| JournalError::Storage(format!("cannot create {}: {err}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(JournalError::Storage(format!(
+            "another wasmhook is using the data folder {}; each host needs its own",
+            data_dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(err)) => {
+            Err(JournalError::Storage(format!("cannot lock {}: {err}", path.display())))
+        }
     }
 }
 
@@ -387,20 +429,20 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        let delta = commit_batch(&mut connection, batch.drain(..), clock.now_ms());
-        if delta != 0 {
-            let _ = pending
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| Some(now.saturating_add_signed(delta)));
-        }
-        if delta > 0 {
-            work.notify_one();
-        }
+        commit_batch(&mut connection, batch.drain(..), clock.now_ms(), pending, work);
     }
 }
 
-/// Runs `batch` in one transaction, each write in its own savepoint, then answers every
-/// caller. Returns the change in unfinished deliveries (zero if the commit failed).
-fn commit_batch(connection: &mut Connection, batch: impl Iterator<Item = Write>, now: u64) -> i64 {
+/// Runs `batch` in one transaction, each write in its own savepoint. Once the commit's fate
+/// is known, updates the count of unfinished deliveries (and wakes `take` if work was added)
+/// before answering any caller, so that an answer never runs ahead of the count.
+fn commit_batch(
+    connection: &mut Connection,
+    batch: impl Iterator<Item = Write>,
+    now: u64,
+    pending: &AtomicU64,
+    work: &Notify,
+) {
     let mut applied = Vec::new();
     let commit = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(mut tx) => {
@@ -415,15 +457,22 @@ fn commit_batch(connection: &mut Connection, batch: impl Iterator<Item = Write>,
             Err(err)
         }
     };
-    if let Err(err) = &commit {
-        tracing::error!(error = %err, writes = applied.len(), "journal commit failed");
+    match &commit {
+        Ok(()) => {
+            let delta: i64 = applied.iter().map(|applied| applied.pending_delta).sum();
+            if delta != 0 {
+                let _ = pending
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| Some(now.saturating_add_signed(delta)));
+            }
+            if delta > 0 {
+                work.notify_one();
+            }
+        }
+        Err(err) => tracing::error!(error = %err, writes = applied.len(), "journal commit failed"),
     }
-    let mut delta = 0;
-    for Applied { answer, pending_delta } in applied {
-        delta += pending_delta;
+    for Applied { answer, .. } in applied {
         answer(&commit);
     }
-    if commit.is_ok() { delta } else { 0 }
 }
 
 fn refuse(write: Write, err: &JournalError) -> Applied {
@@ -886,6 +935,28 @@ mod tests {
         assert_eq!((leases[0].plugin.as_str(), leases[0].attempt), ("echo", 1));
         assert_eq!(*leases[1].event, event("github", "a"));
         assert!(journal.take(&names(&["echo", "push"]), 10, LEASE, NO_WAIT).await.expect("take").is_empty());
+    }
+
+    #[tokio::test]
+    async fn deliveries_cut_short_by_a_crash_are_due_at_the_next_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let journal = SqliteJournal::open(dir.path(), Options::default()).expect("open");
+            journal.accept(new("github", "a", &["echo"])).await.expect("accept");
+            let leased = journal.take(&names(&["echo"]), 10, LEASE, NO_WAIT).await.expect("take");
+            assert_eq!(leased.len(), 1);
+        }
+        let journal = SqliteJournal::open(dir.path(), Options::default()).expect("reopen");
+        let again = journal.take(&names(&["echo"]), 10, LEASE, NO_WAIT).await.expect("take");
+        assert_eq!((again.len(), again[0].attempt), (1, 2), "due at once, not after the lease");
+    }
+
+    #[tokio::test]
+    async fn a_second_journal_on_the_same_folder_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _first = SqliteJournal::open(dir.path(), Options::default()).expect("open");
+        let err = SqliteJournal::open(dir.path(), Options::default()).expect_err("locked");
+        assert!(err.to_string().contains("another wasmhook"), "{err}");
     }
 
     #[tokio::test]

@@ -1,0 +1,217 @@
+//! The journal's promises through the real binary: nothing accepted is lost across `kill -9`,
+//! duplicates stay refused across restarts, failures retry with backoff and end as dead
+//! letters that can be replayed, and a full journal pushes back with 503.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::util::{SECRET, TestHost, example, try_post_github};
+
+/// Short backoffs so retry tests take milliseconds, not minutes.
+const FAST_RETRY: &str = "[retry]\nmax_attempts = 3\nfirst_delay = \"20ms\"\nmax_delay = \"100ms\"\n";
+
+fn errors_of(event: &serde_json::Value, delivery: usize) -> Vec<String> {
+    event["deliveries"][delivery]["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .map(|e| e["error"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+#[test]
+fn kill_nine_at_random_moments_loses_no_accepted_event() {
+    const KILLS: usize = 5;
+    const WORKERS: usize = 4;
+    let mut host = TestHost::builder()
+        .plugin("echo")
+        .plugin_with_manifest("flaky", "[config]\nslow_ms = \"2\"\n")
+        .setting(&format!("workers = {WORKERS}"))
+        .start();
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let (accepted, stop, url) = (Arc::clone(&accepted), Arc::clone(&stop), host.url.clone());
+        std::thread::spawn(move || {
+            let body = example("github/push.json");
+            for n in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let id = format!("crash-{n}");
+                match try_post_github(&url, "push", &id, &body, SECRET) {
+                    Ok(reply) if reply.status == 202 => accepted.lock().expect("ids").push(id),
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        })
+    };
+    for _ in 0..KILLS {
+        std::thread::sleep(Duration::from_millis(fastrand::u64(150..400)));
+        host.restart();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    sender.join().expect("sender");
+
+    let accepted = accepted.lock().expect("ids").clone();
+    assert!(accepted.len() >= 20, "only {} events were accepted; the test proves little", accepted.len());
+    let mut repeated_effects = 0;
+    for id in &accepted {
+        let event = host.wait_for_event(id);
+        assert_eq!(event["status"], "done", "{event}");
+        let statuses: Vec<_> =
+            event["deliveries"].as_array().expect("deliveries").iter().map(|d| d["status"].clone()).collect();
+        assert_eq!(statuses, ["done", "done"], "{event}");
+        let effects = host.count_log(&format!("effect {id} attempt"));
+        assert!(effects >= 1, "{id} was accepted but its effect never happened");
+        repeated_effects += effects - 1;
+    }
+    // At least once: a call cut short by a kill may run again, but only calls in flight at a
+    // kill can repeat.
+    assert!(repeated_effects <= KILLS * WORKERS, "{repeated_effects} repeated effects for {KILLS} kills");
+}
+
+#[test]
+fn duplicates_are_refused_across_a_restart_and_a_new_id_with_the_same_body_is_accepted() {
+    let mut host = TestHost::builder().plugin("echo").start();
+    let body = example("github/push.json");
+    assert_eq!(host.post_github("push", "once", &body, SECRET).0, 202);
+    host.wait_for_event("once");
+    host.restart();
+    let (status, reply) = host.post_github("push", "once", &body, SECRET);
+    assert_eq!((status, &reply["duplicate"]), (200, &serde_json::json!(true)), "{reply}");
+    assert_eq!(host.post_github("push", "twice", &body, SECRET).0, 202);
+    assert_eq!(host.wait_for_event("twice")["status"], "done");
+    assert_eq!(host.wait_for_event("once")["deliveries"][0]["attempts"], 1);
+}
+
+#[test]
+fn a_plugin_failing_twice_then_succeeding_is_done_after_three_attempts() {
+    let host = TestHost::builder().plugin("flaky").config(FAST_RETRY).start();
+    host.post_github("push", "flaky-1", br#"{"fail_times": 2}"#, SECRET);
+    let event = host.wait_for_event("flaky-1");
+    assert_eq!(event["status"], "done", "{event}");
+    assert_eq!(event["deliveries"][0]["attempts"], 3);
+    assert_eq!(errors_of(&event, 0), ["retry: failing attempt 1 of 2", "retry: failing attempt 2 of 2"]);
+}
+
+#[test]
+fn a_plugin_that_always_fails_is_dead_after_its_attempts_and_raises_an_alert() {
+    let mut host = TestHost::builder()
+        .plugin("echo")
+        .plugin_with_manifest("flaky", "[config]\nmode = \"retry\"\n")
+        .config(FAST_RETRY)
+        .start();
+    host.post_github("push", "doomed", &example("github/push.json"), SECRET);
+    let event = host.wait_for_event("doomed");
+    assert_eq!(event["status"], "dead", "{event}");
+    let flaky = &event["deliveries"][1];
+    assert_eq!(
+        (flaky["plugin"].as_str(), flaky["status"].as_str(), flaky["attempts"].as_u64()),
+        (Some("flaky"), Some("dead"), Some(3))
+    );
+    assert_eq!(errors_of(&event, 1).len(), 3);
+    host.wait_for_log("delivery failed for good");
+
+    // The alert reaches the plugins subscribed to wasmhook.dead_letter (echo subscribes to all).
+    let line = host.wait_for_log("wasmhook.dead_letter");
+    let alert_id =
+        line.split("wasmhook.dead_letter ").nth(1).and_then(|rest| rest.split_whitespace().next()).expect("id");
+    let alert = host.wait_for_event(alert_id);
+    assert_eq!((alert["source"].as_str(), alert["type"].as_str()), (Some("wasmhook"), Some("wasmhook.dead_letter")));
+
+    let (status, letters) = host.admin_get("/v1/dead-letters?plugin=flaky");
+    assert_eq!(status, 200);
+    assert!(letters["dead_letters"].as_array().expect("list").iter().any(|l| l["event_id"] == "doomed"), "{letters}");
+}
+
+#[test]
+fn a_permanent_error_is_dead_after_one_attempt() {
+    let host = TestHost::builder()
+        .plugin_with_manifest("flaky", "[config]\nmode = \"permanent\"\n")
+        .config(FAST_RETRY)
+        .start();
+    host.post_github("push", "refused", &example("github/push.json"), SECRET);
+    let event = host.wait_for_event("refused");
+    assert_eq!(
+        (event["status"].as_str(), event["deliveries"][0]["attempts"].as_u64()),
+        (Some("dead"), Some(1)),
+        "{event}"
+    );
+}
+
+#[test]
+fn dead_letters_replayed_after_the_plugin_is_fixed_end_done() {
+    let mut host =
+        TestHost::builder().plugin_with_manifest("flaky", "[config]\nmode = \"retry\"\n").config(FAST_RETRY).start();
+    host.post_github("push", "fixable", &example("github/push.json"), SECRET);
+    assert_eq!(host.wait_for_event("fixable")["status"], "dead");
+
+    let (ok, listing) = host.cli(&["dlq", "list", "--plugin", "flaky"]);
+    assert!(ok && listing.contains("fixable") && listing.contains("configured to fail"), "{listing}");
+
+    // The operator fixes the plugin (here, its manifest) and restarts, then replays.
+    std::fs::write(host.plugins_dir().join("flaky.toml"), "[config]\nmode = \"ok\"\n").expect("fix manifest");
+    host.restart();
+    let (ok, replayed) = host.cli(&["dlq", "replay", "--plugin", "flaky"]);
+    assert!(ok && replayed.contains("dead letters replayed"), "{replayed}");
+    let event = host.wait_for_event("fixable");
+    assert_eq!(event["status"], "done", "{event}");
+    assert_eq!(event["deliveries"][0]["attempts"], 1, "a replay starts a fresh attempt budget");
+    let (ok, listing) = host.cli(&["dlq", "list", "--json"]);
+    assert!(ok && listing.contains("\"dead_letters\":[]"), "{listing}");
+}
+
+#[test]
+fn stored_unrouted_events_are_replayed_once_a_plugin_subscribes() {
+    let mut host = TestHost::builder().plugin("github-push").start();
+    host.post_github("issues", "late-1", br#"{"action":"opened"}"#, SECRET);
+    assert_eq!(host.wait_for_event("late-1")["status"], "unrouted");
+
+    std::fs::copy(crate::util::plugin_wasm("echo"), host.plugins_dir().join("echo.wasm")).expect("add echo");
+    host.restart();
+    let (ok, output) = host.cli(&["replay", "--type", "github.issues.*", "--since", "1h"]);
+    assert!(ok && output.contains("1 deliveries made due"), "{output}");
+    let event = host.wait_for_event("late-1");
+    assert_eq!(
+        (event["status"].as_str(), event["deliveries"][0]["plugin"].as_str()),
+        (Some("done"), Some("echo")),
+        "{event}"
+    );
+}
+
+#[test]
+fn a_full_journal_answers_503_with_retry_after_and_delivers_everything_it_accepted() {
+    let host = TestHost::builder()
+        .plugin_with_manifest("flaky", "[config]\nslow_ms = \"100\"\n")
+        .setting("workers = 1")
+        .config("[journal]\nmax_pending = 2\n")
+        .start();
+    let body = example("github/push.json");
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for n in 0..10 {
+        let id = format!("bp-{n}");
+        let reply = host.github_reply("push", &id, &body, SECRET);
+        match reply.status {
+            202 => accepted.push(id),
+            503 => {
+                refused += 1;
+                assert!(reply.retry_after.is_some(), "503 without Retry-After");
+                assert!(
+                    reply.json["error"].as_str().is_some_and(|e| e.contains("unfinished deliveries")),
+                    "{}",
+                    reply.json
+                );
+            }
+            other => panic!("unexpected status {other}: {}", reply.json),
+        }
+    }
+    assert!(refused > 0 && !accepted.is_empty(), "accepted {accepted:?}, refused {refused}");
+    for id in &accepted {
+        assert_eq!(host.wait_for_event(id)["status"], "done");
+    }
+}

@@ -62,22 +62,158 @@ pub struct Config {
 pub struct SourceConfig {
     /// How its requests are authenticated.
     pub verify: Verify,
+    /// Where the generic schemes (`hmac`, `token`, `none`) find the event's id and type.
+    pub identity: IdentityRules,
+    /// Plain JSON webhooks, or CloudEvents.
+    pub format: Format,
     /// Largest body it accepts.
     pub max_body_bytes: usize,
     /// How long a delivery id is remembered to refuse repeats.
     pub dedup_window: Duration,
 }
 
-/// How a source authenticates its requests.
+/// What a source's requests carry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// A JSON body; id and type come from the signature scheme.
+    #[default]
+    Json,
+    /// CloudEvents 1.0 over HTTP: binary, structured or batch mode.
+    Cloudevents,
+}
+
+/// How a source authenticates its requests. Every scheme with secrets accepts several, any
+/// of which may match, so secrets rotate without downtime.
 #[derive(Debug, Clone)]
 pub enum Verify {
-    /// GitHub's `X-Hub-Signature-256`; any of the secrets may match (key rotation).
+    /// GitHub's `X-Hub-Signature-256`.
     Github {
-        /// The webhook secrets, newest first.
+        /// The webhook secrets.
         secrets: Vec<Secret>,
+    },
+    /// Stripe's `Stripe-Signature`.
+    Stripe {
+        /// The endpoint secrets (`whsec_…`, used as written).
+        secrets: Vec<Secret>,
+        /// How far the signed timestamp may be from now.
+        tolerance: Duration,
+    },
+    /// Slack's `X-Slack-Signature`.
+    Slack {
+        /// The signing secrets.
+        secrets: Vec<Secret>,
+        /// How far the signed timestamp may be from now.
+        tolerance: Duration,
+    },
+    /// Standard Webhooks' `webhook-signature`.
+    StandardWebhooks {
+        /// The decoded key bytes (from `whsec_<base64>`).
+        keys: Vec<Secret>,
+        /// How far the signed timestamp may be from now.
+        tolerance: Duration,
+    },
+    /// A configurable HMAC in a header.
+    Hmac(HmacScheme),
+    /// A shared secret sent as-is in a header.
+    Token {
+        /// The accepted tokens.
+        secrets: Vec<Secret>,
+        /// The header carrying it (lower-case).
+        header: String,
     },
     /// No authentication at all: an explicit opt-in.
     None,
+}
+
+/// The `hmac` scheme's settings.
+#[derive(Debug, Clone)]
+pub struct HmacScheme {
+    /// The secrets.
+    pub secrets: Vec<Secret>,
+    /// The header carrying the signature (lower-case).
+    pub header: String,
+    /// The hash.
+    pub algorithm: Algorithm,
+    /// How the signature is written.
+    pub encoding: Encoding,
+    /// Text before the encoded signature, such as `sha256=`.
+    pub prefix: String,
+    /// The header carrying a Unix timestamp that is part of the signed content.
+    pub timestamp_header: Option<String>,
+    /// How far that timestamp may be from now.
+    pub tolerance: Duration,
+    /// What is signed.
+    pub signed: SignedContent,
+}
+
+/// The hash of an `hmac` source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// HMAC-SHA256.
+    #[default]
+    Sha256,
+    /// HMAC-SHA512.
+    Sha512,
+}
+
+/// How an `hmac` source writes its signature.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    /// Lower- or upper-case hexadecimal.
+    #[default]
+    Hex,
+    /// Standard base64 with padding.
+    Base64,
+}
+
+/// The signed content of an `hmac` source: a template such as `{timestamp}.{body}` holding
+/// `{body}` exactly once, and `{timestamp}` at most wherever it likes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedContent {
+    before: String,
+    after: String,
+}
+
+impl SignedContent {
+    /// Checks and splits a template around its `{body}`.
+    pub fn parse(template: &str) -> Result<Self, String> {
+        let (before, after) = template
+            .split_once("{body}")
+            .filter(|(_, after)| !after.contains("{body}"))
+            .ok_or_else(|| format!("signed = {template:?} must hold {{body}} exactly once"))?;
+        let stripped = template.replace("{body}", "").replace("{timestamp}", "");
+        if stripped.contains('{') || stripped.contains('}') {
+            return Err(format!("signed = {template:?} may only use {{body}} and {{timestamp}}"));
+        }
+        Ok(SignedContent { before: before.to_owned(), after: after.to_owned() })
+    }
+
+    /// Whether the template signs the timestamp.
+    pub fn uses_timestamp(&self) -> bool {
+        self.before.contains("{timestamp}") || self.after.contains("{timestamp}")
+    }
+
+    /// The text before and after the body, with `timestamp` filled in.
+    pub fn around_body(&self, timestamp: &str) -> (String, String) {
+        (self.before.replace("{timestamp}", timestamp), self.after.replace("{timestamp}", timestamp))
+    }
+}
+
+/// Where a generic source finds the event's id and type. By default the id is the body's
+/// SHA-256 and the type comes from the body's `/type`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdentityRules {
+    /// A header holding the delivery id (lower-case).
+    pub id_header: Option<String>,
+    /// A JSON pointer to the delivery id in the body.
+    pub id_pointer: Option<String>,
+    /// A header holding the event type (lower-case).
+    pub type_header: Option<String>,
+    /// A JSON pointer to the event type in the body.
+    pub type_pointer: Option<String>,
 }
 
 /// A secret value: compared, never printed.
@@ -88,6 +224,17 @@ impl Secret {
     /// Wraps a secret value.
     pub fn new(value: impl Into<Vec<u8>>) -> Self {
         Secret(value.into())
+    }
+
+    /// The key bytes of a Standard Webhooks secret written as `whsec_<base64>` (the prefix is
+    /// optional).
+    pub fn from_standard_webhooks(text: &str) -> Result<Self, String> {
+        use base64::Engine;
+        let encoded = text.trim();
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded.strip_prefix("whsec_").unwrap_or(encoded))
+            .map(Secret)
+            .map_err(|_| "is not a Standard Webhooks secret (whsec_ followed by base64)".to_owned())
     }
 
     /// The secret's bytes, for signing and comparing only.
@@ -199,14 +346,72 @@ struct RawSource {
     secret_env: Option<OneOrMany>,
     max_body_bytes: Option<usize>,
     dedup_window: Option<String>,
+    format: Option<Format>,
+    tolerance: Option<String>,
+    header: Option<String>,
+    algorithm: Option<Algorithm>,
+    encoding: Option<Encoding>,
+    prefix: Option<String>,
+    timestamp_header: Option<String>,
+    signed: Option<String>,
+    id_header: Option<String>,
+    id_pointer: Option<String>,
+    type_header: Option<String>,
+    type_pointer: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 enum RawVerify {
     Github,
+    Stripe,
+    Slack,
+    StandardWebhooks,
+    Hmac,
+    Token,
     None,
 }
+
+impl RawVerify {
+    fn name(self) -> &'static str {
+        match self {
+            RawVerify::Github => "github",
+            RawVerify::Stripe => "stripe",
+            RawVerify::Slack => "slack",
+            RawVerify::StandardWebhooks => "standard-webhooks",
+            RawVerify::Hmac => "hmac",
+            RawVerify::Token => "token",
+            RawVerify::None => "none",
+        }
+    }
+
+    /// The optional keys this scheme takes, beyond those every source takes.
+    fn keys(self) -> &'static [&'static str] {
+        const IDENTITY: [&str; 4] = ["id_header", "id_pointer", "type_header", "type_pointer"];
+        match self {
+            RawVerify::Github => &[],
+            RawVerify::Stripe | RawVerify::Slack | RawVerify::StandardWebhooks => &["tolerance"],
+            RawVerify::Hmac => &[
+                "tolerance",
+                "header",
+                "algorithm",
+                "encoding",
+                "prefix",
+                "timestamp_header",
+                "signed",
+                IDENTITY[0],
+                IDENTITY[1],
+                IDENTITY[2],
+                IDENTITY[3],
+            ],
+            RawVerify::Token => &["header", IDENTITY[0], IDENTITY[1], IDENTITY[2], IDENTITY[3]],
+            RawVerify::None => &IDENTITY,
+        }
+    }
+}
+
+/// How far a signed timestamp may be from now unless the source says otherwise.
+pub const DEFAULT_TOLERANCE: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -289,7 +494,7 @@ fn validate(raw: RawConfig, overrides: Overrides, env: &dyn Env, base: &Path) ->
 
     let mut sources = BTreeMap::new();
     for (name, source) in raw.sources {
-        if let Some(source) = validate_source(&name, source, env, &mut problems) {
+        if let Some(source) = validate_source(&name, source, listen, env, &mut problems) {
             sources.insert(name, source);
         }
     }
@@ -312,38 +517,146 @@ fn validate(raw: RawConfig, overrides: Overrides, env: &dyn Env, base: &Path) ->
     }
 }
 
-fn validate_source(name: &str, raw: RawSource, env: &dyn Env, problems: &mut Vec<String>) -> Option<SourceConfig> {
+fn validate_source(
+    name: &str,
+    raw: RawSource,
+    listen: SocketAddr,
+    env: &dyn Env,
+    problems: &mut Vec<String>,
+) -> Option<SourceConfig> {
     let before = problems.len();
+    let field = |key: &str| format!("sources.{name}.{key}");
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
     {
         problems.push(format!("source name {name:?} may only hold a-z, 0-9, '-' and '_'"));
     }
+    let scheme = raw.verify;
+    let given = [
+        ("tolerance", raw.tolerance.is_some()),
+        ("header", raw.header.is_some()),
+        ("algorithm", raw.algorithm.is_some()),
+        ("encoding", raw.encoding.is_some()),
+        ("prefix", raw.prefix.is_some()),
+        ("timestamp_header", raw.timestamp_header.is_some()),
+        ("signed", raw.signed.is_some()),
+        ("id_header", raw.id_header.is_some()),
+        ("id_pointer", raw.id_pointer.is_some()),
+        ("type_header", raw.type_header.is_some()),
+        ("type_pointer", raw.type_pointer.is_some()),
+    ];
+    for (key, present) in given {
+        if present && !scheme.keys().contains(&key) {
+            problems.push(format!("{} does not apply to verify = \"{}\"", field(key), scheme.name()));
+        }
+    }
     let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
     if max_body_bytes == 0 {
-        problems.push(format!("sources.{name}.max_body_bytes must be at least 1"));
+        problems.push(format!("{} must be at least 1", field("max_body_bytes")));
     }
-    let dedup_window =
-        duration(raw.dedup_window.as_deref(), &format!("sources.{name}.dedup_window"), DEFAULT_DEDUP_WINDOW, problems);
+    let dedup_window = duration(raw.dedup_window.as_deref(), &field("dedup_window"), DEFAULT_DEDUP_WINDOW, problems);
+    let tolerance = duration(raw.tolerance.as_deref(), &field("tolerance"), DEFAULT_TOLERANCE, problems);
+    let format = raw.format.unwrap_or_default();
+
     let vars = raw.secret_env.map(OneOrMany::into_vec).unwrap_or_default();
-    let verify = match raw.verify {
-        RawVerify::Github => {
-            if vars.is_empty() {
-                problems.push(format!(
-                    "sources.{name}: verify = \"github\" needs secret_env = \"VARIABLE\" naming the variable that holds the webhook secret"
-                ));
-            }
-            let field = format!("sources.{name}.secret_env");
-            let secrets = vars.iter().filter_map(|var| secret_from(env, var, &field, problems)).collect();
-            Verify::Github { secrets }
+    if scheme == RawVerify::None {
+        if !vars.is_empty() {
+            problems.push(format!("sources.{name}: verify = \"none\" takes no secret_env"));
         }
-        RawVerify::None => {
-            if !vars.is_empty() {
-                problems.push(format!("sources.{name}: verify = \"none\" takes no secret_env"));
+        if format == Format::Cloudevents && !listen.ip().is_loopback() {
+            problems.push(format!(
+                "sources.{name}: unsigned CloudEvents (verify = \"none\") are only allowed while listen is on loopback"
+            ));
+        }
+    } else if vars.is_empty() {
+        problems.push(format!(
+            "sources.{name}: verify = \"{}\" needs secret_env = \"VARIABLE\" naming the variable that holds the secret",
+            scheme.name()
+        ));
+    }
+    let secret_field = field("secret_env");
+    let mut secrets: Vec<Secret> = if scheme == RawVerify::None {
+        Vec::new()
+    } else {
+        vars.iter().filter_map(|var| secret_from(env, var, &secret_field, problems)).collect()
+    };
+    if scheme == RawVerify::StandardWebhooks {
+        secrets = secrets
+            .iter()
+            .zip(&vars)
+            .filter_map(|(secret, var)| {
+                let text = String::from_utf8_lossy(secret.expose());
+                Secret::from_standard_webhooks(&text)
+                    .map_err(|err| problems.push(format!("{secret_field}: the value of {var} {err}")))
+                    .ok()
+            })
+            .collect();
+    }
+    let mut header_name = |key: &str, value: Option<String>| {
+        let value = value?;
+        match hyper::header::HeaderName::from_bytes(value.as_bytes()) {
+            Ok(header) => Some(header.as_str().to_owned()),
+            Err(_) => {
+                problems.push(format!("{} = {value:?} is not a header name", field(key)));
+                None
             }
-            Verify::None
         }
     };
-    (problems.len() == before).then_some(SourceConfig { verify, max_body_bytes, dedup_window })
+    let header = header_name("header", raw.header);
+    let timestamp_header = header_name("timestamp_header", raw.timestamp_header);
+    let identity = IdentityRules {
+        id_header: header_name("id_header", raw.id_header),
+        id_pointer: raw.id_pointer,
+        type_header: header_name("type_header", raw.type_header),
+        type_pointer: raw.type_pointer,
+    };
+    for (key, pointer) in [("id_pointer", &identity.id_pointer), ("type_pointer", &identity.type_pointer)] {
+        if pointer.as_ref().is_some_and(|pointer| !pointer.starts_with('/')) {
+            problems.push(format!("{} must be a JSON pointer such as \"/id\"", field(key)));
+        }
+    }
+    if identity.id_header.is_some() && identity.id_pointer.is_some() {
+        problems.push(format!("sources.{name}: give id_header or id_pointer, not both"));
+    }
+    if identity.type_header.is_some() && identity.type_pointer.is_some() {
+        problems.push(format!("sources.{name}: give type_header or type_pointer, not both"));
+    }
+    if matches!(scheme, RawVerify::Hmac | RawVerify::Token) && header.is_none() {
+        problems.push(format!("sources.{name}: verify = \"{}\" needs header = \"…\"", scheme.name()));
+    }
+
+    let verify = match scheme {
+        RawVerify::Github => Verify::Github { secrets },
+        RawVerify::Stripe => Verify::Stripe { secrets, tolerance },
+        RawVerify::Slack => Verify::Slack { secrets, tolerance },
+        RawVerify::StandardWebhooks => Verify::StandardWebhooks { keys: secrets, tolerance },
+        RawVerify::Token => Verify::Token { secrets, header: header.unwrap_or_default() },
+        RawVerify::None => Verify::None,
+        RawVerify::Hmac => {
+            let default = if timestamp_header.is_some() { "{timestamp}.{body}" } else { "{body}" };
+            let signed = SignedContent::parse(raw.signed.as_deref().unwrap_or(default)).unwrap_or_else(|err| {
+                problems.push(format!("{}: {err}", field("signed")));
+                SignedContent { before: String::new(), after: String::new() }
+            });
+            if signed.uses_timestamp() != timestamp_header.is_some() {
+                problems
+                    .push(format!("sources.{name}: signed uses {{timestamp}} exactly when timestamp_header is set"));
+            }
+            if raw.tolerance.is_some() && timestamp_header.is_none() {
+                problems.push(format!("{} needs timestamp_header", field("tolerance")));
+            }
+            Verify::Hmac(HmacScheme {
+                secrets,
+                header: header.unwrap_or_default(),
+                algorithm: raw.algorithm.unwrap_or_default(),
+                encoding: raw.encoding.unwrap_or_default(),
+                prefix: raw.prefix.unwrap_or_default(),
+                timestamp_header,
+                tolerance,
+                signed,
+            })
+        }
+    };
+    (problems.len() == before).then_some(SourceConfig { verify, identity, format, max_body_bytes, dedup_window })
 }
 
 fn duration(text: Option<&str>, field: &str, default: Duration, problems: &mut Vec<String>) -> Duration {
@@ -455,6 +768,68 @@ mod tests {
         let defaults = check("", &env(&[])).expect("valid");
         assert_eq!(defaults.retry, RetryPolicy::default());
         assert_eq!(defaults.journal.synchronous, Synchronous::Full);
+    }
+
+    #[test]
+    fn every_scheme_reads_its_own_keys() {
+        let config = check(
+            "[sources.stripe]\nverify = \"stripe\"\nsecret_env = \"S\"\ntolerance = \"10m\"\n\
+             [sources.svix]\nverify = \"standard-webhooks\"\nsecret_env = \"W\"\n\
+             [sources.gitlab]\nverify = \"token\"\nsecret_env = \"T\"\nheader = \"X-Gitlab-Token\"\ntype_header = \"X-Gitlab-Event\"\n\
+             [sources.custom]\nverify = \"hmac\"\nsecret_env = \"S\"\nheader = \"X-Sig\"\nalgorithm = \"sha512\"\nencoding = \"base64\"\n\
+             timestamp_header = \"X-Ts\"\nid_pointer = \"/id\"\n",
+            &env(&[("S", "s"), ("W", "whsec_Zm9v"), ("T", "t")]),
+        )
+        .expect("valid");
+        assert!(
+            matches!(config.sources["stripe"].verify, Verify::Stripe { tolerance, .. } if tolerance == Duration::from_secs(600))
+        );
+        assert!(
+            matches!(&config.sources["svix"].verify, Verify::StandardWebhooks { keys, .. } if keys[0].expose() == b"foo")
+        );
+        assert!(matches!(&config.sources["gitlab"].verify, Verify::Token { header, .. } if header == "x-gitlab-token"));
+        assert_eq!(config.sources["gitlab"].identity.type_header.as_deref(), Some("x-gitlab-event"));
+        let Verify::Hmac(hmac) = &config.sources["custom"].verify else { panic!("hmac") };
+        assert_eq!(
+            (hmac.algorithm, hmac.encoding, hmac.header.as_str()),
+            (Algorithm::Sha512, Encoding::Base64, "x-sig")
+        );
+        assert_eq!(hmac.signed.around_body("7"), ("7.".to_owned(), String::new()));
+    }
+
+    #[test]
+    fn keys_of_another_scheme_and_incomplete_schemes_are_refused() {
+        let err = check("[sources.gh]\nverify = \"github\"\nsecret_env = \"S\"\nheader = \"X\"\n", &env(&[("S", "s")]))
+            .expect_err("header on github");
+        assert!(err.to_string().contains("sources.gh.header does not apply to verify = \"github\""), "{err}");
+        let err = check(
+            "[sources.h]\nverify = \"hmac\"\nsecret_env = \"S\"\nsigned = \"{timestamp}{body}\"\n",
+            &env(&[("S", "s")]),
+        )
+        .expect_err("no header, timestamp without header");
+        let text = err.to_string();
+        assert!(text.contains("needs header") && text.contains("timestamp_header"), "{text}");
+        assert!(SignedContent::parse("{body}{body}").is_err());
+        assert!(SignedContent::parse("{id}.{body}").is_err());
+    }
+
+    #[test]
+    fn a_malformed_standard_webhooks_secret_names_its_variable_not_its_value() {
+        let err = check(
+            "[sources.w]\nverify = \"standard-webhooks\"\nsecret_env = \"W\"\n",
+            &env(&[("W", "whsec_!!secret!!")]),
+        )
+        .expect_err("not base64");
+        let text = err.to_string();
+        assert!(text.contains("W ") && !text.contains("!!secret!!"), "{text}");
+    }
+
+    #[test]
+    fn unsigned_cloudevents_are_refused_beyond_loopback() {
+        let source = "[sources.ce]\nverify = \"none\"\nformat = \"cloudevents\"\n";
+        assert!(check(source, &env(&[])).is_ok());
+        let err = check(&format!("listen = \"0.0.0.0:8080\"\n{source}"), &env(&[])).expect_err("public");
+        assert!(err.to_string().contains("loopback"), "{err}");
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub type Body = Full<Bytes>;
 /// How long a client may take to send its request headers (slow-client protection).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Largest request head (request line and headers) a client may send; more gets 431.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 /// How long open connections get to finish their request after shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -52,7 +55,7 @@ where
 {
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(MAX_HEAD_BYTES);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {

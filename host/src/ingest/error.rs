@@ -32,6 +32,9 @@ pub enum IngestError {
     /// The request is authentic but unusable.
     #[error("{0}")]
     BadRequest(String),
+    /// The client took too long to send its body.
+    #[error("the body did not arrive within {} s", .0.as_secs())]
+    Timeout(std::time::Duration),
     /// The host cannot take the event right now (journal full, shutting down).
     #[error("{0}; retry later")]
     Unavailable(String),
@@ -50,6 +53,7 @@ impl IngestError {
             IngestError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             IngestError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            IngestError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

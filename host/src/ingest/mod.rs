@@ -1,34 +1,42 @@
-//! Webhook ingest: `POST /hooks/{source}` → limits → signature → parse → [`Event`] →
+//! Webhook ingest: `POST /hooks/{source}` → limits → signature → parse → [`Event`]s →
 //! [`Journal::accept`] → `202` once durable.
 //!
 //! The checks run cheapest and safest first: route, method, content type, size (while
-//! reading), signature (before parsing anything), JSON. A refused request is never stored.
+//! reading, within a time limit), signature (before parsing anything), body. A refused
+//! request is never stored. Turning a verified request into events is [`verify`]'s and
+//! [`cloudevents`]' job; this module only adds HTTP around it.
 
+pub mod cloudevents;
 mod error;
 pub mod verify;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{HeaderMap, Method, Request, Response, StatusCode, header};
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 pub use error::{IngestError, RETRY_AFTER_SECONDS};
 
-use crate::config::SourceConfig;
+use crate::config::{Format, SourceConfig};
 use crate::event::{Event, now_ms};
 use crate::http::{self, Body};
 use crate::journal::{Accepted, Journal, JournalError, NewEvent};
 use crate::registry::Registry;
-use tokio_util::sync::CancellationToken;
+use cloudevents::{CloudEvent, Mode};
+use verify::Identified;
 
 /// Path prefix of the webhook routes.
 pub const HOOKS_PREFIX: &str = "/hooks/";
 /// Longest event id or type accepted, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
+/// How long a client may take to send its whole body (slow-client protection).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The webhook endpoint: sources by name, and where accepted events go.
 pub struct Ingest {
@@ -47,6 +55,31 @@ struct AcceptedBody<'a> {
     duplicate: bool,
 }
 
+/// One event of a batch: what became of it.
+#[derive(Serialize)]
+struct BatchResult {
+    index: usize,
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    event_type: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// What a verified request turned out to be.
+enum Received {
+    /// One event, accepted or a duplicate.
+    One(Event, Accepted),
+    /// A CloudEvents batch: each event's own result.
+    Batch(Vec<BatchResult>),
+    /// A handshake, answered at once.
+    Answer(serde_json::Value),
+}
+
 impl Ingest {
     /// An endpoint for `sources` that stores into `journal`, routing with `registry`, and
     /// refusing new events (503) once `shutdown` fires.
@@ -62,8 +95,8 @@ impl Ingest {
     /// Answers one HTTP request.
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
         let path = request.uri().path().to_owned();
-        match self.accept(request).await {
-            Ok((event, accepted)) => {
+        match self.receive(request).await {
+            Ok(Received::One(event, accepted)) => {
                 let duplicate = accepted == Accepted::Duplicate;
                 tracing::info!(
                     event.id = %event.id, event.type = %event.event_type, source = %event.source, duplicate,
@@ -72,6 +105,8 @@ impl Ingest {
                 let status = if duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
                 http::json(status, &AcceptedBody { id: &event.id, event_type: &event.event_type, duplicate })
             }
+            Ok(Received::Batch(results)) => http::json(StatusCode::OK, &serde_json::json!({ "results": results })),
+            Ok(Received::Answer(answer)) => http::json(StatusCode::OK, &answer),
             Err(err) => {
                 if err.status().is_server_error() {
                     tracing::error!(%path, status = err.status().as_u16(), reason = %err, "request not accepted");
@@ -83,7 +118,7 @@ impl Ingest {
         }
     }
 
-    async fn accept(&self, request: Request<Incoming>) -> Result<(Event, Accepted), IngestError> {
+    async fn receive(&self, request: Request<Incoming>) -> Result<Received, IngestError> {
         let path = request.uri().path();
         let name = path.strip_prefix(HOOKS_PREFIX).ok_or_else(|| IngestError::NoRoute(path.to_owned()))?;
         if name.is_empty() || name.contains('/') {
@@ -94,55 +129,136 @@ impl Ingest {
             return Err(IngestError::MethodNotAllowed(request.method().to_string()));
         }
         let source = self.sources.get(&name).ok_or_else(|| IngestError::UnknownSource(name.clone()))?;
-        let content_type = json_content_type(request.headers())?;
-        let (parts, body) = request.into_parts();
-        let body = read_body(body, &parts.headers, source.max_body_bytes).await?;
-
-        verify::verify(&source.verify, &parts.headers, &body)?;
-        let json: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|err| IngestError::BadRequest(format!("body is not valid JSON: {err}")))?;
-        let identity = verify::identify(&source.verify, &name, &parts.headers, &body, &json)?;
-        let event = Event {
-            id: checked_name("event id", identity.id)?,
-            event_type: checked_name("event type", identity.event_type.to_lowercase())?,
-            source: name,
-            time_ms: now_ms(),
-            content_type,
-            data: body,
-            attributes: identity.attributes,
+        let content_type = content_type(request.headers());
+        let mode = match source.format {
+            Format::Json => {
+                if !is_json(&content_type) {
+                    return Err(IngestError::UnsupportedMediaType(if content_type.is_empty() {
+                        "(none)".to_owned()
+                    } else {
+                        content_type
+                    }));
+                }
+                None
+            }
+            Format::Cloudevents => Some(Mode::of(&content_type)),
         };
+        let (parts, body) = request.into_parts();
+        let body = tokio::time::timeout(BODY_READ_TIMEOUT, read_body(body, &parts.headers, source.max_body_bytes))
+            .await
+            .map_err(|_| IngestError::Timeout(BODY_READ_TIMEOUT))??;
 
+        verify::verify(&source.verify, &parts.headers, &body, now_ms() / 1000)?;
+        match mode {
+            None => {
+                let json = parse_json(&body)?;
+                match verify::identify(&source.verify, &source.identity, &name, &parts.headers, &body, &json)? {
+                    Identified::Answer(answer) => Ok(Received::Answer(answer)),
+                    Identified::Event(identity) => {
+                        let event = Event {
+                            id: checked_name("event id", identity.id)?,
+                            event_type: checked_name("event type", normalise_type(&identity.event_type))?,
+                            source: name,
+                            time_ms: now_ms(),
+                            content_type,
+                            data: body,
+                            attributes: identity.attributes,
+                        };
+                        let accepted = self.accept(source, event.clone()).await?;
+                        Ok(Received::One(event, accepted))
+                    }
+                }
+            }
+            Some(Mode::Binary) => {
+                let event = cloud_event(&name, cloudevents::from_binary(&parts.headers, body)?)?;
+                let accepted = self.accept(source, event.clone()).await?;
+                Ok(Received::One(event, accepted))
+            }
+            Some(Mode::Structured) => {
+                let event = cloud_event(&name, cloudevents::from_structured(&parse_json(&body)?)?)?;
+                let accepted = self.accept(source, event.clone()).await?;
+                Ok(Received::One(event, accepted))
+            }
+            Some(Mode::Batch) => {
+                let mut results = Vec::new();
+                for (index, parsed) in cloudevents::from_batch(&parse_json(&body)?)?.into_iter().enumerate() {
+                    let outcome = match parsed.and_then(|cloud| cloud_event(&name, cloud)) {
+                        Ok(event) => self.accept(source, event.clone()).await.map(|accepted| (event, accepted)),
+                        Err(err) => Err(err),
+                    };
+                    results.push(match outcome {
+                        Ok((event, accepted)) => BatchResult {
+                            index,
+                            status: if accepted == Accepted::Duplicate { 200 } else { 202 },
+                            id: Some(event.id),
+                            event_type: Some(event.event_type),
+                            duplicate: accepted == Accepted::Duplicate,
+                            error: None,
+                        },
+                        Err(err) => BatchResult {
+                            index,
+                            status: err.status().as_u16(),
+                            id: None,
+                            event_type: None,
+                            duplicate: false,
+                            error: Some(err.to_string()),
+                        },
+                    });
+                }
+                Ok(Received::Batch(results))
+            }
+        }
+    }
+
+    /// Routes the event and stores it; answers only once it is durable.
+    async fn accept(&self, source: &SourceConfig, event: Event) -> Result<Accepted, IngestError> {
         if self.shutdown.is_cancelled() {
             return Err(IngestError::Unavailable("the host is shutting down".to_owned()));
         }
         let plugins = self.registry.route(&event.event_type);
         if plugins.is_empty() {
-            tracing::warn!(event.id = %event.id, event.type = %event.event_type, source = %event.source, "no plugin subscribes; kept as unrouted");
+            tracing::warn!(
+                event.id = %event.id, event.type = %event.event_type, source = %event.source,
+                "no plugin subscribes; kept as unrouted"
+            );
         }
-        let new = NewEvent { event: event.clone(), plugins, dedup_window: source.dedup_window };
-        let accepted = self.journal.accept(new).await.map_err(|err| match err {
+        let new = NewEvent { event, plugins, dedup_window: source.dedup_window };
+        self.journal.accept(new).await.map_err(|err| match err {
             JournalError::Full { .. } => IngestError::Unavailable(err.to_string()),
             other => {
                 tracing::error!(error = %other, "journal refused an event");
                 IngestError::Internal
             }
-        })?;
-        Ok((event, accepted))
+        })
     }
 }
 
-/// The request's content type if it is JSON (`application/json` or any `+json` type).
-fn json_content_type(headers: &HeaderMap) -> Result<String, IngestError> {
-    let value = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("(not text)"));
-    let Some(value) = value else {
-        return Err(IngestError::UnsupportedMediaType("(none)".to_owned()));
-    };
-    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    if essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json")) {
-        Ok(essence)
-    } else {
-        Err(IngestError::UnsupportedMediaType(value.to_owned()))
-    }
+/// An event from a CloudEvent received by source `name`; its type is kept as written.
+fn cloud_event(name: &str, cloud: CloudEvent) -> Result<Event, IngestError> {
+    Ok(Event {
+        id: checked_name("event id", cloud.id)?,
+        event_type: checked_name("event type", cloud.event_type)?,
+        source: name.to_owned(),
+        time_ms: now_ms(),
+        content_type: cloud.content_type,
+        data: cloud.data,
+        attributes: cloud.attributes,
+    })
+}
+
+/// The request's media type, lower-case, without parameters (empty when absent).
+fn content_type(headers: &HeaderMap) -> String {
+    let value = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("(not text)")).unwrap_or("");
+    value.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+}
+
+/// Whether a media type is JSON (`application/json` or any `application/…+json`).
+fn is_json(essence: &str) -> bool {
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+fn parse_json(body: &[u8]) -> Result<serde_json::Value, IngestError> {
+    serde_json::from_slice(body).map_err(|err| IngestError::BadRequest(format!("body is not valid JSON: {err}")))
 }
 
 /// Reads the body, refusing it as soon as it passes `limit` bytes (a declared length over the
@@ -160,6 +276,11 @@ async fn read_body(body: Incoming, headers: &HeaderMap, limit: usize) -> Result<
         }
         Err(err) => Err(IngestError::BadRequest(format!("could not read the body: {err}"))),
     }
+}
+
+/// Provider event types are lower-case with `_` for spaces (`Push Hook` → `push_hook`).
+fn normalise_type(event_type: &str) -> String {
+    event_type.trim().to_lowercase().split_whitespace().collect::<Vec<_>>().join("_")
 }
 
 /// An event id or type must be non-empty, at most [`MAX_NAME_BYTES`], and free of control
@@ -185,14 +306,20 @@ mod tests {
 
     #[test]
     fn json_content_types_are_recognised() {
-        assert_eq!(
-            json_content_type(&with_content_type("application/json; charset=utf-8")).ok().as_deref(),
-            Some("application/json")
-        );
-        assert!(json_content_type(&with_content_type("application/cloudevents+json")).is_ok());
-        assert!(json_content_type(&with_content_type("text/plain")).is_err());
-        assert!(json_content_type(&with_content_type("application/x-www-form-urlencoded")).is_err());
-        assert!(json_content_type(&HeaderMap::new()).is_err());
+        assert_eq!(content_type(&with_content_type("Application/JSON; charset=utf-8")), "application/json");
+        for json in ["application/json", "application/cloudevents+json", "application/vnd.github+json"] {
+            assert!(is_json(json), "{json}");
+        }
+        for other in ["text/plain", "application/x-www-form-urlencoded", "", "text/json+xml"] {
+            assert!(!is_json(other), "{other}");
+        }
+        assert_eq!(content_type(&HeaderMap::new()), "");
+    }
+
+    #[test]
+    fn provider_types_are_lower_case_with_underscores() {
+        assert_eq!(normalise_type("gitlab.Push Hook"), "gitlab.push_hook");
+        assert_eq!(normalise_type("github.pull_request.opened"), "github.pull_request.opened");
     }
 
     #[test]

@@ -1,12 +1,10 @@
 //! GitHub webhooks: `X-Hub-Signature-256: sha256=<hex>`, an HMAC-SHA256 of the raw body.
 //! Id from `X-GitHub-Delivery`; type `github.{X-GitHub-Event}[.{action}]`.
 
-use hmac::{Hmac, Mac};
 use hyper::HeaderMap;
-use sha2::Sha256;
 
-use super::{Identity, header_str, id_from_body};
-use crate::config::Secret;
+use super::{Identity, any_matches, header_str, id_from_body, mac};
+use crate::config::{Algorithm, Secret};
 use crate::ingest::IngestError;
 
 /// Header carrying the SHA-256 signature.
@@ -24,9 +22,7 @@ const PREFIX: &str = "sha256=";
 
 /// The `X-Hub-Signature-256` value GitHub would send for `body` signed with `secret`.
 pub fn sign(secret: &[u8], body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
-    mac.update(body);
-    format!("{PREFIX}{}", hex::encode(mac.finalize().into_bytes()))
+    format!("{PREFIX}{}", hex::encode(mac(Algorithm::Sha256, secret, &[body])))
 }
 
 /// Checks the signature against each secret in constant time; any may match.
@@ -42,13 +38,7 @@ pub fn verify(secrets: &[Secret], headers: &HeaderMap, body: &[u8]) -> Result<()
         value.strip_prefix(PREFIX).and_then(|hex_digest| hex::decode(hex_digest).ok()).ok_or_else(|| {
             IngestError::Unauthorized("malformed X-Hub-Signature-256 header; expected sha256=<hex>".to_owned())
         })?;
-    let matches = secrets.iter().any(|secret| {
-        let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose()).expect("HMAC takes keys of any length");
-        mac.update(body);
-        // `verify_slice` compares in constant time.
-        mac.verify_slice(&signature).is_ok()
-    });
-    if matches {
+    if any_matches(Algorithm::Sha256, secrets, &[body], &[signature]) {
         Ok(())
     } else {
         Err(IngestError::Unauthorized("X-Hub-Signature-256 does not match the body".to_owned()))

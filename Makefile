@@ -14,6 +14,11 @@ WASM_OUT := target/wasm32-wasip2/plugin
 ## make run: build everything and serve the example plugins on loopback (Ctrl-C stops it).
 run: plugins host
 	GITHUB_WEBHOOK_SECRET="$${GITHUB_WEBHOOK_SECRET:-dev-secret}" \
+	STRIPE_WEBHOOK_SECRET="$${STRIPE_WEBHOOK_SECRET:-whsec_dev-secret}" \
+	SLACK_SIGNING_SECRET="$${SLACK_SIGNING_SECRET:-dev-secret}" \
+	STANDARD_WEBHOOKS_SECRET="$${STANDARD_WEBHOOKS_SECRET:-whsec_ZGV2LXNlY3JldC1kZXYtc2VjcmV0}" \
+	GITLAB_WEBHOOK_TOKEN="$${GITLAB_WEBHOOK_TOKEN:-dev-secret}" \
+	CI_WEBHOOK_SECRET="$${CI_WEBHOOK_SECRET:-dev-secret}" \
 	  ./target/release/wasmhook serve --config examples/wasmhook.toml
 
 ## make test: build plugins and the host once (release profile), then run every test.

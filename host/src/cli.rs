@@ -125,21 +125,81 @@ struct ServeArgs {
 enum SendScheme {
     /// A GitHub webhook, signed with X-Hub-Signature-256.
     Github {
-        /// Where to post, such as http://127.0.0.1:8080/hooks/github.
-        #[arg(long)]
-        url: String,
-        /// Environment variable holding the webhook secret.
-        #[arg(long, value_name = "VAR")]
-        secret_env: String,
+        #[command(flatten)]
+        common: SendArgs,
         /// The X-GitHub-Event name, such as push or pull_request.
         #[arg(long)]
         event: String,
-        /// The delivery id; a fresh UUID when not given.
-        #[arg(long)]
-        delivery: Option<String>,
-        /// The JSON payload file.
-        file: PathBuf,
     },
+    /// A Stripe event (id and type from the file), signed with Stripe-Signature.
+    Stripe {
+        #[command(flatten)]
+        common: SendArgs,
+    },
+    /// A Slack request, signed with X-Slack-Signature.
+    Slack {
+        #[command(flatten)]
+        common: SendArgs,
+    },
+    /// A Standard Webhooks message, signed with webhook-signature (secret: whsec_…).
+    StandardWebhooks {
+        #[command(flatten)]
+        common: SendArgs,
+    },
+    /// A request signed as a `verify = "hmac"` source expects.
+    Hmac {
+        #[command(flatten)]
+        common: SendArgs,
+        /// The signature header, as in the source's `header`.
+        #[arg(long)]
+        header: String,
+        /// sha256 or sha512.
+        #[arg(long, default_value = "sha256")]
+        algorithm: String,
+        /// hex or base64.
+        #[arg(long, default_value = "hex")]
+        encoding: String,
+        /// Text before the signature, such as sha256=.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// The timestamp header, as in the source's `timestamp_header`.
+        #[arg(long)]
+        timestamp_header: Option<String>,
+        /// The signed content, as in the source's `signed`.
+        #[arg(long)]
+        signed: Option<String>,
+    },
+    /// A request carrying the secret as-is in a header (`verify = "token"`).
+    Token {
+        #[command(flatten)]
+        common: SendArgs,
+        /// The header, as in the source's `header`.
+        #[arg(long)]
+        header: String,
+    },
+    /// An unsigned request (`verify = "none"`).
+    None {
+        #[command(flatten)]
+        common: SendArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct SendArgs {
+    /// Where to post, such as http://127.0.0.1:8080/hooks/github.
+    #[arg(long)]
+    url: String,
+    /// Environment variable holding the secret (not needed for `none`).
+    #[arg(long, value_name = "VAR")]
+    secret_env: Option<String>,
+    /// The delivery id (GitHub, Standard Webhooks); a fresh UUID when not given.
+    #[arg(long)]
+    delivery: Option<String>,
+    /// Another header to send, as "Name: value" (repeatable).
+    #[arg(short = 'H', long = "header-line", value_name = "NAME: VALUE")]
+    extra: Vec<String>,
+    /// The JSON payload file.
+    file: PathBuf,
 }
 
 impl Cli {
@@ -202,14 +262,75 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
 }
 
 fn send(scheme: SendScheme, env: &dyn Env) -> anyhow::Result<ExitCode> {
-    let SendScheme::Github { url, secret_env, event, delivery, file } = scheme;
-    let secret = env.var(&secret_env).with_context(|| format!("environment variable {secret_env} is not set"))?;
-    let body = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-    let delivery = delivery.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let outgoing = send::github(secret.as_bytes(), &event, &delivery, body);
-    let (status, answer) = client::blocking_request(Method::POST, &url, &outgoing.headers, outgoing.body)?;
+    let now = crate::event::now_ms() / 1000;
+    let common = match &scheme {
+        SendScheme::Github { common, .. }
+        | SendScheme::Stripe { common }
+        | SendScheme::Slack { common }
+        | SendScheme::StandardWebhooks { common }
+        | SendScheme::Hmac { common, .. }
+        | SendScheme::Token { common, .. }
+        | SendScheme::None { common } => common,
+    };
+    let body = std::fs::read(&common.file).with_context(|| format!("cannot read {}", common.file.display()))?;
+    let secret = || -> anyhow::Result<String> {
+        let var = common.secret_env.as_deref().context("--secret-env VAR is required for this scheme")?;
+        env.var(var).with_context(|| format!("environment variable {var} is not set"))
+    };
+    let delivery = common.delivery.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let mut outgoing = match &scheme {
+        SendScheme::Github { event, .. } => send::github(secret()?.as_bytes(), event, &delivery, body),
+        SendScheme::Stripe { .. } => send::stripe(secret()?.as_bytes(), now, body),
+        SendScheme::Slack { .. } => send::slack(secret()?.as_bytes(), now, body),
+        SendScheme::StandardWebhooks { .. } => {
+            let key = config::Secret::from_standard_webhooks(&secret()?)
+                .map_err(|err| anyhow::anyhow!("the secret {err}"))?;
+            send::standard_webhooks(key.expose(), &delivery, now, body)
+        }
+        SendScheme::Hmac { header, algorithm, encoding, prefix, timestamp_header, signed, .. } => {
+            let scheme =
+                hmac_scheme(header, algorithm, encoding, prefix, timestamp_header.as_deref(), signed.as_deref())?;
+            send::hmac(&scheme, secret()?.as_bytes(), now, body)
+        }
+        SendScheme::Token { header, .. } => send::token(header, &secret()?, body),
+        SendScheme::None { .. } => send::unsigned(body),
+    };
+    for line in &common.extra {
+        let (name, value) = line.split_once(':').with_context(|| format!("-H {line:?}: expected \"Name: value\""))?;
+        outgoing.headers.push((name.trim().to_owned(), value.trim().to_owned()));
+    }
+    let (status, answer) = client::blocking_request(Method::POST, &common.url, &outgoing.headers, outgoing.body)?;
     println!("{} {answer}", status.as_u16());
     Ok(if status.is_success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// An `hmac` scheme from `send hmac`'s flags, read the way the config file reads them.
+fn hmac_scheme(
+    header: &str,
+    algorithm: &str,
+    encoding: &str,
+    prefix: &str,
+    timestamp_header: Option<&str>,
+    signed: Option<&str>,
+) -> anyhow::Result<config::HmacScheme> {
+    let parse = |key: &str, value: &str| -> anyhow::Result<toml::Value> {
+        toml::Value::try_from(value).with_context(|| format!("--{key} {value:?}"))
+    };
+    let algorithm: config::Algorithm =
+        parse("algorithm", algorithm)?.try_into().context("--algorithm takes sha256 or sha512")?;
+    let encoding: config::Encoding =
+        parse("encoding", encoding)?.try_into().context("--encoding takes hex or base64")?;
+    let default = if timestamp_header.is_some() { "{timestamp}.{body}" } else { "{body}" };
+    Ok(config::HmacScheme {
+        secrets: Vec::new(),
+        header: header.to_ascii_lowercase(),
+        algorithm,
+        encoding,
+        prefix: prefix.to_owned(),
+        timestamp_header: timestamp_header.map(str::to_ascii_lowercase),
+        tolerance: config::DEFAULT_TOLERANCE,
+        signed: config::SignedContent::parse(signed.unwrap_or(default)).map_err(anyhow::Error::msg)?,
+    })
 }
 
 fn dlq(admin: &AdminArgs, action: DlqAction, env: &dyn Env) -> anyhow::Result<ExitCode> {

@@ -6,4 +6,5 @@ mod cli;
 mod ingest;
 mod journal;
 mod plugins;
+mod senders;
 mod util;

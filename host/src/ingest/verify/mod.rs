@@ -5,6 +5,8 @@
 
 pub mod github;
 pub mod hmac;
+#[cfg(test)]
+mod properties;
 pub mod slack;
 pub mod standard_webhooks;
 pub mod stripe;

@@ -2,9 +2,9 @@
 # Plugins are built once for wasm32-wasip2 into target/plugins/*.wasm and shared by all tests.
 
 CARGO ?= cargo
-PLUGINS := echo github-push
+PLUGINS := echo github-push slack-notify forward
 # Plugins that exist only for tests (faults, counters); kept apart so `make run` never serves them.
-TEST_PLUGINS := flaky
+TEST_PLUGINS := flaky faulty
 PLUGIN_DIR := target/plugins
 TEST_PLUGIN_DIR := target/test-plugins
 WASM_OUT := target/wasm32-wasip2/plugin

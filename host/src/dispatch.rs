@@ -1,5 +1,6 @@
 //! The dispatcher: leases due deliveries from the journal, runs each on its plugin in a
-//! bounded pool of workers, and settles it: done, retried after a backoff, or dead (with a
+//! bounded pool of workers (and within the plugin's own concurrency), and settles it: done
+//! (committing the events it emitted), retried after a backoff, or dead (with a
 //! `wasmhook.dead_letter` event for anyone who subscribes). One log line per outcome.
 
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use crate::event::{Event, now_ms};
 use crate::journal::{DEFAULT_DEDUP_WINDOW, Journal, Lease, NewEvent, Outcome};
 use crate::registry::{Plugin, Registry};
 use crate::retry::RetryPolicy;
-use crate::runtime::CallError;
+use crate::runtime::{CHAIN_DEPTH_ATTRIBUTE, CallError, Emitted};
 
 /// The type of the event emitted when a delivery goes dead.
 pub const DEAD_LETTER_TYPE: &str = "wasmhook.dead_letter";
@@ -49,7 +50,7 @@ pub async fn run(
         let Ok(first) = first else { break };
         let free = slots.available_permits() + 1;
         let lease_time = registry.max_timeout() + LEASE_MARGIN;
-        let leases = match journal.take(&registry.names(), free, lease_time, TAKE_WAIT).await {
+        let leases = match journal.take(&registry.ready_names(), free, lease_time, TAKE_WAIT).await {
             Ok(leases) => leases,
             Err(err) => {
                 tracing::error!(error = %err, "cannot take deliveries from the journal");
@@ -91,32 +92,54 @@ async fn deliver(journal: &dyn Journal, registry: &Registry, lease: Lease) {
         tracing::warn!(event.id = %event.id, plugin = %lease.plugin, "plugin is not loaded; the delivery waits for it");
         return;
     };
+    let Ok(_permit) = plugin.calls.acquire().await else { return };
     let started = Instant::now();
     let result = plugin.component.invoke(event, lease.attempt).await;
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let (outcome, emitted) = settle(&plugin.name, &plugin.retry, &lease, result);
     log_outcome(&plugin, &lease, &outcome, duration_ms);
-    let emitted = emitted.map(|alert| route(registry, alert)).into_iter().collect();
+    let emitted = emitted.into_iter().map(|event| route(registry, event)).collect();
     if let Err(err) = journal.finish(&lease, outcome, emitted).await {
         tracing::error!(event.id = %event.id, plugin = %plugin.name, error = %err, "cannot record the delivery's outcome");
     }
 }
 
-/// What a call's result means for the delivery: done, another attempt after a backoff, or
-/// dead (with the alert event to emit, unless the dead event is itself an alert).
-fn settle(plugin: &str, retry: &RetryPolicy, lease: &Lease, result: Result<(), CallError>) -> (Outcome, Option<Event>) {
+/// What a call's result means for the delivery, and the events to commit with it: on
+/// success the ones the plugin emitted; when it goes dead, an alert (unless the dead event is
+/// itself an alert); otherwise another attempt after a backoff, and nothing emitted.
+fn settle(
+    plugin: &str,
+    retry: &RetryPolicy,
+    lease: &Lease,
+    result: Result<Vec<Emitted>, CallError>,
+) -> (Outcome, Vec<Event>) {
     let err = match result {
-        Ok(()) => return (Outcome::Done, None),
+        Ok(emitted) => {
+            return (Outcome::Done, emitted.into_iter().map(|emitted| emitted_event(plugin, emitted)).collect());
+        }
         Err(err) => err,
     };
     let error = err.to_string();
     let retryable = !matches!(err, CallError::Permanent(_));
     if retryable && retry.retries_after(lease.attempt) {
         let delay = retry.delay(lease.attempt, fastrand::f64());
-        return (Outcome::Retry { error, delay }, None);
+        return (Outcome::Retry { error, delay }, Vec::new());
     }
     let alert = (lease.event.event_type != DEAD_LETTER_TYPE).then(|| dead_letter_event(plugin, lease, &error));
-    (Outcome::Dead { error }, alert)
+    (Outcome::Dead { error }, alert.into_iter().collect())
+}
+
+/// An event a plugin emitted, as source `plugin.NAME`, carrying its chain depth.
+fn emitted_event(plugin: &str, emitted: Emitted) -> Event {
+    Event {
+        id: emitted.id,
+        source: format!("plugin.{plugin}"),
+        event_type: emitted.event_type,
+        time_ms: now_ms(),
+        content_type: emitted.content_type,
+        data: Bytes::from(emitted.data),
+        attributes: vec![(CHAIN_DEPTH_ATTRIBUTE.to_owned(), emitted.depth.to_string())],
+    }
 }
 
 /// The `wasmhook.dead_letter` event: which event, which plugin, how many attempts, why.
@@ -195,7 +218,17 @@ mod tests {
 
     #[test]
     fn success_is_done() {
-        assert_eq!(settle("p", &POLICY, &lease("x", 1), Ok(())), (Outcome::Done, None));
+        let emitted = Emitted {
+            id: "e.1".into(),
+            event_type: "audit.pushed".into(),
+            content_type: "application/json".into(),
+            data: b"{}".to_vec(),
+            depth: 2,
+        };
+        let (outcome, events) = settle("p", &POLICY, &lease("x", 1), Ok(vec![emitted]));
+        assert_eq!(outcome, Outcome::Done);
+        assert_eq!((events[0].source.as_str(), events[0].id.as_str()), ("plugin.p", "e.1"));
+        assert_eq!(events[0].attributes, [(CHAIN_DEPTH_ATTRIBUTE.to_owned(), "2".to_owned())]);
     }
 
     #[test]
@@ -206,7 +239,7 @@ mod tests {
             (2, CallError::Trap("oops".into())),
         ] {
             match settle("p", &POLICY, &lease("x", attempt), Err(err.clone())) {
-                (Outcome::Retry { error, delay }, None) => {
+                (Outcome::Retry { error, delay }, emitted) if emitted.is_empty() => {
                     assert_eq!(error, err.to_string());
                     assert!(delay <= POLICY.delay(attempt, 1.0), "{delay:?}");
                 }
@@ -220,7 +253,7 @@ mod tests {
         for (attempt, err) in [(3, CallError::Retry("busy".into())), (1, CallError::Permanent("bad".into()))] {
             let (outcome, alert) = settle("p", &POLICY, &lease("github.push", attempt), Err(err.clone()));
             assert_eq!(outcome, Outcome::Dead { error: err.to_string() });
-            let alert = alert.expect("an alert");
+            let alert = alert.first().expect("an alert");
             assert_eq!((alert.source.as_str(), alert.event_type.as_str()), (HOST_SOURCE, DEAD_LETTER_TYPE));
             let data: serde_json::Value = serde_json::from_slice(&alert.data).expect("json");
             assert_eq!((data["event_id"].as_str(), data["plugin"].as_str()), (Some("e"), Some("p")));
@@ -233,6 +266,6 @@ mod tests {
         let (outcome, alert) =
             settle("p", &POLICY, &lease(DEAD_LETTER_TYPE, 1), Err(CallError::Permanent("bad".into())));
         assert!(matches!(outcome, Outcome::Dead { .. }));
-        assert!(alert.is_none());
+        assert!(alert.is_empty());
     }
 }

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 
+use crate::config::Env;
 use crate::manifest::Manifest;
 use crate::retry::RetryPolicy;
 use crate::runtime::{Component, Limits, Runtime};
@@ -31,6 +33,12 @@ pub struct Plugin {
     pub component: Component,
     /// How its failed deliveries are retried.
     pub retry: RetryPolicy,
+    /// Calls of it that may run at once, as permits.
+    pub calls: Arc<Semaphore>,
+    /// The `http_allow` entries its manifest grants, as written.
+    pub http_allow: Vec<String>,
+    /// The `config` keys its manifest grants (values are not shown: some are secrets).
+    pub config_keys: Vec<String>,
     matcher: GlobSet,
 }
 
@@ -48,10 +56,15 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Loads every `*.wasm` in `dir`, with `retry` as the policy manifests may override. A
-    /// file that cannot be loaded is skipped with one error line naming it and the reason;
-    /// only an unreadable folder is an error.
-    pub async fn load_dir(runtime: &Runtime, dir: &Path, retry: &RetryPolicy) -> anyhow::Result<Registry> {
+    /// Loads every `*.wasm` in `dir`, with `retry` as the policy manifests may override and
+    /// `env` for the variables manifests name. A file that cannot be loaded is skipped with
+    /// one error line naming it and the reason; only an unreadable folder is an error.
+    pub async fn load_dir(
+        runtime: &Runtime,
+        dir: &Path,
+        retry: &RetryPolicy,
+        env: &dyn Env,
+    ) -> anyhow::Result<Registry> {
         let entries = std::fs::read_dir(dir)
             .map_err(|err| anyhow::anyhow!("cannot read the plugins folder {}: {err}", dir.display()))?;
         let mut files: Vec<PathBuf> = entries
@@ -62,7 +75,7 @@ impl Registry {
         files.sort();
         let mut plugins = BTreeMap::new();
         for file in files {
-            match load_file(runtime, &file, retry).await {
+            match load_file(runtime, &file, retry, env).await {
                 Ok(plugin) => {
                     tracing::info!(
                         plugin = %plugin.name, version = %plugin.component.metadata().version,
@@ -107,13 +120,22 @@ impl Registry {
         self.snapshot().keys().cloned().collect()
     }
 
+    /// Names of the loaded plugins that can start another call now (below their concurrency).
+    pub fn ready_names(&self) -> Vec<String> {
+        self.snapshot()
+            .values()
+            .filter(|plugin| plugin.calls.available_permits() > 0)
+            .map(|plugin| plugin.name.clone())
+            .collect()
+    }
+
     /// The longest call timeout among the loaded plugins.
     pub fn max_timeout(&self) -> Duration {
         self.snapshot().values().map(|plugin| plugin.component.limits().timeout).max().unwrap_or_default()
     }
 }
 
-async fn load_file(runtime: &Runtime, file: &Path, retry: &RetryPolicy) -> Result<Plugin, String> {
+async fn load_file(runtime: &Runtime, file: &Path, retry: &RetryPolicy, env: &dyn Env) -> Result<Plugin, String> {
     let name = file
         .file_stem()
         .and_then(|stem| stem.to_str())
@@ -123,15 +145,33 @@ async fn load_file(runtime: &Runtime, file: &Path, retry: &RetryPolicy) -> Resul
     let bytes = std::fs::read(file).map_err(|err| format!("cannot read it: {err}"))?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
     let manifest = Manifest::beside(file)?;
-    let retry = manifest.retry.apply(retry).map_err(|problems| format!("manifest: {}", problems.join("; ")))?;
-    let limits = Limits { config: Arc::new(manifest.config), ..Limits::default() };
+    let grants = manifest
+        .grants(env, retry)
+        .map_err(|problems| format!("{}: {}", file.with_extension("toml").display(), problems.join("; ")))?;
+    let limits = Limits {
+        timeout: grants.timeout,
+        memory_bytes: grants.memory_bytes,
+        config: Arc::new(grants.config.clone()),
+        http_allow: Arc::new(grants.http_allow),
+    };
     let component = runtime.load(&name, bytes, limits).await.map_err(|err| err.to_string())?;
-    let subscriptions = component.metadata().subscriptions.clone();
+    let subscriptions = grants.subscriptions.unwrap_or_else(|| component.metadata().subscriptions.clone());
     let matcher = matcher(&subscriptions)?;
     if subscriptions.is_empty() {
         tracing::warn!(plugin = %name, "plugin subscribes to nothing");
     }
-    Ok(Plugin { name, file: file.to_owned(), sha256, subscriptions, component, retry, matcher })
+    Ok(Plugin {
+        name,
+        file: file.to_owned(),
+        sha256,
+        subscriptions,
+        component,
+        retry: grants.retry,
+        calls: Arc::new(Semaphore::new(grants.concurrency)),
+        http_allow: manifest.http_allow,
+        config_keys: grants.config.into_keys().collect(),
+        matcher,
+    })
 }
 
 /// One matcher for a list of patterns. `*` matches any run of characters, dots included.

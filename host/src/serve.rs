@@ -27,7 +27,8 @@ const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(60);
 pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let journal: Arc<dyn Journal> = Arc::new(SqliteJournal::open(&config.data_dir, config.journal.clone())?);
     let runtime = Runtime::new().context("cannot start the WebAssembly runtime")?;
-    let registry = Arc::new(Registry::load_dir(&runtime, &config.plugins_dir, &config.retry).await?);
+    let registry =
+        Arc::new(Registry::load_dir(&runtime, &config.plugins_dir, &config.retry, &crate::config::ProcessEnv).await?);
     warn_about_unsigned_sources(&config);
 
     let ingest_listener = bind(config.listen, "webhook").await?;

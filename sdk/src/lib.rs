@@ -4,7 +4,8 @@
 //! event it subscribes to; verification, duplicates, retries, timeouts and logs are the host's
 //! job. This crate hides the generated bindings of the `wasmhook:plugin` WIT world and adds a
 //! few helpers: [`Event::json`] to parse the payload, the [`info!`] family to log, [`config`]
-//! to read operator settings.
+//! to read operator settings, [`emit`] to put a derived event into the journal, and [`http`]
+//! for outbound requests the operator granted.
 //!
 //! ```no_run
 //! use wasmhook_sdk::{Event, HandlerError, Metadata, Plugin, export_plugin, info};
@@ -25,6 +26,8 @@
 //! export_plugin!(Hello);
 //! ```
 #![deny(missing_docs)]
+
+pub mod http;
 
 // The generated bindings name this crate by its path so that the export macro works from the
 // plugin author's crate.
@@ -123,6 +126,19 @@ pub fn log(level: Level, message: &str) {
 /// Reads a value the operator configured for this plugin, `None` if it is not set.
 pub fn config(key: &str) -> Option<String> {
     bindings::wasmhook::plugin::host::config(key)
+}
+
+/// Puts a derived event of `event_type` into the journal (source `plugin.NAME`), for the
+/// plugins subscribed to that type. Returns its id, or why the host refused it. It is committed
+/// only if this call succeeds.
+pub fn emit(event_type: &str, data: &[u8], content_type: &str) -> Result<String, String> {
+    bindings::wasmhook::plugin::host::emit(event_type, data, content_type)
+}
+
+/// [`emit`] with `value` serialized as JSON.
+pub fn emit_json<T: serde::Serialize>(event_type: &str, value: &T) -> Result<String, String> {
+    let data = serde_json::to_vec(value).map_err(|err| format!("cannot serialize the event: {err}"))?;
+    emit(event_type, &data, "application/json")
 }
 
 /// Logs a formatted line at trace level.

@@ -3,7 +3,7 @@
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "plugin",
-    imports: { default: async },
+    imports: { default: async | trappable },
     exports: { default: async },
 });
 

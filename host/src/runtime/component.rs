@@ -1,5 +1,6 @@
 //! One compiled, pre-instantiated plugin and how it is called: a fresh store and instance per
-//! call, a wall-clock deadline through epoch interruption, and a memory cap.
+//! call, a wall-clock deadline through epoch interruption, resource caps, and every way a call
+//! can fail turned into a [`CallError`] that names the reason.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,9 +10,13 @@ use wasmtime::component::Linker;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
 use super::bindings::{self, HandlerError, PluginPre};
-use super::host_api::CallState;
-use super::{DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT, EPOCH_TICK};
+use super::host_api::{CHAIN_DEPTH_ATTRIBUTE, CallGrants, CallState, Emitted, LimitExceeded, MAX_LOG_BYTES};
+use super::http::HttpAllow;
+use super::{DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT, EPOCH_TICK, MAX_WASM_STACK_BYTES};
 use crate::event::Event;
+
+/// The longest error message a plugin's `retry` or `permanent` keeps; the rest is cut.
+pub const MAX_ERROR_BYTES: usize = 4096;
 
 /// What each call of a plugin may use.
 #[derive(Debug, Clone)]
@@ -22,11 +27,18 @@ pub struct Limits {
     pub memory_bytes: usize,
     /// Values the plugin can read with `config(key)`.
     pub config: Arc<BTreeMap<String, String>>,
+    /// Where the plugin's outbound HTTP may go.
+    pub http_allow: Arc<HttpAllow>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { timeout: DEFAULT_TIMEOUT, memory_bytes: DEFAULT_MEMORY_BYTES, config: Arc::default() }
+        Limits {
+            timeout: DEFAULT_TIMEOUT,
+            memory_bytes: DEFAULT_MEMORY_BYTES,
+            config: Arc::default(),
+            http_allow: Arc::default(),
+        }
     }
 }
 
@@ -67,6 +79,9 @@ pub enum CallError {
     /// The call ran past its deadline and was stopped.
     #[error("timeout after {} ms", .0.as_millis())]
     Timeout(Duration),
+    /// The call went over a resource limit (memory, stack, log, emit, output) and was stopped.
+    #[error("{0}")]
+    Limit(String),
     /// The plugin trapped (a panic, an out-of-bounds access, memory over its limit, …).
     #[error("trap: {0}")]
     Trap(String),
@@ -124,9 +139,16 @@ impl Component {
         &self.limits
     }
 
-    /// Calls the plugin's `handle` on `event` in a fresh instance.
-    pub async fn invoke(&self, event: &Event, attempt: u32) -> Result<(), CallError> {
-        let mut store = self.store(Some(event.id.clone()));
+    /// Calls the plugin's `handle` on `event` in a fresh instance. On success, returns the
+    /// events the plugin emitted, for the caller to commit with the outcome.
+    pub async fn invoke(&self, event: &Event, attempt: u32) -> Result<Vec<Emitted>, CallError> {
+        let depth = event
+            .attributes
+            .iter()
+            .find(|(name, _)| name == CHAIN_DEPTH_ATTRIBUTE)
+            .and_then(|(_, depth)| depth.parse().ok())
+            .unwrap_or(0);
+        let mut store = self.store(Some((event.id.clone(), depth)));
         let input = bindings::Event {
             id: event.id.clone(),
             source: event.source.clone(),
@@ -143,25 +165,50 @@ impl Component {
         };
         // The epoch deadline stops guest code; this outer limit also covers host calls.
         let result = tokio::time::timeout(self.limits.timeout + EPOCH_TICK, call).await;
+        store.data().flush_output();
         match result {
             Err(_elapsed) => Err(CallError::Timeout(self.limits.timeout)),
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(HandlerError::Retry(reason)))) => Err(CallError::Retry(reason)),
-            Ok(Ok(Err(HandlerError::Permanent(reason)))) => Err(CallError::Permanent(reason)),
-            Ok(Err(err)) if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => {
-                Err(CallError::Timeout(self.limits.timeout))
-            }
-            Ok(Err(err)) => Err(CallError::Trap(describe(&err))),
+            Ok(Ok(Ok(()))) => Ok(std::mem::take(&mut store.data_mut().emitted)),
+            Ok(Ok(Err(HandlerError::Retry(reason)))) => Err(CallError::Retry(capped(reason))),
+            Ok(Ok(Err(HandlerError::Permanent(reason)))) => Err(CallError::Permanent(capped(reason))),
+            Ok(Err(err)) => Err(self.classify(&err)),
         }
+    }
+
+    /// Names the reason a call trapped: a limit, the deadline, or the trap itself.
+    fn classify(&self, err: &wasmtime::Error) -> CallError {
+        if let Some(limit) = err.downcast_ref::<LimitExceeded>() {
+            return CallError::Limit(limit.0.clone());
+        }
+        match err.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => return CallError::Timeout(self.limits.timeout),
+            Some(Trap::StackOverflow) => {
+                return CallError::Limit(format!(
+                    "wasm stack limit {} KiB (stack overflow)",
+                    MAX_WASM_STACK_BYTES / 1024
+                ));
+            }
+            _ => {}
+        }
+        let text = describe(err);
+        if text.contains("write beyond capacity of MemoryOutputPipe") {
+            return CallError::Limit(format!("output limit {} KiB of stdout or stderr per call", MAX_LOG_BYTES / 1024));
+        }
+        CallError::Trap(text)
     }
 
     /// A fresh store for one call: limits set, and the deadline armed before instantiation
     /// (a plugin's start-up code runs then, and must already be bounded).
-    fn store(&self, event_id: Option<String>) -> Store<CallState> {
-        let state =
-            CallState::new(Arc::clone(&self.name), event_id, Arc::clone(&self.limits.config), self.limits.memory_bytes);
+    fn store(&self, event: Option<(String, u32)>) -> Store<CallState> {
+        let state = CallState::new(CallGrants {
+            plugin: Arc::clone(&self.name),
+            event,
+            config: Arc::clone(&self.limits.config),
+            http_allow: Arc::clone(&self.limits.http_allow),
+            memory_bytes: self.limits.memory_bytes,
+        });
         let mut store = Store::new(&self.engine, state);
-        store.limiter(|state| &mut state.limits);
+        store.limiter(|state| &mut state.limiter);
         let deadline = Instant::now() + self.limits.timeout;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
@@ -175,6 +222,19 @@ impl Metadata {
     fn default_for(name: &str) -> Self {
         Metadata { name: name.to_owned(), version: String::new(), subscriptions: Vec::new() }
     }
+}
+
+/// A plugin's error message, cut at [`MAX_ERROR_BYTES`].
+fn capped(mut message: String) -> String {
+    if message.len() > MAX_ERROR_BYTES {
+        let mut end = MAX_ERROR_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("… (cut at 4 KiB)");
+    }
+    message
 }
 
 /// An error's whole chain (and wasm backtrace, when there is one) on one line.

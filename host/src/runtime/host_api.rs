@@ -1,45 +1,136 @@
-//! The `host` interface plugins import: each call's state and the functions it offers
-//! (log through the host's tracing, config lookup), plus the empty WASI context every
-//! `wasm32-wasip2` component needs to link.
+//! One call's state and the `host` interface plugins import: log through the host's tracing
+//! (capped), config lookup, emit (buffered until the call succeeds), plus the WASI context
+//! (granting nothing), captured stdout/stderr, `wasi:http` behind the plugin's allowlist, and
+//! the resource limiter whose errors name the limit that was hit.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::bindings::Level;
 use super::bindings::wasmhook::plugin::{host, types};
+use super::http::{HttpAllow, HttpGrant};
+
+/// Log lines one call may write.
+pub const MAX_LOG_LINES: usize = 100;
+/// Log bytes one call may write (`log` and stdout/stderr alike).
+pub const MAX_LOG_BYTES: usize = 64 * 1024;
+/// Events one call may emit.
+pub const MAX_EMITS: usize = 100;
+/// The largest event one call may emit.
+pub const MAX_EMIT_BYTES: usize = 1024 * 1024;
+/// How many emitted events deep a chain may go before `emit` refuses (a loop guard).
+pub const MAX_CHAIN_DEPTH: u32 = 8;
+/// The attribute carrying how many emits deep an event is.
+pub const CHAIN_DEPTH_ATTRIBUTE: &str = "wasmhook-chain-depth";
+/// Instances, tables and memories one call may create, and table elements per table.
+const MAX_INSTANCES: usize = 64;
+const MAX_TABLES: usize = 64;
+const MAX_MEMORIES: usize = 8;
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// A per-call limit was hit; the text names it. The call ends as a retryable failure.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct LimitExceeded(pub String);
+
+/// An event a plugin emitted, waiting for its call to succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Emitted {
+    /// The new event's id (the parent's id and its position).
+    pub id: String,
+    /// Its type.
+    pub event_type: String,
+    /// Its media type.
+    pub content_type: String,
+    /// Its payload.
+    pub data: Vec<u8>,
+    /// How many emits deep it is.
+    pub depth: u32,
+}
 
 /// Everything one call's store holds. A fresh one per call: nothing leaks between events.
 pub struct CallState {
     wasi: WasiCtx,
+    http: WasiHttpCtx,
+    http_grant: HttpGrant,
     table: ResourceTable,
-    pub(super) limits: StoreLimits,
+    pub(super) limiter: CallLimiter,
     plugin: Arc<str>,
     event_id: Option<String>,
+    depth: u32,
     config: Arc<BTreeMap<String, String>>,
+    logged_lines: usize,
+    logged_bytes: usize,
+    pub(super) emitted: Vec<Emitted>,
+    pub(super) stdout: MemoryOutputPipe,
+    pub(super) stderr: MemoryOutputPipe,
+}
+
+/// What a call may use, and who it is for.
+pub struct CallGrants {
+    /// The plugin's name.
+    pub plugin: Arc<str>,
+    /// The event's id (none while loading) and how many emits deep it is.
+    pub event: Option<(String, u32)>,
+    /// `config(key)` values.
+    pub config: Arc<BTreeMap<String, String>>,
+    /// Where outbound HTTP may go.
+    pub http_allow: Arc<HttpAllow>,
+    /// Linear memory the call may use.
+    pub memory_bytes: usize,
 }
 
 impl CallState {
-    /// State for a call of `plugin` on `event_id` (none while loading), with at most
-    /// `memory_bytes` of linear memory.
-    pub fn new(
-        plugin: Arc<str>,
-        event_id: Option<String>,
-        config: Arc<BTreeMap<String, String>>,
-        memory_bytes: usize,
-    ) -> Self {
+    /// State for one call under `grants`.
+    pub fn new(grants: CallGrants) -> Self {
+        let (stdout, stderr) = (MemoryOutputPipe::new(MAX_LOG_BYTES), MemoryOutputPipe::new(MAX_LOG_BYTES));
+        // No environment, no preopened folders, no sockets, stdin closed; output captured.
+        let wasi = WasiCtx::builder().stdout(stdout.clone()).stderr(stderr.clone()).build();
+        let (event_id, depth) = grants.event.map_or((None, 0), |(id, depth)| (Some(id), depth));
         CallState {
-            // The default context grants nothing: no environment, no preopened folders,
-            // no sockets, stdin closed, stdout and stderr discarded.
-            wasi: WasiCtx::builder().build(),
+            wasi,
+            http: WasiHttpCtx::new(),
+            http_grant: HttpGrant::new(grants.http_allow, Arc::clone(&grants.plugin)),
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new().memory_size(memory_bytes).trap_on_grow_failure(true).build(),
-            plugin,
+            limiter: CallLimiter { memory_bytes: grants.memory_bytes },
+            plugin: grants.plugin,
             event_id,
-            config,
+            depth,
+            config: grants.config,
+            logged_lines: 0,
+            logged_bytes: 0,
+            emitted: Vec::new(),
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Writes a line to the host's log with the plugin's name and the event's id.
+    pub(super) fn write_log(&self, level: Level, stream: &str, message: &str) {
+        let plugin = &*self.plugin;
+        let event_id = self.event_id.as_deref().unwrap_or("");
+        match level {
+            Level::Trace => tracing::trace!(target: "plugin", plugin, event.id = event_id, stream, "{message}"),
+            Level::Debug => tracing::debug!(target: "plugin", plugin, event.id = event_id, stream, "{message}"),
+            Level::Info => tracing::info!(target: "plugin", plugin, event.id = event_id, stream, "{message}"),
+            Level::Warn => tracing::warn!(target: "plugin", plugin, event.id = event_id, stream, "{message}"),
+            Level::Error => tracing::error!(target: "plugin", plugin, event.id = event_id, stream, "{message}"),
+        }
+    }
+
+    /// Logs what the plugin printed to stdout and stderr, one line each.
+    pub(super) fn flush_output(&self) {
+        for (stream, pipe, level) in [("stdout", &self.stdout, Level::Info), ("stderr", &self.stderr, Level::Warn)] {
+            let contents = pipe.contents();
+            for line in String::from_utf8_lossy(&contents).lines().filter(|line| !line.trim().is_empty()) {
+                self.write_log(level, stream, line);
+            }
         }
     }
 }
@@ -50,32 +141,102 @@ impl WasiView for CallState {
     }
 }
 
+impl WasiHttpView for CallState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.http_grant }
+    }
+}
+
 impl types::Host for CallState {}
 
 impl host::Host for CallState {
-    async fn log(&mut self, level: Level, message: String) {
-        let plugin = &*self.plugin;
-        let event_id = self.event_id.as_deref().unwrap_or("");
-        match level {
-            Level::Trace => {
-                tracing::trace!(target: "plugin", plugin, event.id = event_id, "{message}")
-            }
-            Level::Debug => {
-                tracing::debug!(target: "plugin", plugin, event.id = event_id, "{message}")
-            }
-            Level::Info => {
-                tracing::info!(target: "plugin", plugin, event.id = event_id, "{message}")
-            }
-            Level::Warn => {
-                tracing::warn!(target: "plugin", plugin, event.id = event_id, "{message}")
-            }
-            Level::Error => {
-                tracing::error!(target: "plugin", plugin, event.id = event_id, "{message}")
-            }
+    async fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
+        self.logged_lines += 1;
+        self.logged_bytes += message.len();
+        if self.logged_lines > MAX_LOG_LINES || self.logged_bytes > MAX_LOG_BYTES {
+            return Err(wasmtime::Error::new(LimitExceeded(format!(
+                "log limit {MAX_LOG_LINES} lines or {} KiB per call",
+                MAX_LOG_BYTES / 1024
+            ))));
         }
+        self.write_log(level, "log", &message);
+        Ok(())
     }
 
-    async fn config(&mut self, key: String) -> Option<String> {
-        self.config.get(&key).cloned()
+    async fn config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.config.get(&key).cloned())
+    }
+
+    async fn emit(
+        &mut self,
+        event_type: String,
+        data: Vec<u8>,
+        content_type: String,
+    ) -> wasmtime::Result<Result<String, String>> {
+        if self.emitted.len() >= MAX_EMITS {
+            return Err(wasmtime::Error::new(LimitExceeded(format!("emit limit {MAX_EMITS} events per call"))));
+        }
+        if data.len() > MAX_EMIT_BYTES {
+            return Err(wasmtime::Error::new(LimitExceeded(format!(
+                "emit limit {} MiB per event (this one has {} bytes)",
+                MAX_EMIT_BYTES >> 20,
+                data.len()
+            ))));
+        }
+        if self.depth >= MAX_CHAIN_DEPTH {
+            return Ok(Err(format!(
+                "chain depth limit {MAX_CHAIN_DEPTH}: this event was itself emitted {} deep",
+                self.depth
+            )));
+        }
+        if event_type.is_empty()
+            || event_type.len() > 256
+            || event_type.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Ok(Err(format!("event type {event_type:?} must be 1 to 256 bytes without spaces")));
+        }
+        let parent = self.event_id.as_deref().unwrap_or("load");
+        let id = format!("{parent}.{}", self.emitted.len() + 1);
+        let content_type = if content_type.is_empty() { "application/json".to_owned() } else { content_type };
+        self.emitted.push(Emitted { id: id.clone(), event_type, content_type, data, depth: self.depth + 1 });
+        Ok(Ok(id))
+    }
+}
+
+/// The store's resource limiter: memory per the plugin's grant, and fixed caps on tables and
+/// instances. Going over is an error naming the limit, which ends the call.
+pub(super) struct CallLimiter {
+    memory_bytes: usize,
+}
+
+impl ResourceLimiter for CallLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            return Err(wasmtime::Error::new(LimitExceeded(format!(
+                "memory limit {} MiB (the plugin asked for {} MiB)",
+                self.memory_bytes >> 20,
+                desired >> 20
+            ))));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > MAX_TABLE_ELEMENTS {
+            return Err(wasmtime::Error::new(LimitExceeded(format!("table limit {MAX_TABLE_ELEMENTS} elements"))));
+        }
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
     }
 }

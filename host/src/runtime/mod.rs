@@ -7,6 +7,7 @@
 mod bindings;
 mod component;
 mod host_api;
+mod http;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,8 +17,12 @@ use std::time::Duration;
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-pub use component::{CallError, Component, Limits, LoadError, Metadata};
+pub use component::{CallError, Component, Limits, LoadError, MAX_ERROR_BYTES, Metadata};
 use host_api::CallState;
+pub use host_api::{
+    CHAIN_DEPTH_ATTRIBUTE, Emitted, MAX_CHAIN_DEPTH, MAX_EMIT_BYTES, MAX_EMITS, MAX_LOG_BYTES, MAX_LOG_LINES,
+};
+pub use http::{CONNECT_TIMEOUT, HttpAllow, MAX_RESPONSE_BYTES, RESPONSE_TIMEOUT};
 
 /// How often the epoch advances. A plugin that loops forever is stopped within its timeout
 /// plus one tick, and a long call yields its thread to other tasks every tick.
@@ -28,6 +33,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MEMORY_BYTES: usize = 64 * 1024 * 1024;
 /// The most linear memory any plugin may be granted (the size of a pooling-allocator slot).
 pub const MAX_MEMORY_BYTES: usize = 1024 * 1024 * 1024;
+/// Wasm stack one call may use; deeper recursion ends the call.
+pub const MAX_WASM_STACK_BYTES: usize = 512 * 1024;
 /// Instances that can be alive at once across all plugins (one per running call).
 const POOL_INSTANCES: u32 = 1000;
 /// Memory and stack kept mapped in a freed slot so the next call does not page-fault it in
@@ -48,8 +55,9 @@ impl std::fmt::Debug for Runtime {
 }
 
 impl Runtime {
-    /// Builds the engine (pooling allocator, async calls, epoch interruption) and the linker
-    /// holding WASI (granting nothing) and the `host` interface.
+    /// Builds the engine (pooling allocator, async calls, epoch interruption, a stack limit)
+    /// and the linker holding WASI (granting nothing), `wasi:http` (behind each plugin's
+    /// allowlist) and the `host` interface.
     pub fn new() -> anyhow::Result<Self> {
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(POOL_INSTANCES)
@@ -61,11 +69,15 @@ impl Runtime {
             .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
             .async_stack_keep_resident(KEEP_RESIDENT_BYTES);
         let mut config = Config::new();
-        config.epoch_interruption(true).allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        config
+            .epoch_interruption(true)
+            .max_wasm_stack(MAX_WASM_STACK_BYTES)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config)?;
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
 
         let ticker = EpochTicker::start(engine.clone())?;

@@ -107,9 +107,20 @@ impl Manifest {
         }
     }
 
-    /// Parses manifest text; the error names the line and column.
+    /// Parses manifest text; the error is one line naming the line and column.
     pub fn parse(text: &str) -> Result<Manifest, String> {
-        toml::from_str(text).map_err(|err| err.to_string().trim_end().to_owned())
+        toml::from_str(text).map_err(|err: toml::de::Error| {
+            let message = err.message().trim_end().replace('\n', " ");
+            match err.span() {
+                Some(span) => {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.len() - before.rfind('\n').map_or(0, |newline| newline + 1) + 1;
+                    format!("line {line}, column {column}: {message}")
+                }
+                None => message,
+            }
+        })
     }
 
     /// Checks every value, reads `config_env` variables from `env`, and applies the retry

@@ -83,8 +83,12 @@ pub fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &[u8]) ->
     let (authority, path) = rest.find('/').map_or((rest, "/"), |slash| (&rest[..slash], &rest[slash..]));
 
     let fields = Fields::new();
+    if !body.is_empty() && !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("content-length")) {
+        let length = body.len().to_string().into_bytes();
+        fields.append("content-length", &length).map_err(|err| HttpError(format!("content-length: {err:?}")))?;
+    }
     for (name, value) in headers {
-        fields.append(name, &value.as_bytes().to_vec()).map_err(|err| HttpError(format!("header {name}: {err:?}")))?;
+        fields.append(name, value.as_bytes()).map_err(|err| HttpError(format!("header {name}: {err:?}")))?;
     }
     let request = OutgoingRequest::new(fields);
     request.set_method(&method).map_err(|()| fail("invalid method"))?;
@@ -95,20 +99,27 @@ pub fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &[u8]) ->
 
     // Start the request first: the host buffers little of the body until then.
     let pending = outgoing_handler::handle(request, None)?;
+    let mut sent = Ok(());
     {
         let stream = outgoing.write().map_err(|()| fail("the request body stream is not available"))?;
         for chunk in body.chunks(WRITE_CHUNK) {
-            stream.blocking_write_and_flush(chunk).map_err(|err| HttpError(format!("sending the body: {err:?}")))?;
+            if let Err(err) = stream.blocking_write_and_flush(chunk) {
+                sent = Err(HttpError(format!("sending the body: {err:?}")));
+                break;
+            }
         }
     }
-    OutgoingBody::finish(outgoing, None)?;
-
+    if sent.is_ok() {
+        sent = OutgoingBody::finish(outgoing, None).map_err(HttpError::from);
+    }
+    // The response says why a request failed (denied, unreachable) better than the body can.
     let incoming = loop {
         match pending.get() {
             Some(result) => break result.map_err(|()| fail("the response was already taken"))??,
             None => pending.subscribe().block(),
         }
     };
+    sent?;
     let status = incoming.status();
     let headers = incoming.headers().entries();
     let body = incoming.consume().map_err(|()| fail("the response body is not available"))?;

@@ -6,5 +6,6 @@ mod cli;
 mod ingest;
 mod journal;
 mod plugins;
+mod sandbox;
 mod senders;
 mod util;

@@ -365,3 +365,99 @@ pub fn get(url: &str, headers: &[(&str, &str)]) -> (u16, Value) {
     }
     answer(request.call())
 }
+
+/// One request a [`Receiver`] got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// `POST /path`.
+    pub request_line: String,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
+    }
+}
+
+/// A local HTTP receiver for plugins' outbound requests: records each request and answers
+/// with the next queued status (200 once the queue is empty).
+pub struct Receiver {
+    /// Its base URL, `http://127.0.0.1:PORT`.
+    pub url: String,
+    got: Arc<Mutex<Vec<Received>>>,
+    statuses: Arc<Mutex<std::collections::VecDeque<u16>>>,
+}
+
+impl Receiver {
+    /// Starts a receiver on a free loopback port.
+    pub fn start() -> Receiver {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind receiver");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let statuses = Arc::new(Mutex::new(std::collections::VecDeque::new()));
+        let (recorded, queued) = (Arc::clone(&got), Arc::clone(&statuses));
+        std::thread::spawn(move || {
+            for stream in listener.incoming().map_while(Result::ok) {
+                let status = queued.lock().expect("statuses").pop_front().unwrap_or(200);
+                if let Some(request) = Self::serve(stream, status) {
+                    recorded.lock().expect("requests").push(request);
+                }
+            }
+        });
+        Receiver { url, got, statuses }
+    }
+
+    fn serve(stream: std::net::TcpStream, status: u16) -> Option<Received> {
+        use std::io::{Read, Write};
+        let mut reader = BufReader::new(stream.try_clone().ok()?);
+        let mut request_line = String::new();
+        reader.read_line(&mut request_line).ok()?;
+        let mut headers = Vec::new();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).ok()?;
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line.split_once(':')?;
+            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+        }
+        let length =
+            headers.iter().find(|(name, _)| name == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).ok()?;
+        let mut stream = stream;
+        let answer = format!("HTTP/1.1 {status} X\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+        stream.write_all(answer.as_bytes()).ok()?;
+        Some(Received { request_line: request_line.trim_end().to_owned(), headers, body })
+    }
+
+    /// Queues the statuses of the next answers.
+    pub fn answer_with(&self, statuses: &[u16]) {
+        self.statuses.lock().expect("statuses").extend(statuses);
+    }
+
+    /// Everything received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.got.lock().expect("requests").clone()
+    }
+
+    /// Waits until at least `count` requests arrived and returns them.
+    pub fn wait_for(&self, count: usize) -> Vec<Received> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let got = self.received();
+            if got.len() >= count {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "the receiver got {} of {count} requests", got.len());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

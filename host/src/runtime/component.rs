@@ -10,7 +10,7 @@ use wasmtime::component::Linker;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
 use super::bindings::{self, HandlerError, PluginPre};
-use super::host_api::{CHAIN_DEPTH_ATTRIBUTE, CallGrants, CallState, Emitted, LimitExceeded, MAX_LOG_BYTES};
+use super::host_api::{CHAIN_DEPTH_ATTRIBUTE, CallGrants, CallState, Emitted, LimitExceeded};
 use super::http::HttpAllow;
 use super::{DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT, EPOCH_TICK, MAX_WASM_STACK_BYTES};
 use crate::event::Event;
@@ -190,11 +190,7 @@ impl Component {
             }
             _ => {}
         }
-        let text = describe(err);
-        if text.contains("write beyond capacity of MemoryOutputPipe") {
-            return CallError::Limit(format!("output limit {} KiB of stdout or stderr per call", MAX_LOG_BYTES / 1024));
-        }
-        CallError::Trap(text)
+        CallError::Trap(describe(err))
     }
 
     /// A fresh store for one call: limits set, and the deadline armed before instantiation

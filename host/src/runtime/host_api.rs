@@ -4,11 +4,13 @@
 //! the resource limiter whose errors name the limit that was hit.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use bytes::{Bytes, BytesMut};
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
@@ -68,8 +70,8 @@ pub struct CallState {
     logged_lines: usize,
     logged_bytes: usize,
     pub(super) emitted: Vec<Emitted>,
-    pub(super) stdout: MemoryOutputPipe,
-    pub(super) stderr: MemoryOutputPipe,
+    pub(super) stdout: CappedOutput,
+    pub(super) stderr: CappedOutput,
 }
 
 /// What a call may use, and who it is for.
@@ -89,7 +91,7 @@ pub struct CallGrants {
 impl CallState {
     /// State for one call under `grants`.
     pub fn new(grants: CallGrants) -> Self {
-        let (stdout, stderr) = (MemoryOutputPipe::new(MAX_LOG_BYTES), MemoryOutputPipe::new(MAX_LOG_BYTES));
+        let (stdout, stderr) = (CappedOutput::default(), CappedOutput::default());
         // No environment, no preopened folders, no sockets, stdin closed; output captured.
         let wasi = WasiCtx::builder().stdout(stdout.clone()).stderr(stderr.clone()).build();
         let (event_id, depth) = grants.event.map_or((None, 0), |(id, depth)| (Some(id), depth));
@@ -200,6 +202,65 @@ impl host::Host for CallState {
         let content_type = if content_type.is_empty() { "application/json".to_owned() } else { content_type };
         self.emitted.push(Emitted { id: id.clone(), event_type, content_type, data, depth: self.depth + 1 });
         Ok(Ok(id))
+    }
+}
+
+/// A plugin's stdout or stderr, kept in memory for the host's log. Writing past
+/// [`MAX_LOG_BYTES`] ends the call with a [`LimitExceeded`] that names the cap.
+#[derive(Clone, Default)]
+pub(super) struct CappedOutput {
+    buffer: Arc<Mutex<BytesMut>>,
+}
+
+impl CappedOutput {
+    /// Everything written so far.
+    pub(super) fn contents(&self) -> Bytes {
+        self.buffer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone().freeze()
+    }
+}
+
+impl IsTerminal for CappedOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for CappedOutput {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        // Only WASI 0.3 components ask for this; plugins are WASI 0.2, so nothing is lost.
+        Box::new(tokio::io::sink())
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for CappedOutput {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for CappedOutput {
+    fn write(&mut self, bytes: Bytes) -> Result<(), StreamError> {
+        let mut buffer = self.buffer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if buffer.len() + bytes.len() > MAX_LOG_BYTES {
+            return Err(StreamError::Trap(wasmtime::Error::new(LimitExceeded(format!(
+                "output limit {} KiB of stdout or stderr per call",
+                MAX_LOG_BYTES / 1024
+            )))));
+        }
+        buffer.extend_from_slice(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StreamError> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        // Always ready: a write past the cap is what ends the call, with a named reason.
+        Ok(MAX_LOG_BYTES)
     }
 }
 

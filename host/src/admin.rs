@@ -30,14 +30,32 @@ pub struct Admin {
     token: Option<Secret>,
 }
 
+/// One plugin as `/v1/plugins` shows it.
 #[derive(Serialize)]
-struct PluginView<'a> {
-    name: &'a str,
-    component: &'a str,
-    version: &'a str,
-    subscriptions: &'a [String],
+struct PluginView {
+    name: String,
+    /// `loaded`, `failed` (never loaded) or `removed` (file deleted).
+    status: &'static str,
     file: String,
-    sha256: &'a str,
+    /// The serving version's fields; absent when nothing serves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    component: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loaded_at: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subscriptions: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grants: Option<serde_json::Value>,
+    /// Why the file's current content is not serving, if it is not.
+    last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    removed_at: Option<u64>,
+    /// Unfinished deliveries waiting for this plugin.
+    pending: u64,
 }
 
 /// `{"ids": [..]}`, `{"plugin": ".."}` or `{"all": true}`: exactly one.
@@ -106,7 +124,7 @@ impl Admin {
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let method = request.method().clone();
         let expected = match segments.as_slice() {
-            ["v1", "dead-letters", "replay" | "purge"] | ["v1", "replay"] => Method::POST,
+            ["v1", "dead-letters", "replay" | "purge"] | ["v1", "replay"] | ["v1", "plugins", "reload"] => Method::POST,
             ["v1", "plugins"]
             | ["v1", "events", _]
             | ["v1", "stats"]
@@ -122,7 +140,11 @@ impl Admin {
         }
         let ok = |value: serde_json::Value| Ok(http::json(StatusCode::OK, &value));
         match segments.as_slice() {
-            ["v1", "plugins"] => ok(self.plugins()),
+            ["v1", "plugins"] => ok(self.plugins().await?),
+            ["v1", "plugins", "reload"] => match self.registry.rescan().await {
+                Ok(reloaded) => ok(serde_json::to_value(reloaded).unwrap_or_default()),
+                Err(err) => Err(Refusal(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())),
+            },
             ["v1", "stats"] => ok(serde_json::to_value(self.journal.stats().await?).unwrap_or_default()),
             ["v1", "events", id] => match self.journal.event(id).await? {
                 Some(record) => ok(serde_json::to_value(record).unwrap_or_default()),
@@ -175,23 +197,46 @@ impl Admin {
         bool::from(given.ct_eq(token.expose()))
     }
 
-    fn plugins(&self) -> serde_json::Value {
-        let plugins = self.registry.list();
-        let views: Vec<PluginView<'_>> = plugins
-            .iter()
-            .map(|plugin| {
-                let metadata = plugin.component.metadata();
+    async fn plugins(&self) -> Result<serde_json::Value, Refusal> {
+        let pending = self.journal.pending_by_plugin().await?;
+        let views: Vec<PluginView> = self
+            .registry
+            .statuses()
+            .into_iter()
+            .map(|(name, status)| {
+                let plugin = status.plugin.as_deref();
+                let metadata = plugin.map(|plugin| plugin.component.metadata());
                 PluginView {
-                    name: &plugin.name,
-                    component: &metadata.name,
-                    version: &metadata.version,
-                    subscriptions: &plugin.subscriptions,
-                    file: plugin.file.display().to_string(),
-                    sha256: &plugin.sha256,
+                    pending: pending.get(&name).copied().unwrap_or(0),
+                    status: match (plugin, status.removed_at) {
+                        (Some(_), _) => "loaded",
+                        (None, Some(_)) => "removed",
+                        (None, None) => "failed",
+                    },
+                    name,
+                    file: status.file.display().to_string(),
+                    component: metadata.map(|metadata| metadata.name.clone()),
+                    version: metadata.map(|metadata| metadata.version.clone()),
+                    sha256: plugin.map(|plugin| plugin.sha256.clone()),
+                    loaded_at: plugin.map(|plugin| plugin.loaded_at),
+                    subscriptions: plugin.map(|plugin| plugin.subscriptions.clone()),
+                    grants: plugin.map(|plugin| {
+                        let limits = plugin.component.limits();
+                        serde_json::json!({
+                            "timeout_ms": limits.timeout.as_millis() as u64,
+                            "memory_bytes": limits.memory_bytes,
+                            "concurrency": plugin.concurrency,
+                            "http_allow": plugin.http_allow,
+                            "config": plugin.config_keys,
+                            "max_attempts": plugin.retry.max_attempts,
+                        })
+                    }),
+                    last_error: status.last_error,
+                    removed_at: status.removed_at,
                 }
             })
             .collect();
-        serde_json::json!({ "plugins": views })
+        Ok(serde_json::json!({ "plugins": views }))
     }
 
     async fn replay(&self, body: ReplayBody) -> Result<u64, Refusal> {

@@ -99,7 +99,7 @@ async fn deliver(journal: &dyn Journal, registry: &Registry, lease: Lease) {
     let (outcome, emitted) = settle(&plugin.name, &plugin.retry, &lease, result);
     log_outcome(&plugin, &lease, &outcome, duration_ms);
     let emitted = emitted.into_iter().map(|event| route(registry, event)).collect();
-    if let Err(err) = journal.finish(&lease, outcome, emitted).await {
+    if let Err(err) = journal.finish(&lease, outcome, &plugin.sha256, emitted).await {
         tracing::error!(event.id = %event.id, plugin = %plugin.name, error = %err, "cannot record the delivery's outcome");
     }
 }

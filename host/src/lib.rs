@@ -9,7 +9,7 @@
 //! - [`runtime`]: the only door to wasmtime; compiles plugins and calls them under limits
 //!
 //! Beside that flow: [`registry`] (loaded plugins and their subscriptions, with
-//! [`manifest`] for what an operator grants each), [`admin`] (health, plugins, events),
+//! [`manifest`] for what an operator grants each, and [`watch`] to reload them), [`admin`] (health, plugins, events),
 //! [`retry`] (the backoff policy), [`config`], [`cli`], [`serve`] (wiring), [`send`] (a signing
 //! client), [`client`], [`clock`], [`http`] and [`telemetry`] (plumbing). Start reading at [`serve::serve`].
 #![forbid(unsafe_code)]
@@ -31,3 +31,4 @@ pub mod runtime;
 pub mod send;
 pub mod serve;
 pub mod telemetry;
+pub mod watch;

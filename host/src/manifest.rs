@@ -3,7 +3,6 @@
 //! line. Nothing is granted by default.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -97,16 +96,6 @@ pub struct Grants {
 }
 
 impl Manifest {
-    /// Reads the manifest beside `wasm` (same name, `.toml`); no file means nothing granted.
-    pub fn beside(wasm: &Path) -> Result<Manifest, String> {
-        let path = wasm.with_extension("toml");
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Manifest::parse(&text).map_err(|err| format!("{}: {err}", path.display())),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(Manifest::default()),
-            Err(err) => Err(format!("cannot read {}: {err}", path.display())),
-        }
-    }
-
     /// Parses manifest text; the error is one line naming the line and column.
     pub fn parse(text: &str) -> Result<Manifest, String> {
         toml::from_str(text).map_err(|err: toml::de::Error| {

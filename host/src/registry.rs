@@ -1,24 +1,30 @@
-//! The plugins the host runs: loaded from the plugins folder, found by name, and matched to
-//! event types through their subscriptions.
+//! The plugins the host runs: loaded from the plugins folder, found by name, matched to event
+//! types through their subscriptions, and replaced while the host runs.
 //!
-//! A plugin's name is its file name without `.wasm`: the operator's name for the deployment.
-//! Lookups take a snapshot, so a caller keeps a consistent view while it works.
+//! A plugin's name is its file name without `.wasm`: the operator's name for the deployment;
+//! its version is the SHA-256 of the file. [`Registry::rescan`] brings the loaded set in line
+//! with the folder: new and changed files (or manifests) are compiled off the hot path and
+//! swapped in at once; a file that fails to load leaves the previous version serving; a
+//! deleted file stops receiving new deliveries. Lookups take a snapshot, so a call that
+//! started on one version finishes on it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::config::Env;
+use crate::event::now_ms;
 use crate::manifest::Manifest;
 use crate::retry::RetryPolicy;
 use crate::runtime::{Component, Limits, Runtime};
 
-/// One loaded plugin.
+/// One loaded plugin version.
 #[derive(Debug)]
 pub struct Plugin {
     /// The file name without `.wasm`.
@@ -27,18 +33,24 @@ pub struct Plugin {
     pub file: PathBuf,
     /// Hex SHA-256 of the file: the identity of this build.
     pub sha256: String,
+    /// When it was loaded, in milliseconds since the Unix epoch.
+    pub loaded_at: u64,
     /// The glob patterns it subscribes to.
     pub subscriptions: Vec<String>,
     /// The compiled code, ready to call.
     pub component: Component,
     /// How its failed deliveries are retried.
     pub retry: RetryPolicy,
-    /// Calls of it that may run at once, as permits.
+    /// Calls of it that may run at once.
+    pub concurrency: usize,
+    /// The free permits of `concurrency`.
     pub calls: Arc<Semaphore>,
     /// The `http_allow` entries its manifest grants, as written.
     pub http_allow: Vec<String>,
     /// The `config` keys its manifest grants (values are not shown: some are secrets).
     pub config_keys: Vec<String>,
+    /// Hex SHA-256 of its manifest's text (of nothing, without one).
+    manifest_sha256: String,
     matcher: GlobSet,
 }
 
@@ -49,47 +61,235 @@ impl Plugin {
     }
 }
 
-/// The loaded plugins, by name.
-#[derive(Debug, Default)]
+/// What the operator sees of one plugin file, loaded or not.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// The serving version, if one is loaded.
+    pub plugin: Option<Arc<Plugin>>,
+    /// The file.
+    pub file: PathBuf,
+    /// Why the file's current content could not be loaded (the previous version, if any,
+    /// keeps serving).
+    pub last_error: Option<String>,
+    /// When the file was deleted, if it was.
+    pub removed_at: Option<u64>,
+}
+
+/// What one rescan changed.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Plugins loaded for the first time (or back after removal).
+    pub loaded: Vec<String>,
+    /// Plugins whose new version replaced the old.
+    pub replaced: Vec<String>,
+    /// Plugins whose file is gone.
+    pub removed: Vec<String>,
+    /// Plugins whose file could not be loaded.
+    pub failed: Vec<String>,
+    /// Plugins that did not change.
+    pub unchanged: usize,
+}
+
+impl Reloaded {
+    /// Whether anything changed.
+    pub fn changed(&self) -> bool {
+        !(self.loaded.is_empty() && self.replaced.is_empty() && self.removed.is_empty() && self.failed.is_empty())
+    }
+}
+
+/// A file's state between rescans, beyond the loaded version.
+#[derive(Debug, Clone, Default)]
+struct Slot {
+    file: PathBuf,
+    last_error: Option<String>,
+    /// The (file, manifest) hashes that failed, so the same failure is logged once.
+    failed: Option<(String, String)>,
+    removed_at: Option<u64>,
+}
+
+/// The loaded plugins, by name, and what is needed to reload them.
 pub struct Registry {
     plugins: RwLock<Arc<BTreeMap<String, Arc<Plugin>>>>,
+    slots: Mutex<BTreeMap<String, Slot>>,
+    rescanning: tokio::sync::Mutex<()>,
+    runtime: Arc<Runtime>,
+    dir: PathBuf,
+    retry: RetryPolicy,
+    env: Arc<dyn Env + Send + Sync>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("dir", &self.dir).finish_non_exhaustive()
+    }
 }
 
 impl Registry {
-    /// Loads every `*.wasm` in `dir`, with `retry` as the policy manifests may override and
-    /// `env` for the variables manifests name. A file that cannot be loaded is skipped with
-    /// one error line naming it and the reason; only an unreadable folder is an error.
-    pub async fn load_dir(
-        runtime: &Runtime,
+    /// A registry of the plugins in `dir`, loaded now. `retry` is the policy manifests may
+    /// override and `env` holds the variables manifests name. Only an unreadable folder is an
+    /// error; a file that cannot be loaded is logged and skipped.
+    pub async fn load(
+        runtime: Arc<Runtime>,
         dir: &Path,
-        retry: &RetryPolicy,
-        env: &dyn Env,
+        retry: RetryPolicy,
+        env: Arc<dyn Env + Send + Sync>,
     ) -> anyhow::Result<Registry> {
-        let entries = std::fs::read_dir(dir)
-            .map_err(|err| anyhow::anyhow!("cannot read the plugins folder {}: {err}", dir.display()))?;
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .map(|entry| entry.path())
-            .filter(|path| path.extension().is_some_and(|ext| ext == "wasm") && path.is_file())
-            .collect();
-        files.sort();
-        let mut plugins = BTreeMap::new();
-        for file in files {
-            match load_file(runtime, &file, retry, env).await {
-                Ok(plugin) => {
-                    tracing::info!(
-                        plugin = %plugin.name, version = %plugin.component.metadata().version,
-                        subscriptions = ?plugin.subscriptions, sha256 = %plugin.sha256, "plugin loaded"
-                    );
-                    plugins.insert(plugin.name.clone(), Arc::new(plugin));
-                }
-                Err(reason) => tracing::error!(file = %file.display(), %reason, "plugin skipped"),
-            }
-        }
-        if plugins.is_empty() {
+        let registry = Registry {
+            plugins: RwLock::default(),
+            slots: Mutex::default(),
+            rescanning: tokio::sync::Mutex::new(()),
+            runtime,
+            dir: dir.to_owned(),
+            retry,
+            env,
+        };
+        registry.rescan().await?;
+        if registry.snapshot().is_empty() {
             tracing::warn!(folder = %dir.display(), "no plugins loaded; events will be kept as unrouted");
         }
-        Ok(Registry { plugins: RwLock::new(Arc::new(plugins)) })
+        Ok(registry)
+    }
+
+    /// The folder the plugins come from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Brings the loaded plugins in line with the folder and swaps the new set in at once.
+    /// One rescan runs at a time.
+    pub async fn rescan(&self) -> anyhow::Result<Reloaded> {
+        let _one_at_a_time = self.rescanning.lock().await;
+        let files = wasm_files(&self.dir)?;
+        let current = self.snapshot();
+        let mut next = BTreeMap::new();
+        let mut reloaded = Reloaded::default();
+        for file in files {
+            let Some(name) = file.file_stem().and_then(|stem| stem.to_str()).map(str::to_owned) else {
+                tracing::error!(file = %file.display(), "plugin skipped: the file name is not valid UTF-8");
+                continue;
+            };
+            let existing = current.get(&name).cloned();
+            match self.scan_file(&name, &file, existing.as_deref()).await {
+                Scanned::Unchanged => reloaded.unchanged += 1,
+                Scanned::Loaded(plugin) => {
+                    let verb = if existing.is_some() { "plugin replaced" } else { "plugin loaded" };
+                    tracing::info!(
+                        plugin = %plugin.name, version = %plugin.component.metadata().version,
+                        subscriptions = ?plugin.subscriptions, sha256 = %plugin.sha256,
+                        previous = existing.as_ref().map_or("", |old| old.sha256.as_str()), "{verb}"
+                    );
+                    if existing.is_some() { &mut reloaded.replaced } else { &mut reloaded.loaded }.push(name.clone());
+                    next.insert(name, plugin);
+                    continue;
+                }
+                Scanned::Failed => reloaded.failed.push(name.clone()),
+                Scanned::FailedBefore => {}
+            }
+            if let Some(existing) = existing {
+                next.insert(name, existing);
+            }
+        }
+        for name in current.keys().filter(|name| !next.contains_key(*name)) {
+            tracing::info!(plugin = %name, "plugin removed: no new deliveries; pending ones wait for its return");
+            self.slot(name, |slot| slot.removed_at = Some(now_ms()));
+            reloaded.removed.push(name.clone());
+        }
+        *self.plugins.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
+        Ok(reloaded)
+    }
+
+    /// Loads `file` unless it and its manifest are what `existing` was loaded from.
+    async fn scan_file(&self, name: &str, file: &Path, existing: Option<&Plugin>) -> Scanned {
+        let read = std::fs::read(file).map_err(|err| format!("cannot read it: {err}")).and_then(|bytes| {
+            let manifest = read_manifest(file)?;
+            Ok((bytes, manifest))
+        });
+        let (bytes, manifest_text) = match read {
+            Ok(read) => read,
+            Err(reason) => return self.failed(name, file, (String::new(), String::new()), reason, existing.is_some()),
+        };
+        let hashes = (hex::encode(Sha256::digest(&bytes)), hex::encode(Sha256::digest(manifest_text.as_bytes())));
+        if existing.is_some_and(|plugin| (&plugin.sha256, &plugin.manifest_sha256) == (&hashes.0, &hashes.1)) {
+            return Scanned::Unchanged;
+        }
+        let failed_before = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .and_then(|slot| slot.failed.clone());
+        if failed_before.as_ref() == Some(&hashes) {
+            return Scanned::FailedBefore;
+        }
+        match self.load_plugin(name, file, bytes, hashes.clone(), &manifest_text).await {
+            Ok(plugin) => {
+                self.slot(name, |slot| *slot = Slot { file: file.to_owned(), ..Slot::default() });
+                Scanned::Loaded(Arc::new(plugin))
+            }
+            Err(reason) => self.failed(name, file, hashes, reason, existing.is_some()),
+        }
+    }
+
+    fn failed(&self, name: &str, file: &Path, hashes: (String, String), reason: String, serving: bool) -> Scanned {
+        if serving {
+            tracing::error!(file = %file.display(), %reason, "plugin not reloaded; the previous version keeps serving");
+        } else {
+            tracing::error!(file = %file.display(), %reason, "plugin skipped");
+        }
+        self.slot(name, |slot| {
+            slot.file = file.to_owned();
+            slot.last_error = Some(reason);
+            slot.failed = Some(hashes);
+        });
+        Scanned::Failed
+    }
+
+    fn slot(&self, name: &str, change: impl FnOnce(&mut Slot)) {
+        change(
+            self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(name.to_owned()).or_default(),
+        );
+    }
+
+    async fn load_plugin(
+        &self,
+        name: &str,
+        file: &Path,
+        bytes: Vec<u8>,
+        (sha256, manifest_sha256): (String, String),
+        manifest_text: &str,
+    ) -> Result<Plugin, String> {
+        let manifest_path = file.with_extension("toml");
+        let manifest = Manifest::parse(manifest_text).map_err(|err| format!("{}: {err}", manifest_path.display()))?;
+        let grants = manifest
+            .grants(self.env.as_ref(), &self.retry)
+            .map_err(|problems| format!("{}: {}", manifest_path.display(), problems.join("; ")))?;
+        let limits = Limits {
+            timeout: grants.timeout,
+            memory_bytes: grants.memory_bytes,
+            config: Arc::new(grants.config.clone()),
+            http_allow: Arc::new(grants.http_allow),
+        };
+        let component = self.runtime.load(name, bytes, limits).await.map_err(|err| err.to_string())?;
+        let subscriptions = grants.subscriptions.unwrap_or_else(|| component.metadata().subscriptions.clone());
+        let matcher = matcher(&subscriptions)?;
+        if subscriptions.is_empty() {
+            tracing::warn!(plugin = %name, "plugin subscribes to nothing");
+        }
+        Ok(Plugin {
+            name: name.to_owned(),
+            file: file.to_owned(),
+            sha256,
+            loaded_at: now_ms(),
+            subscriptions,
+            component,
+            retry: grants.retry,
+            concurrency: grants.concurrency,
+            calls: Arc::new(Semaphore::new(grants.concurrency)),
+            http_allow: manifest.http_allow,
+            config_keys: grants.config.into_keys().collect(),
+            manifest_sha256,
+            matcher,
+        })
     }
 
     fn snapshot(&self) -> Arc<BTreeMap<String, Arc<Plugin>>> {
@@ -105,7 +305,7 @@ impl Registry {
             .collect()
     }
 
-    /// The plugin called `name`, if loaded.
+    /// The serving version of the plugin called `name`, if loaded.
     pub fn get(&self, name: &str) -> Option<Arc<Plugin>> {
         self.snapshot().get(name).cloned()
     }
@@ -113,6 +313,25 @@ impl Registry {
     /// Every loaded plugin, in name order.
     pub fn list(&self) -> Vec<Arc<Plugin>> {
         self.snapshot().values().cloned().collect()
+    }
+
+    /// Every plugin file seen, loaded or not, in name order.
+    pub fn statuses(&self) -> Vec<(String, Status)> {
+        let loaded = self.snapshot();
+        let slots = self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut names: Vec<&String> = loaded.keys().chain(slots.keys()).collect();
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|name| {
+                let slot = slots.get(name).cloned().unwrap_or_default();
+                let plugin = loaded.get(name).cloned();
+                let file = plugin.as_ref().map_or(slot.file.clone(), |plugin| plugin.file.clone());
+                let removed_at = if plugin.is_some() { None } else { slot.removed_at };
+                (name.clone(), Status { plugin, file, last_error: slot.last_error, removed_at })
+            })
+            .collect()
     }
 
     /// Names of every loaded plugin.
@@ -135,43 +354,36 @@ impl Registry {
     }
 }
 
-async fn load_file(runtime: &Runtime, file: &Path, retry: &RetryPolicy, env: &dyn Env) -> Result<Plugin, String> {
-    let name = file
-        .file_stem()
-        .and_then(|stem| stem.to_str())
-        .filter(|stem| !stem.is_empty())
-        .ok_or("the file name is not valid UTF-8")?
-        .to_owned();
-    let bytes = std::fs::read(file).map_err(|err| format!("cannot read it: {err}"))?;
-    let sha256 = hex::encode(Sha256::digest(&bytes));
-    let manifest = Manifest::beside(file)?;
-    let grants = manifest
-        .grants(env, retry)
-        .map_err(|problems| format!("{}: {}", file.with_extension("toml").display(), problems.join("; ")))?;
-    let limits = Limits {
-        timeout: grants.timeout,
-        memory_bytes: grants.memory_bytes,
-        config: Arc::new(grants.config.clone()),
-        http_allow: Arc::new(grants.http_allow),
-    };
-    let component = runtime.load(&name, bytes, limits).await.map_err(|err| err.to_string())?;
-    let subscriptions = grants.subscriptions.unwrap_or_else(|| component.metadata().subscriptions.clone());
-    let matcher = matcher(&subscriptions)?;
-    if subscriptions.is_empty() {
-        tracing::warn!(plugin = %name, "plugin subscribes to nothing");
+/// What scanning one file found.
+enum Scanned {
+    Unchanged,
+    Loaded(Arc<Plugin>),
+    Failed,
+    /// The same content failed before; nothing new to say.
+    FailedBefore,
+}
+
+/// The `*.wasm` files of `dir`, sorted.
+fn wasm_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|err| anyhow::anyhow!("cannot read the plugins folder {}: {err}", dir.display()))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "wasm") && path.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// The manifest beside `wasm` as text; none is the empty manifest.
+fn read_manifest(wasm: &Path) -> Result<String, String> {
+    let path = wasm.with_extension("toml");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(text),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(err) => Err(format!("cannot read {}: {err}", path.display())),
     }
-    Ok(Plugin {
-        name,
-        file: file.to_owned(),
-        sha256,
-        subscriptions,
-        component,
-        retry: grants.retry,
-        calls: Arc::new(Semaphore::new(grants.concurrency)),
-        http_allow: manifest.http_allow,
-        config_keys: grants.config.into_keys().collect(),
-        matcher,
-    })
 }
 
 /// One matcher for a list of patterns. `*` matches any run of characters, dots included.

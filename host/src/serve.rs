@@ -11,13 +11,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
-use crate::config::{Config, Verify};
+use crate::config::{Config, ProcessEnv, Verify};
 use crate::ingest::Ingest;
 use crate::journal::Journal;
 use crate::journal::sqlite::SqliteJournal;
 use crate::registry::Registry;
 use crate::runtime::Runtime;
 use crate::{dispatch, http};
+
+/// The folder, inside the data folder, of compiled plugin code.
+pub const COMPILE_CACHE_DIR: &str = "compiled";
 
 /// How often expired dedup keys and old handled events are removed.
 const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(60);
@@ -26,9 +29,11 @@ const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(60);
 /// calls finish, and returns. Everything accepted is already in the journal.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let journal: Arc<dyn Journal> = Arc::new(SqliteJournal::open(&config.data_dir, config.journal.clone())?);
-    let runtime = Runtime::new().context("cannot start the WebAssembly runtime")?;
-    let registry =
-        Arc::new(Registry::load_dir(&runtime, &config.plugins_dir, &config.retry, &crate::config::ProcessEnv).await?);
+    let cache_dir = config.data_dir.join(COMPILE_CACHE_DIR);
+    let runtime = Arc::new(Runtime::new(Some(&cache_dir)).context("cannot start the WebAssembly runtime")?);
+    let registry = Arc::new(
+        Registry::load(Arc::clone(&runtime), &config.plugins_dir, config.retry.clone(), Arc::new(ProcessEnv)).await?,
+    );
     warn_about_unsigned_sources(&config);
 
     let ingest_listener = bind(config.listen, "webhook").await?;
@@ -41,6 +46,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     tasks.spawn(http::serve(ingest_listener, move |request| Arc::clone(&ingest).handle(request), shutdown.clone()));
     tasks.spawn(http::serve(admin_listener, move |request| Arc::clone(&admin).handle(request), shutdown.clone()));
     tasks.spawn(housekeeping(Arc::clone(&journal), shutdown.clone()));
+    tasks.spawn(watch(Arc::clone(&registry), shutdown.clone()));
     tasks.spawn(dispatch::run(journal, registry, config.workers, config.shutdown_grace, shutdown.clone()));
     tasks.close();
 
@@ -50,6 +56,13 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     drop(runtime);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reloads plugins as their folder changes, until shutdown.
+async fn watch(registry: Arc<Registry>, shutdown: CancellationToken) {
+    if let Err(err) = crate::watch::run(registry, shutdown).await {
+        tracing::error!(error = %err, "cannot watch the plugins folder; use SIGHUP or POST /v1/plugins/reload");
+    }
 }
 
 /// Removes expired dedup keys and old handled events, once a period, until shutdown.

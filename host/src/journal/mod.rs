@@ -178,6 +178,8 @@ pub struct DeliveryRecord {
     pub next_attempt_ms: Option<u64>,
     /// Every failed attempt, oldest first.
     pub errors: Vec<AttemptError>,
+    /// The plugin version (SHA-256 of its file) that ran the last finished attempt.
+    pub sha256: Option<String>,
 }
 
 /// One failed attempt.
@@ -306,10 +308,20 @@ pub trait Journal: Send + Sync {
         wait: Duration,
     ) -> Result<Vec<Lease>, JournalError>;
 
-    /// Settles a leased delivery and, in the same transaction, accepts `emitted` events.
-    /// A lease that ran out and was taken again is left alone (and `emitted` dropped), so a
-    /// delivery is settled at most once per attempt. Returns whether the lease still held.
-    async fn finish(&self, lease: &Lease, outcome: Outcome, emitted: Vec<NewEvent>) -> Result<bool, JournalError>;
+    /// Settles a leased delivery, recording the plugin version (`sha256`) that ran it, and in
+    /// the same transaction accepts `emitted` events. A lease that ran out and was taken again
+    /// is left alone (and `emitted` dropped), so a delivery is settled at most once per
+    /// attempt. Returns whether the lease still held.
+    async fn finish(
+        &self,
+        lease: &Lease,
+        outcome: Outcome,
+        sha256: &str,
+        emitted: Vec<NewEvent>,
+    ) -> Result<bool, JournalError>;
+
+    /// Unfinished deliveries (pending, running, retrying) per plugin.
+    async fn pending_by_plugin(&self) -> Result<std::collections::BTreeMap<String, u64>, JournalError>;
 
     /// The most recent event with this id, with its deliveries.
     async fn event(&self, id: &str) -> Result<Option<EventRecord>, JournalError>;
@@ -351,6 +363,7 @@ mod tests {
             last_error: None,
             next_attempt_ms: None,
             errors: Vec::new(),
+            sha256: None,
         }
     }
 

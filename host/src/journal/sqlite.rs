@@ -46,8 +46,14 @@ const IDLE_POLL: Duration = Duration::from_millis(100);
 const READ_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Events looked at per round of replay or expiry.
 const PAGE: usize = 1000;
-/// The schema this code writes; an older or newer file is refused, not guessed at.
-const SCHEMA_VERSION: i64 = 1;
+/// The schema this code writes; older files are migrated, newer ones refused.
+const SCHEMA_VERSION: i64 = 2;
+
+/// What each schema version adds to the one before it.
+const MIGRATIONS: [&str; 1] = [
+    // 2: the plugin version that ran each delivery.
+    "ALTER TABLE deliveries ADD COLUMN sha256 TEXT;",
+];
 
 const SCHEMA: &str = "
 CREATE TABLE events (
@@ -78,6 +84,7 @@ CREATE TABLE deliveries (
     due_ms      INTEGER,
     last_error  TEXT,
     finished_ms INTEGER,
+    sha256      TEXT,
     UNIQUE (event_seq, plugin)
 );
 CREATE INDEX deliveries_due ON deliveries (due_ms) WHERE due_ms IS NOT NULL;
@@ -146,7 +153,7 @@ type Reply<T> = oneshot::Sender<Result<T, JournalError>>;
 enum Write {
     Accept { new: NewEvent, reply: Reply<Accepted> },
     Take { plugins: String, max: usize, lease_ms: u64, reply: Reply<Vec<Lease>> },
-    Finish { delivery: i64, attempt: u32, outcome: Outcome, emitted: Vec<NewEvent>, reply: Reply<bool> },
+    Finish { delivery: i64, attempt: u32, outcome: Outcome, sha256: String, emitted: Vec<NewEvent>, reply: Reply<bool> },
     ReplayDead { selector: DeadSelector, reply: Reply<u64> },
     PurgeDead { selector: DeadSelector, reply: Reply<u64> },
     Redeliver { items: Vec<(i64, Vec<String>)>, reply: Reply<u64> },
@@ -292,19 +299,27 @@ fn lock_folder(data_dir: &Path) -> Result<std::fs::File, JournalError> {
 
 fn migrate(connection: &mut Connection, path: &Path) -> Result<(), JournalError> {
     let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(storage)?;
+    let tx = connection.transaction().map_err(storage)?;
     match version {
-        0 => {
-            let tx = connection.transaction().map_err(storage)?;
-            tx.execute_batch(SCHEMA).map_err(storage)?;
-            tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(storage)?;
-            tx.commit().map_err(storage)
+        0 => tx.execute_batch(SCHEMA).map_err(storage)?,
+        1..SCHEMA_VERSION => {
+            for (from, migration) in (1..).zip(MIGRATIONS) {
+                if version <= from {
+                    tx.execute_batch(migration).map_err(storage)?;
+                }
+            }
+            tracing::info!(from = version, to = SCHEMA_VERSION, "journal schema migrated");
         }
-        SCHEMA_VERSION => Ok(()),
-        other => Err(JournalError::Storage(format!(
-            "{} has schema version {other}, this wasmhook reads version {SCHEMA_VERSION}",
-            path.display()
-        ))),
+        SCHEMA_VERSION => return Ok(()),
+        other => {
+            return Err(JournalError::Storage(format!(
+                "{} has schema version {other}, newer than this wasmhook's {SCHEMA_VERSION}",
+                path.display()
+            )));
+        }
     }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(storage)?;
+    tx.commit().map_err(storage)
 }
 
 impl Drop for SqliteJournal {
@@ -357,9 +372,25 @@ impl Journal for SqliteJournal {
         }
     }
 
-    async fn finish(&self, lease: &Lease, outcome: Outcome, emitted: Vec<NewEvent>) -> Result<bool, JournalError> {
-        let (delivery, attempt) = (lease.delivery, lease.attempt);
-        self.call(|reply| Write::Finish { delivery, attempt, outcome, emitted, reply }).await
+    async fn finish(
+        &self,
+        lease: &Lease,
+        outcome: Outcome,
+        sha256: &str,
+        emitted: Vec<NewEvent>,
+    ) -> Result<bool, JournalError> {
+        let (delivery, attempt, sha256) = (lease.delivery, lease.attempt, sha256.to_owned());
+        self.call(|reply| Write::Finish { delivery, attempt, outcome, sha256, emitted, reply }).await
+    }
+
+    async fn pending_by_plugin(&self) -> Result<std::collections::BTreeMap<String, u64>, JournalError> {
+        self.read(|connection| {
+            connection
+                .prepare_cached("SELECT plugin, COUNT(*) FROM deliveries WHERE due_ms IS NOT NULL GROUP BY plugin")?
+                .query_map([], |row| Ok((row.get::<_, String>(0)?, u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0))))?
+                .collect()
+        })
+        .await
     }
 
     async fn event(&self, id: &str) -> Result<Option<EventRecord>, JournalError> {
@@ -511,8 +542,8 @@ fn apply(tx: &mut Transaction<'_>, write: Write, now: u64) -> Applied {
         Write::Take { plugins, max, lease_ms, reply } => {
             run(tx, reply, |tx| Ok((take(tx, &plugins, max, now, now.saturating_add(lease_ms))?, 0)))
         }
-        Write::Finish { delivery, attempt, outcome, emitted, reply } => {
-            run(tx, reply, |tx| finish(tx, delivery, attempt, &outcome, &emitted, now))
+        Write::Finish { delivery, attempt, outcome, sha256, emitted, reply } => {
+            run(tx, reply, |tx| finish(tx, delivery, attempt, &outcome, &sha256, &emitted, now))
         }
         Write::ReplayDead { selector, reply } => run(tx, reply, |tx| {
             let made_due = replay_dead(tx, &selector, now)?;
@@ -616,6 +647,7 @@ fn finish(
     delivery: i64,
     attempt: u32,
     outcome: &Outcome,
+    sha256: &str,
     emitted: &[NewEvent],
     now: u64,
 ) -> Result<(bool, i64), JournalError> {
@@ -628,11 +660,20 @@ fn finish(
     };
     let settled = tx
         .prepare_cached(
-            "UPDATE deliveries SET status = ?3, due_ms = ?4, last_error = COALESCE(?5, last_error), finished_ms = ?6
+            "UPDATE deliveries SET status = ?3, due_ms = ?4, last_error = COALESCE(?5, last_error), finished_ms = ?6,
+                    sha256 = ?7
              WHERE seq = ?1 AND attempts = ?2 AND status = 'running'",
         )
         .and_then(|mut update| {
-            update.execute(params![delivery, attempt, status.as_str(), due.map(sql_ms), error, finished.map(sql_ms)])
+            update.execute(params![
+                delivery,
+                attempt,
+                status.as_str(),
+                due.map(sql_ms),
+                error,
+                finished.map(sql_ms),
+                sha256
+            ])
         })
         .map_err(storage)?;
     if settled == 0 {
@@ -758,7 +799,8 @@ fn read_event(connection: &Connection, id: &str) -> rusqlite::Result<Option<Even
     let Some((seq, mut record)) = found else { return Ok(None) };
     let mut deliveries: Vec<DeliveryRecord> = connection
         .prepare_cached(
-            "SELECT seq, plugin, status, attempts, last_error, due_ms FROM deliveries WHERE event_seq = ?1 ORDER BY plugin",
+            "SELECT seq, plugin, status, attempts, last_error, due_ms, sha256 FROM deliveries WHERE event_seq = ?1
+             ORDER BY plugin",
         )?
         .query_map([seq], |row| {
             Ok(DeliveryRecord {
@@ -769,6 +811,7 @@ fn read_event(connection: &Connection, id: &str) -> rusqlite::Result<Option<Even
                 last_error: row.get(4)?,
                 next_attempt_ms: row.get::<_, Option<i64>>(5)?.map(from_sql_ms),
                 errors: Vec::new(),
+                sha256: row.get(6)?,
             })
         })?
         .collect::<rusqlite::Result<_>>()?;
@@ -977,7 +1020,7 @@ mod tests {
         f.journal.accept(new("github", "unrouted", &[])).await.expect("accept");
         for lease in f.take(&["echo"]).await {
             let outcome = if lease.event.id == "done" { Outcome::Done } else { Outcome::Dead { error: "no".into() } };
-            f.journal.finish(&lease, outcome, Vec::new()).await.expect("finish");
+            f.journal.finish(&lease, outcome, "v1", Vec::new()).await.expect("finish");
         }
         assert_eq!(f.journal.expire().await.expect("expire"), Expired::default(), "nothing is old yet");
         f.clock.advance(3_600_001);
@@ -993,7 +1036,7 @@ mod tests {
         f.journal.accept(new("github", "a", &["echo"])).await.expect("accept");
         let first = f.take(&["echo"]).await.remove(0);
         let retry = Outcome::Retry { error: "retry: busy".into(), delay: Duration::from_secs(30) };
-        assert!(f.journal.finish(&first, retry, Vec::new()).await.expect("finish"));
+        assert!(f.journal.finish(&first, retry, "v1", Vec::new()).await.expect("finish"));
         let record = f.status("a").await;
         assert_eq!(record.deliveries[0].status, DeliveryStatus::Retrying);
         assert_eq!(record.deliveries[0].next_attempt_ms, Some(START_MS + 30_000));
@@ -1001,7 +1044,10 @@ mod tests {
         f.clock.advance(30_000);
         let second = f.take(&["echo"]).await.remove(0);
         assert_eq!(second.attempt, 2);
-        f.journal.finish(&second, Outcome::Dead { error: "permanent: bad".into() }, Vec::new()).await.expect("finish");
+        f.journal
+            .finish(&second, Outcome::Dead { error: "permanent: bad".into() }, "v1", Vec::new())
+            .await
+            .expect("finish");
         let record = f.status("a").await;
         let errors: Vec<_> = record.deliveries[0].errors.iter().map(|e| (e.attempt, e.error.as_str())).collect();
         assert_eq!(errors, [(1, "retry: busy"), (2, "permanent: bad")]);
@@ -1018,10 +1064,10 @@ mod tests {
         let second = f.take(&["echo"]).await.remove(0);
         assert_eq!(second.attempt, 2);
         let emitted = vec![new("plugin.echo", "child", &["echo"])];
-        assert!(!f.journal.finish(&first, Outcome::Done, emitted).await.expect("finish"), "stale lease");
+        assert!(!f.journal.finish(&first, Outcome::Done, "v1", emitted).await.expect("finish"), "stale lease");
         assert!(f.journal.event("child").await.expect("read").is_none(), "a stale attempt emits nothing");
         assert_eq!(f.status("a").await.deliveries[0].status, DeliveryStatus::Running);
-        assert!(f.journal.finish(&second, Outcome::Done, Vec::new()).await.expect("finish"));
+        assert!(f.journal.finish(&second, Outcome::Done, "v1", Vec::new()).await.expect("finish"));
         assert_eq!(f.status("a").await.status, EventStatus::Done);
     }
 
@@ -1031,7 +1077,7 @@ mod tests {
         f.journal.accept(new("github", "a", &["echo"])).await.expect("accept");
         let lease = f.take(&["echo"]).await.remove(0);
         let alert = new("wasmhook", "alert-1", &["notify"]);
-        f.journal.finish(&lease, Outcome::Dead { error: "gone".into() }, vec![alert]).await.expect("finish");
+        f.journal.finish(&lease, Outcome::Dead { error: "gone".into() }, "v1", vec![alert]).await.expect("finish");
         assert_eq!(f.take(&["notify"]).await[0].event.id, "alert-1");
     }
 
@@ -1043,7 +1089,7 @@ mod tests {
         }
         for lease in f.take(&["echo", "push"]).await {
             let outcome = if lease.event.id == "c" { Outcome::Done } else { Outcome::Dead { error: "x".into() } };
-            f.journal.finish(&lease, outcome, Vec::new()).await.expect("finish");
+            f.journal.finish(&lease, outcome, "v1", Vec::new()).await.expect("finish");
         }
         assert_eq!(f.journal.dead_letters(None, 10).await.expect("list").len(), 4);
         let echo = f.journal.dead_letters(Some("echo"), 10).await.expect("list");
@@ -1065,7 +1111,7 @@ mod tests {
         f.journal.accept(new("github", "old", &[])).await.expect("accept");
         f.journal.accept(new("github", "handled", &["echo"])).await.expect("accept");
         let lease = f.take(&["echo"]).await.remove(0);
-        f.journal.finish(&lease, Outcome::Done, Vec::new()).await.expect("finish");
+        f.journal.finish(&lease, Outcome::Done, "v1", Vec::new()).await.expect("finish");
         let route = |event_type: &str| if event_type == "github.push" { names(&["echo"]) } else { Vec::new() };
         assert_eq!(f.journal.replay(START_MS, &route).await.expect("replay"), 2);
         assert_eq!(f.take(&["echo"]).await.len(), 2);
@@ -1081,7 +1127,7 @@ mod tests {
             Err(JournalError::Full { pending: 2, max: 2 })
         ));
         for lease in f.take(&["echo", "push"]).await {
-            f.journal.finish(&lease, Outcome::Done, Vec::new()).await.expect("finish");
+            f.journal.finish(&lease, Outcome::Done, "v1", Vec::new()).await.expect("finish");
         }
         assert_eq!(f.journal.accept(new("github", "b", &["echo"])).await.expect("accept"), Accepted::New);
         let stats = f.journal.stats().await.expect("stats");

@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use wasmtime::component::{HasSelf, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 pub use component::{CallError, Component, Limits, LoadError, MAX_ERROR_BYTES, Metadata};
 use host_api::CallState;
@@ -57,8 +57,10 @@ impl std::fmt::Debug for Runtime {
 impl Runtime {
     /// Builds the engine (pooling allocator, async calls, epoch interruption, a stack limit)
     /// and the linker holding WASI (granting nothing), `wasi:http` (behind each plugin's
-    /// allowlist) and the `host` interface.
-    pub fn new() -> anyhow::Result<Self> {
+    /// allowlist) and the `host` interface. With `cache_dir`, compiled code is kept there,
+    /// keyed by the component's content and the engine's settings, so a restart or a reload
+    /// of a version already seen compiles nothing.
+    pub fn new(cache_dir: Option<&std::path::Path>) -> anyhow::Result<Self> {
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(POOL_INSTANCES)
             .total_memories(POOL_INSTANCES)
@@ -69,6 +71,11 @@ impl Runtime {
             .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
             .async_stack_keep_resident(KEEP_RESIDENT_BYTES);
         let mut config = Config::new();
+        if let Some(dir) = cache_dir {
+            let mut cache = CacheConfig::new();
+            cache.with_directory(dir);
+            config.cache(Some(Cache::new(cache)?));
+        }
         config
             .epoch_interruption(true)
             .max_wasm_stack(MAX_WASM_STACK_BYTES)

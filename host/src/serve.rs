@@ -29,7 +29,8 @@ const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(60);
 /// calls finish, and returns. Everything accepted is already in the journal.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let journal: Arc<dyn Journal> = Arc::new(SqliteJournal::open(&config.data_dir, config.journal.clone())?);
-    let cache_dir = config.data_dir.join(COMPILE_CACHE_DIR);
+    // wasmtime's cache wants an absolute folder; a relative data folder is relative to here.
+    let cache_dir = std::path::absolute(config.data_dir.join(COMPILE_CACHE_DIR))?;
     let runtime = Arc::new(Runtime::new(Some(&cache_dir)).context("cannot start the WebAssembly runtime")?);
     let registry = Arc::new(
         Registry::load(Arc::clone(&runtime), &config.plugins_dir, config.retry.clone(), Arc::new(ProcessEnv)).await?,

@@ -22,7 +22,7 @@ pub async fn run(registry: Arc<Registry>, shutdown: CancellationToken) -> anyhow
     let mut watcher = {
         let wake = Arc::clone(&wake);
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-            Ok(event) if event.paths.iter().any(|path| is_plugin_file(path)) => wake.notify_one(),
+            Ok(event) if changes_plugins(&event) => wake.notify_one(),
             Ok(_) => {}
             Err(err) => tracing::warn!(error = %err, "plugins folder watcher error"),
         })?
@@ -56,6 +56,14 @@ pub async fn run(registry: Arc<Registry>, shutdown: CancellationToken) -> anyhow
     }
 }
 
+/// Whether `event` changes a plugin or manifest file. Reads (opens, accesses) do not count:
+/// the rescan itself reads every file, and must not wake the watcher again.
+fn changes_plugins(event: &notify::Event) -> bool {
+    use notify::EventKind;
+    matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_))
+        && event.paths.iter().any(|path| is_plugin_file(path))
+}
+
 /// A plugin (`.wasm`) or manifest (`.toml`) file: the only changes worth a rescan.
 fn is_plugin_file(path: &std::path::Path) -> bool {
     path.extension().is_some_and(|ext| ext == "wasm" || ext == "toml")
@@ -85,6 +93,15 @@ async fn wake_on_sighup(wake: Arc<Notify>, shutdown: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reading_a_plugin_does_not_wake_the_watcher() {
+        use notify::event::{AccessKind, CreateKind, EventKind, ModifyKind, RenameMode};
+        let on = |kind| notify::Event::new(kind).add_path("plugins/echo.wasm".into());
+        assert!(changes_plugins(&on(EventKind::Create(CreateKind::File))));
+        assert!(changes_plugins(&on(EventKind::Modify(ModifyKind::Name(RenameMode::To)))));
+        assert!(!changes_plugins(&on(EventKind::Access(AccessKind::Open(notify::event::AccessMode::Read)))));
+    }
 
     #[test]
     fn only_plugins_and_manifests_wake_the_watcher() {

@@ -48,3 +48,34 @@ fn an_unknown_config_key_is_reported_with_its_line() {
     assert!(!output.status.success());
     assert!(stderr.contains("plugin_dir") && stderr.contains("line 3"), "{stderr}");
 }
+
+#[test]
+fn relative_plugin_and_data_folders_are_relative_to_the_working_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("plugins")).expect("plugins");
+    std::fs::copy(crate::util::plugin_wasm("echo"), dir.path().join("plugins/echo.wasm")).expect("copy");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wasmhook"))
+        .args([
+            "serve",
+            "--plugins",
+            "plugins",
+            "--data",
+            "data",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start");
+    let stdout = child.stdout.take().expect("stdout");
+    let started = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+        .map_while(Result::ok)
+        .any(|line| line.contains("admin listener on"));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(started, "the host did not start");
+    assert!(dir.path().join("data/journal.sqlite3").is_file());
+}

@@ -6,6 +6,7 @@ mod cli;
 mod ingest;
 mod journal;
 mod plugins;
+mod reload;
 mod sandbox;
 mod senders;
 mod util;

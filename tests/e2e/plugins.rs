@@ -9,8 +9,12 @@ fn a_broken_wasm_file_is_skipped_while_the_others_serve() {
     assert!(line.contains("broken.wasm") && line.contains("not a valid WebAssembly component"), "{line}");
 
     let (_, plugins) = host.admin_get("/v1/plugins");
-    let statuses: Vec<_> =
-        plugins["plugins"].as_array().expect("list").iter().map(|p| (p["name"].as_str(), p["status"].as_str())).collect();
+    let statuses: Vec<_> = plugins["plugins"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|p| (p["name"].as_str(), p["status"].as_str()))
+        .collect();
     assert_eq!(statuses, [(Some("broken"), Some("failed")), (Some("echo"), Some("loaded"))]);
     let broken = &plugins["plugins"][0];
     assert!(broken["last_error"].as_str().is_some_and(|e| e.contains("not a valid WebAssembly component")), "{broken}");

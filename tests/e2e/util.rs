@@ -15,6 +15,8 @@ pub const SECRET: &str = "test-secret";
 pub const SECRET_ENV: &str = "TEST_GITHUB_SECRET";
 /// How long a test waits for something that should happen promptly (a bound, not a timing).
 pub const PATIENCE: Duration = Duration::from_secs(30);
+/// Longer than the plugins-folder watcher's debounce, so the host sees each step.
+pub const DEBOUNCE_AND_SOME: Duration = Duration::from_millis(wasmhook::watch::DEBOUNCE.as_millis() as u64 * 2);
 
 /// The workspace's root folder.
 pub fn workspace() -> PathBuf {
@@ -187,6 +189,11 @@ impl TestHost {
         };
         self.url = format!("http://{}", address(self, "webhook listener on http://"));
         self.admin = format!("http://{}", address(self, "admin listener on http://"));
+    }
+
+    /// The host's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// Kills the host with SIGKILL: no shutdown, no flush, as in a crash.

@@ -1,0 +1,194 @@
+//! Hot reload through the real binary: plugins replaced, copied in pieces, removed and
+//! re-added, and re-granted while events flow, with nothing lost or run on two versions.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::Digest;
+
+use crate::util::{PATIENCE, SECRET, TestHost, example, plugin_wasm, try_post_github};
+
+fn sha256(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Replaces `dir/name` the safe way: write a temporary file beside it, then rename it over.
+fn deploy(dir: &Path, name: &str, bytes: &[u8]) {
+    let staging = dir.join(format!(".{name}.partial"));
+    std::fs::write(&staging, bytes).expect("write the staging file");
+    std::fs::rename(&staging, dir.join(name)).expect("rename into place");
+}
+
+/// The `/v1/plugins` entry of `name`.
+fn plugin(host: &TestHost, name: &str) -> serde_json::Value {
+    let (_, list) = host.admin_get("/v1/plugins");
+    list["plugins"].as_array().expect("list").iter().find(|p| p["name"] == name).cloned().unwrap_or_default()
+}
+
+/// Waits until the plugin `name` satisfies `ready`.
+fn wait_for_plugin(
+    host: &TestHost,
+    name: &str,
+    what: &str,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let entry = plugin(host, name);
+        if ready(&entry) {
+            return entry;
+        }
+        assert!(Instant::now() < deadline, "{name} never became {what}: {entry}\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn fifty_swaps_under_a_stream_lose_nothing_and_each_delivery_ran_one_version() {
+    let (echo, flaky) =
+        (std::fs::read(plugin_wasm("echo")).expect("echo"), std::fs::read(plugin_wasm("flaky")).expect("flaky"));
+    let versions = [(sha256(&echo), &echo), (sha256(&flaky), &flaky)];
+    let host = TestHost::builder().file("target.wasm", echo.clone()).start();
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let (accepted, stop, url) = (Arc::clone(&accepted), Arc::clone(&stop), host.url.clone());
+        std::thread::spawn(move || {
+            let body = example("github/push.json");
+            for n in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let id = format!("swap-{n}");
+                if try_post_github(&url, "push", &id, &body, SECRET).is_ok_and(|reply| reply.status == 202) {
+                    accepted.lock().expect("ids").push(id);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    for swap in 1..=50 {
+        let (sha, bytes) = &versions[swap % 2];
+        deploy(&host.plugins_dir(), "target.wasm", bytes);
+        wait_for_plugin(&host, "target", "swapped", |entry| entry["sha256"] == sha.as_str());
+    }
+    stop.store(true, Ordering::Relaxed);
+    sender.join().expect("sender");
+
+    let last = &versions[50 % 2].0;
+    let mut after = Vec::new();
+    for n in 0..5 {
+        let id = format!("after-{n}");
+        assert_eq!(host.post_github("push", &id, &example("github/push.json"), SECRET).0, 202);
+        after.push(id);
+    }
+    let accepted = accepted.lock().expect("ids").clone();
+    assert!(accepted.len() >= 50, "only {} events went through the swaps", accepted.len());
+    for id in accepted.iter().chain(&after) {
+        let event = host.wait_for_event(id);
+        let delivery = &event["deliveries"][0];
+        assert_eq!((event["status"].as_str(), delivery["attempts"].as_u64()), (Some("done"), Some(1)), "{event}");
+        let ran = delivery["sha256"].as_str().expect("the version that ran it");
+        assert!(versions.iter().any(|(sha, _)| sha == ran), "{id} ran on an unknown version {ran}");
+        // Exactly one effect, by the version recorded: echo's line or flaky's line.
+        let (echo_effects, flaky_effects) =
+            (host.count_log(&format!("github.push {id} from github")), host.count_log(&format!("effect {id} attempt")));
+        let expected = if ran == versions[0].0 { (1, 0) } else { (0, 1) };
+        assert_eq!((echo_effects, flaky_effects), expected, "{id} ran on {ran}");
+    }
+    for id in &after {
+        assert_eq!(
+            host.wait_for_event(id)["deliveries"][0]["sha256"].as_str(),
+            Some(last.as_str()),
+            "{id} ran on an old version"
+        );
+    }
+}
+
+#[test]
+fn a_component_copied_in_pieces_serves_the_old_version_until_it_is_whole() {
+    let (echo, flaky) =
+        (std::fs::read(plugin_wasm("echo")).expect("echo"), std::fs::read(plugin_wasm("flaky")).expect("flaky"));
+    let mut host = TestHost::builder().file("target.wasm", echo.clone()).start();
+    let target = host.plugins_dir().join("target.wasm");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&target).expect("truncate in place");
+        for (n, piece) in flaky.chunks(flaky.len() / 4 + 1).enumerate() {
+            file.write_all(piece).expect("write a piece");
+            file.flush().expect("flush");
+            // Longer than the watcher's debounce: the host sees the half-written file.
+            std::thread::sleep(crate::util::DEBOUNCE_AND_SOME);
+            if n == 1 {
+                host.post_github("push", "mid-copy", &example("github/push.json"), SECRET);
+                let event = host.wait_for_event("mid-copy");
+                assert_eq!(event["deliveries"][0]["sha256"].as_str(), Some(sha256(&echo).as_str()), "{event}");
+            }
+        }
+    }
+    host.wait_for_log("plugin not reloaded; the previous version keeps serving");
+    let entry =
+        wait_for_plugin(&host, "target", "the whole new version", |entry| entry["sha256"] == sha256(&flaky).as_str());
+    assert!(entry["last_error"].is_null(), "{entry}");
+    host.post_github("push", "after-copy", &example("github/push.json"), SECRET);
+    assert_eq!(host.wait_for_event("after-copy")["deliveries"][0]["sha256"].as_str(), Some(sha256(&flaky).as_str()));
+}
+
+#[test]
+fn a_removed_plugin_keeps_its_pending_deliveries_until_it_returns() {
+    let flaky = std::fs::read(plugin_wasm("flaky")).expect("flaky");
+    let manifest = "concurrency = 1\n[config]\nslow_ms = \"300\"\n";
+    let host =
+        TestHost::builder().plugin("echo").file("flaky.toml", manifest).file("flaky.wasm", flaky.clone()).start();
+    for n in 0..6 {
+        host.post_github("push", &format!("queued-{n}"), &example("github/push.json"), SECRET);
+    }
+    std::fs::remove_file(host.plugins_dir().join("flaky.wasm")).expect("remove");
+    let removed = wait_for_plugin(&host, "flaky", "removed", |entry| entry["status"] == "removed");
+    assert!(removed["pending"].as_u64().is_some_and(|pending| pending > 0), "{removed}");
+
+    host.post_github("push", "while-away", &example("github/push.json"), SECRET);
+    let plugins: Vec<_> = host.wait_for_event("while-away")["deliveries"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|d| d["plugin"].clone())
+        .collect();
+    assert_eq!(plugins, ["echo"], "a removed plugin got a new delivery");
+
+    deploy(&host.plugins_dir(), "flaky.wasm", &flaky);
+    for n in 0..6 {
+        let event = host.wait_for_event(&format!("queued-{n}"));
+        assert_eq!(event["status"], "done", "{event}");
+        assert!(event["deliveries"][1]["status"] == "done", "{event}");
+    }
+    assert_eq!(plugin(&host, "flaky")["status"], "loaded");
+}
+
+#[test]
+fn a_manifest_only_change_takes_effect() {
+    let host = TestHost::builder().plugin_with_manifest("echo", "subscriptions = [\"github.push\"]\n").start();
+    host.post_github("issues", "before", br#"{"action":"opened"}"#, SECRET);
+    assert_eq!(host.wait_for_event("before")["status"], "unrouted");
+    deploy(&host.plugins_dir(), "echo.toml", b"subscriptions = [\"github.issues.*\"]\n");
+    wait_for_plugin(&host, "echo", "re-subscribed", |entry| {
+        entry["subscriptions"] == serde_json::json!(["github.issues.*"])
+    });
+    host.post_github("issues", "after", br#"{"action":"opened"}"#, SECRET);
+    assert_eq!(host.wait_for_event("after")["status"], "done");
+}
+
+#[test]
+fn the_reload_endpoint_and_sighup_rescan_the_folder() {
+    let mut host = TestHost::builder().plugin("echo").start();
+    let answer = crate::util::post(&format!("{}/v1/plugins/reload", host.admin), &[], b"");
+    assert_eq!(answer.0, 200, "{}", answer.1);
+    assert_eq!(answer.1["unchanged"], 1, "{}", answer.1);
+    let status =
+        std::process::Command::new("kill").args(["-HUP", &host.pid().to_string()]).status().expect("kill -HUP");
+    assert!(status.success());
+    host.wait_for_log("SIGHUP: rescanning the plugins folder");
+    assert_eq!(host.admin_get("/healthz").0, 200);
+}

@@ -17,6 +17,7 @@ use crate::journal::Journal;
 use crate::journal::sqlite::SqliteJournal;
 use crate::registry::Registry;
 use crate::runtime::Runtime;
+use crate::watch::FolderWatch;
 use crate::{dispatch, http};
 
 /// The folder, inside the data folder, of compiled plugin code.
@@ -32,6 +33,8 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     // wasmtime's cache wants an absolute folder; a relative data folder is relative to here.
     let cache_dir = std::path::absolute(config.data_dir.join(COMPILE_CACHE_DIR))?;
     let runtime = Arc::new(Runtime::new(Some(&cache_dir)).context("cannot start the WebAssembly runtime")?);
+    // Watch before the first load, so that no change in between is missed.
+    let folder_watch = FolderWatch::start(&config.plugins_dir);
     let registry = Arc::new(
         Registry::load(Arc::clone(&runtime), &config.plugins_dir, config.retry.clone(), Arc::new(ProcessEnv)).await?,
     );
@@ -47,7 +50,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     tasks.spawn(http::serve(ingest_listener, move |request| Arc::clone(&ingest).handle(request), shutdown.clone()));
     tasks.spawn(http::serve(admin_listener, move |request| Arc::clone(&admin).handle(request), shutdown.clone()));
     tasks.spawn(housekeeping(Arc::clone(&journal), shutdown.clone()));
-    tasks.spawn(watch(Arc::clone(&registry), shutdown.clone()));
+    tasks.spawn(folder_watch.run(Arc::clone(&registry), shutdown.clone()));
     tasks.spawn(dispatch::run(journal, registry, config.workers, config.shutdown_grace, shutdown.clone()));
     tasks.close();
 
@@ -57,13 +60,6 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     drop(runtime);
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Reloads plugins as their folder changes, until shutdown.
-async fn watch(registry: Arc<Registry>, shutdown: CancellationToken) {
-    if let Err(err) = crate::watch::run(registry, shutdown).await {
-        tracing::error!(error = %err, "cannot watch the plugins folder; use SIGHUP or POST /v1/plugins/reload");
-    }
 }
 
 /// Removes expired dedup keys and old handled events, once a period, until shutdown.

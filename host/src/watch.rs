@@ -2,6 +2,7 @@
 //! API all lead to one rescan of the folder by the registry. Deploying is dropping, replacing
 //! or deleting files; nothing restarts.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,42 +16,65 @@ use crate::registry::Registry;
 /// written in pieces is read once it is whole.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
 
-/// Watches the registry's folder until `shutdown`, rescanning after each burst of changes to a
-/// `.wasm` or `.toml` file, and on SIGHUP.
-pub async fn run(registry: Arc<Registry>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let wake = Arc::new(Notify::new());
-    let mut watcher = {
-        let wake = Arc::clone(&wake);
-        notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-            Ok(event) if changes_plugins(&event) => wake.notify_one(),
-            Ok(_) => {}
-            Err(err) => tracing::warn!(error = %err, "plugins folder watcher error"),
-        })?
-    };
-    watcher.watch(registry.dir(), RecursiveMode::NonRecursive)?;
-    tokio::spawn(wake_on_sighup(Arc::clone(&wake), shutdown.clone()));
-    tracing::info!(folder = %registry.dir().display(), "watching the plugins folder");
-    loop {
-        tokio::select! {
-            () = wake.notified() => {}
-            () = shutdown.cancelled() => return Ok(()),
-        }
-        // Wait for the folder to be quiet: a copy in progress keeps sending events.
+/// A watch on the plugins folder and on SIGHUP, started before the plugins are first loaded
+/// so that no change between that load and the watch is missed.
+pub struct FolderWatch {
+    /// Held to keep the file watch alive; `None` when the system refused one.
+    _watcher: Option<notify::RecommendedWatcher>,
+    wake: Arc<Notify>,
+}
+
+impl FolderWatch {
+    /// Starts watching `dir` for changes to `.wasm` and `.toml` files, and listening for
+    /// SIGHUP. If the system refuses a file watch, the host still reloads on SIGHUP and
+    /// `POST /v1/plugins/reload`.
+    pub fn start(dir: &Path) -> FolderWatch {
+        let wake = Arc::new(Notify::new());
+        let watcher = {
+            let wake = Arc::clone(&wake);
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+                Ok(event) if changes_plugins(&event) => wake.notify_one(),
+                Ok(_) => {}
+                Err(err) => tracing::warn!(error = %err, "plugins folder watcher error"),
+            })
+            .and_then(|mut watcher| watcher.watch(dir, RecursiveMode::NonRecursive).map(|()| watcher))
+        };
+        let watcher = match watcher {
+            Ok(watcher) => Some(watcher),
+            Err(err) => {
+                tracing::error!(folder = %dir.display(), error = %err, "cannot watch the plugins folder; reload with SIGHUP or POST /v1/plugins/reload");
+                None
+            }
+        };
+        listen_for_sighup(Arc::clone(&wake));
+        FolderWatch { _watcher: watcher, wake }
+    }
+
+    /// Rescans the registry's folder after each burst of changes, until `shutdown`.
+    pub async fn run(self, registry: Arc<Registry>, shutdown: CancellationToken) {
+        tracing::info!(folder = %registry.dir().display(), "watching the plugins folder");
         loop {
             tokio::select! {
-                () = wake.notified() => continue,
-                () = tokio::time::sleep(DEBOUNCE) => break,
-                () = shutdown.cancelled() => return Ok(()),
+                () = self.wake.notified() => {}
+                () = shutdown.cancelled() => return,
             }
-        }
-        match registry.rescan().await {
-            Ok(reloaded) if reloaded.changed() => tracing::info!(
-                loaded = ?reloaded.loaded, replaced = ?reloaded.replaced, removed = ?reloaded.removed,
-                failed = ?reloaded.failed, "plugins folder rescanned"
-            ),
-            Ok(_) => {}
-            Err(err) => {
-                tracing::error!(error = %err, "cannot rescan the plugins folder; the loaded plugins keep serving")
+            // Wait for the folder to be quiet: a copy in progress keeps sending events.
+            loop {
+                tokio::select! {
+                    () = self.wake.notified() => continue,
+                    () = tokio::time::sleep(DEBOUNCE) => break,
+                    () = shutdown.cancelled() => return,
+                }
+            }
+            match registry.rescan().await {
+                Ok(reloaded) if reloaded.changed() => tracing::info!(
+                    loaded = ?reloaded.loaded, replaced = ?reloaded.replaced, removed = ?reloaded.removed,
+                    failed = ?reloaded.failed, "plugins folder rescanned"
+                ),
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot rescan the plugins folder; the loaded plugins keep serving")
+                }
             }
         }
     }
@@ -69,25 +93,25 @@ fn is_plugin_file(path: &std::path::Path) -> bool {
     path.extension().is_some_and(|ext| ext == "wasm" || ext == "toml")
 }
 
-async fn wake_on_sighup(wake: Arc<Notify>, shutdown: CancellationToken) {
+/// Wakes the watcher on each SIGHUP. The handler is installed before this returns, so a
+/// SIGHUP from then on never kills the host.
+fn listen_for_sighup(wake: Arc<Notify>) {
     #[cfg(unix)]
-    {
-        let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP; use POST /v1/plugins/reload to force a rescan");
-            return;
-        };
-        loop {
-            tokio::select! {
-                _ = hangup.recv() => {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hangup) => {
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
                     tracing::info!("SIGHUP: rescanning the plugins folder");
                     wake.notify_one();
                 }
-                () = shutdown.cancelled() => return,
-            }
+            });
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot listen for SIGHUP; use POST /v1/plugins/reload to force a rescan")
         }
     }
     #[cfg(not(unix))]
-    let _ = (wake, shutdown);
+    let _ = wake;
 }
 
 #[cfg(test)]

@@ -117,7 +117,8 @@ fn a_plugin_that_always_fails_is_dead_after_its_attempts_and_raises_an_alert() {
     host.wait_for_log("delivery failed for good");
 
     // The alert reaches the plugins subscribed to wasmhook.dead_letter (echo subscribes to all).
-    let line = host.wait_for_log("wasmhook.dead_letter");
+    // echo's line: "wasmhook.dead_letter {id} from wasmhook (…".
+    let line = host.wait_for_log(" from wasmhook (");
     let alert_id =
         line.split("wasmhook.dead_letter ").nth(1).and_then(|rest| rest.split_whitespace().next()).expect("id");
     let alert = host.wait_for_event(alert_id);

@@ -9,7 +9,7 @@ PLUGIN_DIR := target/plugins
 TEST_PLUGIN_DIR := target/test-plugins
 WASM_OUT := target/wasm32-wasip2/plugin
 
-.PHONY: run test lint plugins host wasm-target clean
+.PHONY: run test lint bench bench-reload plugins host wasm-target clean
 
 ## make run: build everything and serve the example plugins on loopback (Ctrl-C stops it).
 run: plugins host
@@ -24,6 +24,13 @@ run: plugins host
 ## make test: build plugins and the host once (release profile), then run every test.
 test: plugins
 	$(CARGO) test --release
+
+## make bench: every benchmark (figures, never assertions); see docs/BENCHMARKS.md.
+bench: bench-reload
+
+## make bench-reload: hot-reload swap latency and start-up with 20 plugins, cold and cached.
+bench-reload: plugins
+	$(CARGO) bench --bench reload
 
 ## make lint: formatting and clippy, warnings as errors.
 lint: wasm-target

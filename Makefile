@@ -4,7 +4,7 @@
 CARGO ?= cargo
 PLUGINS := echo github-push slack-notify forward
 # Plugins that exist only for tests (faults, counters); kept apart so `make run` never serves them.
-TEST_PLUGINS := flaky faulty
+TEST_PLUGINS := flaky faulty command
 PLUGIN_DIR := target/plugins
 TEST_PLUGIN_DIR := target/test-plugins
 WASM_OUT := target/wasm32-wasip2/plugin

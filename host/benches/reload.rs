@@ -32,8 +32,10 @@ fn main() {
 
 /// Milliseconds from each rename to the first delivery observed on the new version.
 fn swap_latencies() -> (f64, f64) {
-    let versions = [std::fs::read(plugin_wasm("echo")).expect("echo"), std::fs::read(plugin_wasm("flaky")).expect("flaky")];
-    let shas: Vec<String> = versions.iter().map(|bytes| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes))).collect();
+    let versions =
+        [std::fs::read(plugin_wasm("echo")).expect("echo"), std::fs::read(plugin_wasm("flaky")).expect("flaky")];
+    let shas: Vec<String> =
+        versions.iter().map(|bytes| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes))).collect();
     let host = TestHost::builder().file("target.wasm", versions[0].clone()).start();
     let body = example("github/push.json");
     let mut samples = Vec::new();

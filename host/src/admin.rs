@@ -1,5 +1,5 @@
-//! The admin API on its own listener: health, plugins, events, stats, dead letters and
-//! replay. Every route but `/healthz` requires `Authorization: Bearer <token>` when the
+//! The admin API on its own listener: health and readiness, Prometheus metrics, plugins,
+//! events, stats, dead letters and replay. Every route but `/healthz` and `/readyz` requires `Authorization: Bearer <token>` when the
 //! operator sets a token. It only reads from and asks the other modules; nothing reads from it.
 
 use std::sync::Arc;
@@ -28,6 +28,7 @@ pub struct Admin {
     journal: Arc<dyn Journal>,
     registry: Arc<Registry>,
     token: Option<Secret>,
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// One plugin as `/v1/plugins` shows it.
@@ -97,15 +98,50 @@ fn bad_request(message: impl Into<String>) -> Refusal {
 }
 
 impl Admin {
-    /// An admin API over `journal` and `registry`, guarded by `token` when there is one.
-    pub fn new(journal: Arc<dyn Journal>, registry: Arc<Registry>, token: Option<Secret>) -> Self {
-        Admin { journal, registry, token }
+    /// An admin API over `journal` and `registry`, guarded by `token` when there is one; it
+    /// reports not ready once `shutdown` fires.
+    pub fn new(
+        journal: Arc<dyn Journal>,
+        registry: Arc<Registry>,
+        token: Option<Secret>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        Admin { journal, registry, token, shutdown }
+    }
+
+    /// Readiness: the journal takes a write, the plugins folder reads, the host is not
+    /// stopping (the listeners are bound before the admin API answers at all).
+    async fn ready(&self) -> Response<Body> {
+        let journal = match self.journal.ping().await {
+            Ok(()) => "ok".to_owned(),
+            Err(err) => err.to_string(),
+        };
+        let folder = match std::fs::read_dir(self.registry.dir()) {
+            Ok(_) => "ok".to_owned(),
+            Err(err) => format!("cannot read {}: {err}", self.registry.dir().display()),
+        };
+        let listeners = if self.shutdown.is_cancelled() { "shutting down" } else { "ok" };
+        let ready = journal == "ok" && folder == "ok" && listeners == "ok";
+        let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        let checks = serde_json::json!({"journal": journal, "plugins_folder": folder, "listeners": listeners});
+        http::json(status, &serde_json::json!({"ready": ready, "checks": checks}))
+    }
+
+    async fn metrics(&self) -> Result<Response<Body>, Refusal> {
+        crate::metrics::journal_stats(&self.journal.stats().await?);
+        let mut response = Response::new(http_body_util::Full::new(Bytes::from(crate::metrics::render())));
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+        Ok(response)
     }
 
     /// Answers one HTTP request.
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
-        if request.uri().path() == "/healthz" {
-            return http::json(StatusCode::OK, &serde_json::json!({"status": "ok"}));
+        match request.uri().path() {
+            "/healthz" => return http::json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+            "/readyz" => return self.ready().await,
+            _ => {}
         }
         if !self.authorized(&request) {
             let mut response = http::error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
@@ -125,7 +161,8 @@ impl Admin {
         let method = request.method().clone();
         let expected = match segments.as_slice() {
             ["v1", "dead-letters", "replay" | "purge"] | ["v1", "replay"] | ["v1", "plugins", "reload"] => Method::POST,
-            ["v1", "plugins"]
+            ["metrics"]
+            | ["v1", "plugins"]
             | ["v1", "events", _]
             | ["v1", "stats"]
             | ["v1", "dead-letters"]
@@ -140,6 +177,7 @@ impl Admin {
         }
         let ok = |value: serde_json::Value| Ok(http::json(StatusCode::OK, &value));
         match segments.as_slice() {
+            ["metrics"] => self.metrics().await,
             ["v1", "plugins"] => ok(self.plugins().await?),
             ["v1", "plugins", "reload"] => match self.registry.rescan().await {
                 Ok(reloaded) => ok(serde_json::to_value(reloaded).unwrap_or_default()),

@@ -21,6 +21,9 @@ pub const ADMIN_TOKEN_ENV: &str = "WASMHOOK_ADMIN_TOKEN";
 #[derive(Debug, Parser)]
 #[command(name = "wasmhook", version, about)]
 pub struct Cli {
+    /// How log lines are written: json, pretty, or auto (json unless stdout is a terminal).
+    #[arg(long, global = true, value_enum, default_value = "auto", env = "WASMHOOK_LOG_FORMAT")]
+    pub log_format: crate::telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,6 +44,21 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Run, check or scaffold a plugin (for plugin authors).
+    Plugin {
+        #[command(subcommand)]
+        action: PluginAction,
+    },
+    /// Check a config file.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// One screen of a running host: readiness, plugins, deliveries, rates (through the admin API).
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Deliver stored events again to the plugins that subscribe to them now.
     Replay {
         #[command(flatten)]
@@ -54,6 +72,51 @@ enum Command {
         /// Only to this plugin.
         #[arg(long)]
         plugin: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginAction {
+    /// Call a plugin once on a sample event, under the server's limits and the manifest
+    /// beside it; print its logs, emitted events, outcome and duration. Exit 1 unless done.
+    Run {
+        /// The component.
+        file: PathBuf,
+        /// The payload file.
+        #[arg(long)]
+        event: PathBuf,
+        /// The event type.
+        #[arg(long = "type", default_value = "sample.event")]
+        event_type: String,
+        /// A config value for the plugin (repeatable), over the manifest's.
+        #[arg(long = "config", value_name = "KEY=VALUE")]
+        config: Vec<String>,
+    },
+    /// Check a component implements the wasmhook:plugin world; print its metadata and grants.
+    Check {
+        /// The component.
+        file: PathBuf,
+    },
+    /// Create a plugin crate that builds as is.
+    New {
+        /// The plugin's name (a-z, 0-9, '-').
+        name: String,
+        /// Where to create it.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The wasmhook sdk folder to depend on (default: the one this binary was built from).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigAction {
+    /// Parse and check a config file (secret variables included); errors name the file, line
+    /// and column.
+    Check {
+        /// The config file.
+        file: PathBuf,
     },
 }
 
@@ -209,9 +272,19 @@ impl Cli {
             Command::Serve(args) => serve(args),
             Command::Send { scheme } => send(scheme, &ProcessEnv),
             Command::Dlq { admin, action } => dlq(&admin, action, &ProcessEnv),
+            Command::Plugin { action } => plugin(action),
+            Command::Config { action: ConfigAction::Check { file } } => {
+                let config = config::load(Some(&file), Overrides::default(), &ProcessEnv)?;
+                let sources: Vec<&String> = config.sources.keys().collect();
+                println!("{}: ok ({} sources: {sources:?})", file.display(), sources.len());
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Status { admin } => status(&admin, &ProcessEnv),
             Command::Replay { admin, event_type, since, plugin } => {
                 let body = serde_json::json!({ "type": event_type, "since": since, "plugin": plugin });
-                let answer = call_admin(&admin, Method::POST, "/v1/replay", Some(body), &ProcessEnv)?;
+                let answer = with_progress("replaying stored events…", || {
+                    call_admin(&admin, Method::POST, "/v1/replay", Some(body), &ProcessEnv)
+                })?;
                 print_answer(&admin, &answer, |answer| format!("{} deliveries made due", answer["replayed"]));
                 Ok(ExitCode::SUCCESS)
             }
@@ -333,6 +406,92 @@ fn hmac_scheme(
     })
 }
 
+fn plugin(action: PluginAction) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match action {
+        PluginAction::Run { file, event, event_type, config } => {
+            let overrides = config
+                .iter()
+                .map(|pair| {
+                    pair.split_once('=')
+                        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+                        .with_context(|| format!("--config {pair:?}: expected KEY=VALUE"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let done = runtime.block_on(crate::authoring::run(&file, &event, &event_type, &overrides))?;
+            Ok(if done { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        PluginAction::Check { file } => {
+            runtime.block_on(crate::authoring::check(&file))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        PluginAction::New { name, dir, sdk } => {
+            let root = crate::authoring::scaffold(&name, &dir, sdk.as_deref())?;
+            println!("created {}; build it with: cd {} && cargo build --release", root.display(), root.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn status(admin: &AdminArgs, env: &dyn Env) -> anyhow::Result<ExitCode> {
+    let stats = call_admin(admin, Method::GET, "/v1/stats", None, env)?;
+    let plugins = call_admin(admin, Method::GET, "/v1/plugins", None, env)?;
+    if admin.json {
+        println!("{}", serde_json::json!({ "stats": stats, "plugins": plugins["plugins"] }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let count = |key: &str| stats[key].as_u64().unwrap_or(0);
+    println!("wasmhook at {}", admin.admin);
+    println!(
+        "events:     {} stored, {} unrouted, {} accepted in the last minute",
+        count("events"),
+        count("unrouted"),
+        count("accepted_last_minute")
+    );
+    println!(
+        "deliveries: {} pending, {} running, {} retrying, {} done ({} in the last minute), {} dead (limit {} unfinished)",
+        count("pending"),
+        count("running"),
+        count("retrying"),
+        count("done"),
+        count("done_last_minute"),
+        count("dead"),
+        count("max_pending")
+    );
+    println!(
+        "\n{:<20} {:<8} {:<9} {:<14} {:>8} {:>6}  LAST ERROR",
+        "PLUGIN", "STATUS", "VERSION", "SHA256", "PENDING", "DEAD"
+    );
+    for plugin in plugins["plugins"].as_array().into_iter().flatten() {
+        let name = plugin["name"].as_str().unwrap_or("");
+        let text = |key: &str| plugin[key].as_str().unwrap_or("-").to_owned();
+        println!(
+            "{:<20} {:<8} {:<9} {:<14} {:>8} {:>6}  {}",
+            name,
+            text("status"),
+            text("version"),
+            text("sha256").chars().take(12).collect::<String>(),
+            plugin["pending"].as_u64().unwrap_or(0),
+            stats["dead_by_plugin"][name].as_u64().unwrap_or(0),
+            plugin["last_error"].as_str().unwrap_or("")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `work` with a spinner saying `message` when stderr is a terminal; quietly otherwise.
+fn with_progress<T>(message: &str, work: impl FnOnce() -> T) -> T {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return work();
+    }
+    let spinner = indicatif::ProgressBar::new_spinner().with_message(message.to_owned());
+    spinner.enable_steady_tick(std::time::Duration::from_millis(100));
+    let result = work();
+    spinner.finish_and_clear();
+    result
+}
+
 fn dlq(admin: &AdminArgs, action: DlqAction, env: &dyn Env) -> anyhow::Result<ExitCode> {
     match action {
         DlqAction::List { plugin, limit } => {
@@ -348,7 +507,9 @@ fn dlq(admin: &AdminArgs, action: DlqAction, env: &dyn Env) -> anyhow::Result<Ex
             println!("{}", serde_json::to_string_pretty(&answer)?);
         }
         DlqAction::Replay(selection) => {
-            let answer = call_admin(admin, Method::POST, "/v1/dead-letters/replay", Some(selection.body()), env)?;
+            let answer = with_progress("replaying dead letters…", || {
+                call_admin(admin, Method::POST, "/v1/dead-letters/replay", Some(selection.body()), env)
+            })?;
             print_answer(admin, &answer, |answer| format!("{} dead letters replayed", answer["replayed"]));
         }
         DlqAction::Purge(selection) => {

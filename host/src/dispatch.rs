@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::event::{Event, now_ms};
 use crate::journal::{DEFAULT_DEDUP_WINDOW, Journal, Lease, NewEvent, Outcome};
+use crate::metrics;
 use crate::registry::{Plugin, Registry};
 use crate::retry::RetryPolicy;
 use crate::runtime::{CHAIN_DEPTH_ATTRIBUTE, CallError, Emitted};
@@ -94,10 +95,19 @@ async fn deliver(journal: &dyn Journal, registry: &Registry, lease: Lease) {
     };
     let Ok(_permit) = plugin.calls.acquire().await else { return };
     let started = Instant::now();
+    let in_flight = metrics::InFlight::start();
     let result = plugin.component.invoke(event, lease.attempt).await;
-    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    drop(in_flight);
+    let took = started.elapsed();
+    let duration_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
     let (outcome, emitted) = settle(&plugin.name, &plugin.retry, &lease, result);
     log_outcome(&plugin, &lease, &outcome, duration_ms);
+    let label = match outcome {
+        Outcome::Done => "done",
+        Outcome::Retry { .. } => "retry",
+        Outcome::Dead { .. } => "dead",
+    };
+    metrics::call(&plugin.name, label, took);
     let emitted = emitted.into_iter().map(|event| route(registry, event)).collect();
     if let Err(err) = journal.finish(&lease, outcome, &plugin.sha256, emitted).await {
         tracing::error!(event.id = %event.id, plugin = %plugin.name, error = %err, "cannot record the delivery's outcome");

@@ -10,11 +10,12 @@
 //!
 //! Beside that flow: [`registry`] (loaded plugins and their subscriptions, with
 //! [`manifest`] for what an operator grants each, and [`watch`] to reload them), [`admin`] (health, plugins, events),
-//! [`retry`] (the backoff policy), [`config`], [`cli`], [`serve`] (wiring), [`send`] (a signing
+//! [`authoring`] (plugin run/check/new), [`metrics`] (Prometheus), [`retry`] (the backoff policy), [`config`], [`cli`], [`serve`] (wiring), [`send`] (a signing
 //! client), [`client`], [`clock`], [`http`] and [`telemetry`] (plumbing). Start reading at [`serve::serve`].
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod authoring;
 pub mod cli;
 pub mod client;
 pub mod clock;
@@ -25,6 +26,7 @@ pub mod http;
 pub mod ingest;
 pub mod journal;
 pub mod manifest;
+pub mod metrics;
 pub mod registry;
 pub mod retry;
 pub mod runtime;

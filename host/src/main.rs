@@ -6,7 +6,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = wasmhook::cli::Cli::parse();
-    wasmhook::telemetry::init();
+    wasmhook::telemetry::init(cli.log_format);
     match cli.run() {
         Ok(code) => code,
         Err(err) => {

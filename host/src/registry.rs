@@ -21,6 +21,7 @@ use tokio::sync::Semaphore;
 use crate::config::Env;
 use crate::event::now_ms;
 use crate::manifest::Manifest;
+use crate::metrics;
 use crate::retry::RetryPolicy;
 use crate::runtime::{Component, Limits, Runtime};
 
@@ -194,6 +195,7 @@ impl Registry {
             self.slot(name, |slot| slot.removed_at = Some(now_ms()));
             reloaded.removed.push(name.clone());
         }
+        metrics::plugins_loaded(next.len());
         *self.plugins.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
         Ok(reloaded)
     }
@@ -221,8 +223,10 @@ impl Registry {
         if failed_before.as_ref() == Some(&hashes) {
             return Scanned::FailedBefore;
         }
+        let started = std::time::Instant::now();
         match self.load_plugin(name, file, bytes, hashes.clone(), &manifest_text).await {
             Ok(plugin) => {
+                metrics::plugin_loaded(name, started.elapsed());
                 self.slot(name, |slot| *slot = Slot { file: file.to_owned(), ..Slot::default() });
                 Scanned::Loaded(Arc::new(plugin))
             }
@@ -236,6 +240,7 @@ impl Registry {
         } else {
             tracing::error!(file = %file.display(), %reason, "plugin skipped");
         }
+        metrics::plugin_load_failed(name);
         self.slot(name, |slot| {
             slot.file = file.to_owned();
             slot.last_error = Some(reason);

@@ -29,6 +29,7 @@ const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(60);
 /// Runs the host until `shutdown` fires, then stops taking requests, lets running plugin
 /// calls finish, and returns. Everything accepted is already in the journal.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    crate::metrics::install()?;
     let journal: Arc<dyn Journal> = Arc::new(SqliteJournal::open(&config.data_dir, config.journal.clone())?);
     // wasmtime's cache wants an absolute folder; a relative data folder is relative to here.
     let cache_dir = std::path::absolute(config.data_dir.join(COMPILE_CACHE_DIR))?;
@@ -45,7 +46,8 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     let ingest =
         Arc::new(Ingest::new(config.sources.clone(), Arc::clone(&journal), Arc::clone(&registry), shutdown.clone()));
-    let admin = Arc::new(Admin::new(Arc::clone(&journal), Arc::clone(&registry), config.admin_token.clone()));
+    let admin =
+        Arc::new(Admin::new(Arc::clone(&journal), Arc::clone(&registry), config.admin_token.clone(), shutdown.clone()));
     let tasks = TaskTracker::new();
     tasks.spawn(http::serve(ingest_listener, move |request| Arc::clone(&ingest).handle(request), shutdown.clone()));
     tasks.spawn(http::serve(admin_listener, move |request| Arc::clone(&admin).handle(request), shutdown.clone()));

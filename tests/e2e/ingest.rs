@@ -37,7 +37,7 @@ fn bad_signature_is_refused_and_nothing_is_dispatched() {
     host.post_github("push", "real-1", &example("github/push.json"), SECRET);
     assert_eq!(host.wait_for_event("real-1")["status"], "done");
     assert_eq!(host.admin_get("/v1/events/forged-1").0, 404);
-    assert!(!host.log().contains("event.id=\"forged-1\""), "the forged event reached a plugin");
+    assert!(!host.log().contains("forged-1"), "the forged event left a trace in the log");
 }
 
 #[test]

@@ -182,10 +182,11 @@ impl TestHost {
             });
         }
         self.child = Some(child);
+        // Logs are JSON lines (stdout is a pipe): the bound address is the `addr` field.
         let address = |host: &mut TestHost, marker: &str| {
             let line = host.wait_for_log_after(marker, mark);
-            let start = line.find(marker).expect("marker") + marker.len();
-            line[start..].split_whitespace().next().expect("address").to_owned()
+            let json: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("not a JSON log line: {line}"));
+            json["addr"].as_str().expect("an addr field").to_owned()
         };
         self.url = format!("http://{}", address(self, "webhook listener on http://"));
         self.admin = format!("http://{}", address(self, "admin listener on http://"));

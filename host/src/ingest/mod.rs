@@ -27,6 +27,7 @@ use crate::config::{Format, SourceConfig};
 use crate::event::{Event, now_ms};
 use crate::http::{self, Body};
 use crate::journal::{Accepted, Journal, JournalError, NewEvent};
+use crate::metrics;
 use crate::registry::Registry;
 use cloudevents::{CloudEvent, Mode};
 use verify::Identified;
@@ -95,6 +96,15 @@ impl Ingest {
     /// Answers one HTTP request.
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
         let path = request.uri().path().to_owned();
+        let response = self.respond(request, &path).await;
+        // Label by configured source only, so that probing random paths cannot grow the metrics.
+        let source =
+            path.strip_prefix(HOOKS_PREFIX).filter(|name| self.sources.contains_key(*name)).unwrap_or("(none)");
+        metrics::request(source, response.status().as_u16());
+        response
+    }
+
+    async fn respond(&self, request: Request<Incoming>, path: &str) -> Response<Body> {
         match self.receive(request).await {
             Ok(Received::One(event, accepted)) => {
                 let duplicate = accepted == Accepted::Duplicate;
@@ -148,7 +158,9 @@ impl Ingest {
             .await
             .map_err(|_| IngestError::Timeout(BODY_READ_TIMEOUT))??;
 
-        verify::verify(&source.verify, &parts.headers, &body, now_ms() / 1000)?;
+        verify::verify(&source.verify, &parts.headers, &body, now_ms() / 1000).inspect_err(|err| {
+            metrics::verification_failure(&name, failure_reason(&err.to_string()));
+        })?;
         match mode {
             None => {
                 let json = parse_json(&body)?;
@@ -222,14 +234,17 @@ impl Ingest {
                 "no plugin subscribes; kept as unrouted"
             );
         }
+        let source_name = event.source.clone();
         let new = NewEvent { event, plugins, dedup_window: source.dedup_window };
-        self.journal.accept(new).await.map_err(|err| match err {
+        let accepted = self.journal.accept(new).await.map_err(|err| match err {
             JournalError::Full { .. } => IngestError::Unavailable(err.to_string()),
             other => {
                 tracing::error!(error = %other, "journal refused an event");
                 IngestError::Internal
             }
-        })
+        })?;
+        metrics::accepted(&source_name, accepted == Accepted::Duplicate);
+        Ok(accepted)
     }
 }
 
@@ -244,6 +259,23 @@ fn cloud_event(name: &str, cloud: CloudEvent) -> Result<Event, IngestError> {
         data: cloud.data,
         attributes: cloud.attributes,
     })
+}
+
+/// A signature failure's reason as a metric label: one of a few fixed words.
+fn failure_reason(message: &str) -> &'static str {
+    if message.contains("SHA-1") {
+        "sha1_only"
+    } else if message.starts_with("missing") {
+        "missing_header"
+    } else if message.contains(" old;") {
+        "stale"
+    } else if message.contains("in the future") {
+        "future"
+    } else if message.contains("does not match") {
+        "mismatch"
+    } else {
+        "malformed"
+    }
 }
 
 /// The request's media type, lower-case, without parameters (empty when absent).
@@ -314,6 +346,30 @@ mod tests {
             assert!(!is_json(other), "{other}");
         }
         assert_eq!(content_type(&HeaderMap::new()), "");
+    }
+
+    #[test]
+    fn signature_failures_map_to_a_few_reasons() {
+        let reason = |scheme: &crate::config::Verify, headers: &HeaderMap, body: &[u8], now: u64| {
+            failure_reason(&verify::verify(scheme, headers, body, now).expect_err("refused").to_string())
+        };
+        let github = crate::config::Verify::Github { secrets: vec![crate::config::Secret::new("s")] };
+        let stripe = crate::config::Verify::Stripe {
+            secrets: vec![crate::config::Secret::new("s")],
+            tolerance: std::time::Duration::from_secs(300),
+        };
+        let mut headers = HeaderMap::new();
+        assert_eq!(reason(&github, &headers, b"{}", 0), "missing_header");
+        headers.insert("x-hub-signature", "sha1=00".parse().expect("value"));
+        assert_eq!(reason(&github, &headers, b"{}", 0), "sha1_only");
+        headers.insert("x-hub-signature-256", "sha256=zz".parse().expect("value"));
+        assert_eq!(reason(&github, &headers, b"{}", 0), "malformed");
+        headers.insert("x-hub-signature-256", verify::github::sign(b"other", b"{}").parse().expect("value"));
+        assert_eq!(reason(&github, &headers, b"{}", 0), "mismatch");
+        let mut headers = HeaderMap::new();
+        headers.insert("stripe-signature", verify::stripe::sign(b"s", 1000, b"{}").parse().expect("value"));
+        assert_eq!(reason(&stripe, &headers, b"{}", 2000), "stale");
+        assert_eq!(reason(&stripe, &headers, b"{}", 100), "future");
     }
 
     #[test]

@@ -258,6 +258,12 @@ pub struct Stats {
     pub dead: u64,
     /// The cap on unfinished deliveries above which ingest answers 503.
     pub max_pending: u64,
+    /// Events accepted in the last minute.
+    pub accepted_last_minute: u64,
+    /// Deliveries done in the last minute.
+    pub done_last_minute: u64,
+    /// Dead letters per plugin.
+    pub dead_by_plugin: std::collections::BTreeMap<String, u64>,
 }
 
 /// What a round of housekeeping removed.
@@ -345,6 +351,9 @@ pub trait Journal: Send + Sync {
 
     /// Counts per status.
     async fn stats(&self) -> Result<Stats, JournalError>;
+
+    /// Checks the journal can take a write now (for readiness probes).
+    async fn ping(&self) -> Result<(), JournalError>;
 
     /// Removes dedup keys past their window and handled events past the retention period.
     async fn expire(&self) -> Result<Expired, JournalError>;

@@ -158,6 +158,7 @@ enum Write {
     PurgeDead { selector: DeadSelector, reply: Reply<u64> },
     Redeliver { items: Vec<(i64, Vec<String>)>, reply: Reply<u64> },
     Expire { retention_ms: u64, reply: Reply<Expired> },
+    Ping { reply: Reply<()> },
 }
 
 /// A write's answer, sent once its transaction's fate is known.
@@ -438,6 +439,10 @@ impl Journal for SqliteJournal {
         self.read(move |connection| read_stats(connection, max_pending)).await
     }
 
+    async fn ping(&self) -> Result<(), JournalError> {
+        self.call(|reply| Write::Ping { reply }).await
+    }
+
     async fn expire(&self) -> Result<Expired, JournalError> {
         let retention_ms = duration_ms(self.options.retention);
         self.call(|reply| Write::Expire { retention_ms, reply }).await
@@ -475,6 +480,7 @@ fn commit_batch(
     work: &Notify,
 ) {
     let mut applied = Vec::new();
+    let started = Instant::now();
     let commit = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(mut tx) => {
             for write in batch {
@@ -490,6 +496,7 @@ fn commit_batch(
     };
     match &commit {
         Ok(()) => {
+            crate::metrics::journal_commit(applied.len(), started.elapsed());
             let delta: i64 = applied.iter().map(|applied| applied.pending_delta).sum();
             if delta != 0 {
                 let _ = pending
@@ -516,6 +523,7 @@ fn refuse(write: Write, err: &JournalError) -> Applied {
             answer(reply, Err(failed()))
         }
         Write::Expire { reply, .. } => answer(reply, Err(failed())),
+        Write::Ping { reply } => answer(reply, Err(failed())),
     };
     Applied { answer, pending_delta: 0 }
 }
@@ -555,6 +563,7 @@ fn apply(tx: &mut Transaction<'_>, write: Write, now: u64) -> Applied {
             Ok((made_due, i64::try_from(made_due).unwrap_or(i64::MAX)))
         }),
         Write::Expire { retention_ms, reply } => run(tx, reply, |tx| Ok((expire(tx, now, retention_ms)?, 0))),
+        Write::Ping { reply } => run(tx, reply, |_| Ok(((), 0))),
     }
 }
 
@@ -891,6 +900,16 @@ fn read_stats(connection: &Connection, max_pending: u64) -> rusqlite::Result<Sta
         max_pending,
         ..Stats::default()
     };
+    let minute_ago = sql_ms(crate::event::now_ms().saturating_sub(60_000));
+    let since = |sql: &str| {
+        connection.query_row(sql, [minute_ago], |row| row.get::<_, i64>(0)).map(|n| u64::try_from(n).unwrap_or(0))
+    };
+    stats.accepted_last_minute = since("SELECT COUNT(*) FROM events WHERE time_ms >= ?1")?;
+    stats.done_last_minute = since("SELECT COUNT(*) FROM deliveries WHERE status = 'done' AND finished_ms >= ?1")?;
+    stats.dead_by_plugin = connection
+        .prepare_cached("SELECT plugin, COUNT(*) FROM deliveries WHERE status = 'dead' GROUP BY plugin")?
+        .query_map([], |row| Ok((row.get::<_, String>(0)?, u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0))))?
+        .collect::<rusqlite::Result<_>>()?;
     let mut by_status = connection.prepare_cached("SELECT status, COUNT(*) FROM deliveries GROUP BY status")?;
     let rows = by_status.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?;
     for row in rows {
@@ -1132,5 +1151,6 @@ mod tests {
         assert_eq!(f.journal.accept(new("github", "b", &["echo"])).await.expect("accept"), Accepted::New);
         let stats = f.journal.stats().await.expect("stats");
         assert_eq!((stats.events, stats.done, stats.pending, stats.max_pending), (2, 2, 1, 2));
+        f.journal.ping().await.expect("writable");
     }
 }

@@ -1,0 +1,150 @@
+//! Prometheus metrics: the recorder, every metric's name and meaning, and the one-line
+//! functions the other modules call to record. `GET /metrics` on the admin listener renders
+//! them. Names are prefixed `wasmhook_`; labels are bounded (configured sources, loaded
+//! plugins, status codes, fixed reasons and outcomes).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::journal::Stats;
+
+/// Every metric: name, kind, unit, and what it counts. The README's table is this list.
+pub const CATALOGUE: [(&str, &str, &str); 17] = [
+    ("wasmhook_requests_total", "counter", "webhook requests answered, by `source` and HTTP `status`"),
+    (
+        "wasmhook_verification_failures_total",
+        "counter",
+        "requests refused by signature checks, by `source` and `reason`",
+    ),
+    ("wasmhook_events_accepted_total", "counter", "events stored, by `source`"),
+    ("wasmhook_events_duplicate_total", "counter", "repeats refused within the dedup window, by `source`"),
+    (
+        "wasmhook_deliveries",
+        "gauge",
+        "deliveries by `status` (pending, running, retrying, dead), read from the journal at each scrape",
+    ),
+    ("wasmhook_deliveries_done_total", "counter", "deliveries handled, by `plugin`"),
+    ("wasmhook_calls_in_flight", "gauge", "plugin calls running now"),
+    ("wasmhook_call_duration_seconds", "histogram", "plugin call time, by `plugin` and `outcome` (done, retry, dead)"),
+    ("wasmhook_retries_total", "counter", "failed attempts scheduled for a retry, by `plugin`"),
+    ("wasmhook_dead_letters_total", "counter", "deliveries given up on, by `plugin`"),
+    ("wasmhook_plugin_loads_total", "counter", "plugin versions loaded, by `plugin`"),
+    ("wasmhook_plugin_load_failures_total", "counter", "plugin files that failed to load, by `plugin`"),
+    ("wasmhook_plugin_compile_seconds", "histogram", "time to compile and prepare a plugin version, by `plugin`"),
+    ("wasmhook_journal_commit_batch_size", "histogram", "writes committed in one journal transaction"),
+    ("wasmhook_journal_commit_seconds", "histogram", "time of one journal transaction, fsync included"),
+    ("wasmhook_journal_max_pending", "gauge", "unfinished deliveries above which ingest answers 503"),
+    ("wasmhook_plugins_loaded", "gauge", "plugins serving now"),
+];
+
+const SECONDS_BUCKETS: [f64; 14] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+const BATCH_BUCKETS: [f64; 11] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process's recorder (once) and describes every metric.
+pub fn install() -> anyhow::Result<()> {
+    if HANDLE.get().is_some() {
+        return Ok(());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &SECONDS_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full("wasmhook_journal_commit_batch_size".to_owned()), &BATCH_BUCKETS)?
+        .install_recorder()?;
+    for (name, kind, help) in CATALOGUE {
+        match kind {
+            "counter" => describe_counter!(name, help),
+            "gauge" => describe_gauge!(name, help),
+            _ if name.ends_with("_seconds") => describe_histogram!(name, Unit::Seconds, help),
+            _ => describe_histogram!(name, help),
+        }
+    }
+    let _ = HANDLE.set(handle);
+    Ok(())
+}
+
+/// The Prometheus text of every metric (empty before [`install`]).
+pub fn render() -> String {
+    HANDLE.get().map(PrometheusHandle::render).unwrap_or_default()
+}
+
+/// A webhook request was answered.
+pub fn request(source: &str, status: u16) {
+    counter!("wasmhook_requests_total", "source" => source.to_owned(), "status" => status.to_string()).increment(1);
+}
+
+/// A request failed its signature check for `reason`.
+pub fn verification_failure(source: &str, reason: &'static str) {
+    counter!("wasmhook_verification_failures_total", "source" => source.to_owned(), "reason" => reason).increment(1);
+}
+
+/// An event was stored, or refused as a repeat.
+pub fn accepted(source: &str, duplicate: bool) {
+    let name = if duplicate { "wasmhook_events_duplicate_total" } else { "wasmhook_events_accepted_total" };
+    counter!(name, "source" => source.to_owned()).increment(1);
+}
+
+/// Counts one running call for as long as it lives.
+pub struct InFlight;
+
+impl InFlight {
+    /// A call starts.
+    pub fn start() -> Self {
+        gauge!("wasmhook_calls_in_flight").increment(1.0);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        gauge!("wasmhook_calls_in_flight").decrement(1.0);
+    }
+}
+
+/// A call of `plugin` ended with `outcome` (done, retry, dead) after `took`.
+pub fn call(plugin: &str, outcome: &'static str, took: Duration) {
+    histogram!("wasmhook_call_duration_seconds", "plugin" => plugin.to_owned(), "outcome" => outcome)
+        .record(took.as_secs_f64());
+    let name = match outcome {
+        "done" => "wasmhook_deliveries_done_total",
+        "retry" => "wasmhook_retries_total",
+        _ => "wasmhook_dead_letters_total",
+    };
+    counter!(name, "plugin" => plugin.to_owned()).increment(1);
+}
+
+/// A plugin version loaded after `took` of compiling and preparing.
+pub fn plugin_loaded(plugin: &str, took: Duration) {
+    counter!("wasmhook_plugin_loads_total", "plugin" => plugin.to_owned()).increment(1);
+    histogram!("wasmhook_plugin_compile_seconds", "plugin" => plugin.to_owned()).record(took.as_secs_f64());
+}
+
+/// A plugin file failed to load.
+pub fn plugin_load_failed(plugin: &str) {
+    counter!("wasmhook_plugin_load_failures_total", "plugin" => plugin.to_owned()).increment(1);
+}
+
+/// How many plugins serve now.
+pub fn plugins_loaded(count: usize) {
+    gauge!("wasmhook_plugins_loaded").set(count as f64);
+}
+
+/// One journal transaction committed `writes` writes in `took`.
+pub fn journal_commit(writes: usize, took: Duration) {
+    histogram!("wasmhook_journal_commit_batch_size").record(writes as f64);
+    histogram!("wasmhook_journal_commit_seconds").record(took.as_secs_f64());
+}
+
+/// The journal's counts, read at scrape time.
+pub fn journal_stats(stats: &Stats) {
+    for (status, count) in
+        [("pending", stats.pending), ("running", stats.running), ("retrying", stats.retrying), ("dead", stats.dead)]
+    {
+        gauge!("wasmhook_deliveries", "status" => status).set(count as f64);
+    }
+    gauge!("wasmhook_journal_max_pending").set(stats.max_pending as f64);
+}

@@ -2,11 +2,15 @@
 # Plugins are built once for wasm32-wasip2 into target/plugins/*.wasm and shared by all tests.
 
 CARGO ?= cargo
-PLUGINS := echo github-push slack-notify forward
+PLUGINS := echo github-push
+# Example plugins that need grants (a URL, a secret) in a manifest before they can serve;
+# kept out of the folder `make run` serves.
+NOTIFY_PLUGINS := slack-notify forward
 # Plugins that exist only for tests (faults, counters); kept apart so `make run` never serves them.
 TEST_PLUGINS := flaky faulty command
 PLUGIN_DIR := target/plugins
 TEST_PLUGIN_DIR := target/test-plugins
+NOTIFY_PLUGIN_DIR := target/notify-plugins
 WASM_OUT := target/wasm32-wasip2/plugin
 
 .PHONY: run test lint bench bench-reload plugins host wasm-target clean
@@ -36,7 +40,7 @@ bench-reload: plugins
 lint: wasm-target
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --all-targets -- -D warnings
-	$(CARGO) clippy --profile plugin --target wasm32-wasip2 $(addprefix -p ,$(PLUGINS) $(TEST_PLUGINS)) -- -D warnings
+	$(CARGO) clippy --profile plugin --target wasm32-wasip2 $(addprefix -p ,$(PLUGINS) $(NOTIFY_PLUGINS) $(TEST_PLUGINS)) -- -D warnings
 
 host:
 	$(CARGO) build --release -p wasmhook
@@ -44,13 +48,15 @@ host:
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
-## make plugins: the example plugins into target/plugins/, the test plugins into target/test-plugins/.
+## make plugins: examples into target/plugins/ (served by `make run`), notification plugins
+## into target/notify-plugins/ (deploy them with a manifest), test plugins into target/test-plugins/.
 plugins: wasm-target
-	$(CARGO) build --profile plugin --target wasm32-wasip2 $(addprefix -p ,$(PLUGINS) $(TEST_PLUGINS))
-	@mkdir -p $(PLUGIN_DIR) $(TEST_PLUGIN_DIR)
+	$(CARGO) build --profile plugin --target wasm32-wasip2 $(addprefix -p ,$(PLUGINS) $(NOTIFY_PLUGINS) $(TEST_PLUGINS))
+	@mkdir -p $(PLUGIN_DIR) $(NOTIFY_PLUGIN_DIR) $(TEST_PLUGIN_DIR)
 	@for p in $(PLUGINS); do cp $(WASM_OUT)/$$(echo $$p | tr - _).wasm $(PLUGIN_DIR)/$$p.wasm; done
+	@for p in $(NOTIFY_PLUGINS); do cp $(WASM_OUT)/$$(echo $$p | tr - _).wasm $(NOTIFY_PLUGIN_DIR)/$$p.wasm; done
 	@for p in $(TEST_PLUGINS); do cp $(WASM_OUT)/$$(echo $$p | tr - _).wasm $(TEST_PLUGIN_DIR)/$$p.wasm; done
-	@ls -l $(PLUGIN_DIR) $(TEST_PLUGIN_DIR)
+	@ls -l $(PLUGIN_DIR) $(NOTIFY_PLUGIN_DIR) $(TEST_PLUGIN_DIR)
 
 clean:
 	$(CARGO) clean

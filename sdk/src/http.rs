@@ -15,7 +15,9 @@
 //! ```
 
 use wasi::http::outgoing_handler;
-use wasi::http::types::{ErrorCode, Fields, IncomingBody, Method, OutgoingBody, OutgoingRequest, Scheme};
+/// The request method, for [`send`].
+pub use wasi::http::types::Method;
+use wasi::http::types::{ErrorCode, Fields, IncomingBody, OutgoingBody, OutgoingRequest, Scheme};
 use wasi::io::streams::StreamError;
 
 /// Bytes written per call to the request body stream.

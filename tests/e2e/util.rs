@@ -27,7 +27,7 @@ pub fn workspace() -> PathBuf {
 pub fn plugin_wasm(name: &str) -> PathBuf {
     let file = format!("{name}.wasm");
     let candidates =
-        [workspace().join("target/plugins").join(&file), workspace().join("target/test-plugins").join(&file)];
+        ["target/plugins", "target/notify-plugins", "target/test-plugins"].map(|dir| workspace().join(dir).join(&file));
     candidates.iter().find(|path| path.is_file()).cloned().unwrap_or_else(|| {
         panic!(
             "{file} is missing from target/plugins and target/test-plugins: run `make plugins` (or `make test`) first"

@@ -5,6 +5,7 @@ mod admin;
 mod cli;
 mod ingest;
 mod journal;
+mod observability;
 mod plugins;
 mod reload;
 mod sandbox;

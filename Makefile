@@ -38,6 +38,8 @@ bench-reload: plugins
 
 ## make lint: formatting and clippy, warnings as errors.
 lint: wasm-target
+	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --all-targets -- -D warnings
 	$(CARGO) clippy --profile plugin --target wasm32-wasip2 $(addprefix -p ,$(PLUGINS) $(NOTIFY_PLUGINS) $(TEST_PLUGINS)) -- -D warnings

@@ -112,8 +112,10 @@ fn bundled_sdk() -> Option<PathBuf> {
 /// Creates `dir/name`, a plugin crate depending on the sdk at `sdk` (this tree's by default),
 /// that builds for `wasm32-wasip2` with a plain `cargo build --release`.
 pub fn scaffold(name: &str, dir: &Path, sdk: Option<&Path>) -> anyhow::Result<PathBuf> {
-    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
-        bail!("plugin name {name:?} may only hold a-z, 0-9 and '-'");
+    let valid = name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !valid {
+        bail!("plugin name {name:?} must start with a letter and hold only a-z, 0-9 and '-'");
     }
     let sdk = match sdk {
         Some(sdk) => std::path::absolute(sdk)?,
@@ -132,7 +134,7 @@ pub fn scaffold(name: &str, dir: &Path, sdk: Option<&Path>) -> anyhow::Result<Pa
             "Cargo.toml",
             format!(
                 "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n\
-                 [dependencies]\nwasmhook-sdk = {{ path = {:?} }}\nserde = {{ version = \"1\", features = [\"derive\"] }}\n\n\
+                 [dependencies]\nwasmhook-sdk = {{ path = {:?} }}\n\n\
                  [profile.release]\nopt-level = \"s\"\nlto = true\nstrip = true\n\n# A crate of its own, even inside another workspace.\n[workspace]\n",
                 sdk.display().to_string()
             ),
@@ -185,7 +187,9 @@ mod tests {
     fn scaffold_names_are_checked_and_types_are_camel_case() {
         assert_eq!(type_name("slack-notify-2"), "SlackNotify2");
         let dir = tempfile::tempdir().expect("tempdir");
-        assert!(scaffold("Bad Name", dir.path(), None).is_err());
+        for bad in ["Bad Name", "2fa", "-x", ""] {
+            assert!(scaffold(bad, dir.path(), None).is_err(), "{bad:?}");
+        }
         let root = scaffold("my-plugin", dir.path(), None).expect("scaffold");
         let lib = std::fs::read_to_string(root.join("src/lib.rs")).expect("lib.rs");
         assert!(lib.contains("struct MyPlugin;") && lib.contains("export_plugin!(MyPlugin);"), "{lib}");

@@ -54,7 +54,7 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
-    /// One screen of a running host: readiness, plugins, deliveries, rates (through the admin API).
+    /// One screen of a running host: events, deliveries, last-minute rates, plugins, dead letters.
     Status {
         #[command(flatten)]
         admin: AdminArgs,

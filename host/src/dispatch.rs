@@ -88,12 +88,17 @@ pub async fn run(
 /// Runs one leased delivery and records how it ended.
 async fn deliver(journal: &dyn Journal, registry: &Registry, lease: Lease) {
     let event = &lease.event;
-    let Some(plugin) = registry.get(&lease.plugin) else {
-        // Left leased: when the lease runs out the delivery is due again, for the plugin's return.
-        tracing::warn!(event.id = %event.id, plugin = %lease.plugin, "plugin is not loaded; the delivery waits for it");
+    // A plugin that is gone, or already at its concurrency, gives the lease straight back:
+    // waiting here would let the lease run out and the delivery run twice.
+    let Some((plugin, _permit)) = registry.get(&lease.plugin).and_then(|plugin| {
+        let permit = Arc::clone(&plugin.calls).try_acquire_owned().ok()?;
+        Some((plugin, permit))
+    }) else {
+        if let Err(err) = journal.release(&lease).await {
+            tracing::error!(event.id = %event.id, plugin = %lease.plugin, error = %err, "cannot give a lease back");
+        }
         return;
     };
-    let Ok(_permit) = plugin.calls.acquire().await else { return };
     let started = Instant::now();
     let in_flight = metrics::InFlight::start();
     let result = plugin.component.invoke(event, lease.attempt).await;

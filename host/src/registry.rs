@@ -160,7 +160,8 @@ impl Registry {
     /// One rescan runs at a time.
     pub async fn rescan(&self) -> anyhow::Result<Reloaded> {
         let _one_at_a_time = self.rescanning.lock().await;
-        let files = wasm_files(&self.dir)?;
+        let dir = self.dir.clone();
+        let files = tokio::task::spawn_blocking(move || wasm_files(&dir)).await??;
         let current = self.snapshot();
         let mut next = BTreeMap::new();
         let mut reloaded = Reloaded::default();
@@ -202,15 +203,20 @@ impl Registry {
 
     /// Loads `file` unless it and its manifest are what `existing` was loaded from.
     async fn scan_file(&self, name: &str, file: &Path, existing: Option<&Plugin>) -> Scanned {
-        let read = std::fs::read(file).map_err(|err| format!("cannot read it: {err}")).and_then(|bytes| {
-            let manifest = read_manifest(file)?;
-            Ok((bytes, manifest))
-        });
-        let (bytes, manifest_text) = match read {
+        let path = file.to_owned();
+        let read = tokio::task::spawn_blocking(move || {
+            let bytes = std::fs::read(&path).map_err(|err| format!("cannot read it: {err}"))?;
+            let manifest = read_manifest(&path)?;
+            let hashes = (hex::encode(Sha256::digest(&bytes)), hex::encode(Sha256::digest(manifest.as_bytes())));
+            Ok::<_, String>((bytes, manifest, hashes))
+        })
+        .await
+        .map_err(|err| err.to_string())
+        .and_then(|read| read);
+        let (bytes, manifest_text, hashes) = match read {
             Ok(read) => read,
             Err(reason) => return self.failed(name, file, (String::new(), String::new()), reason, existing.is_some()),
         };
-        let hashes = (hex::encode(Sha256::digest(&bytes)), hex::encode(Sha256::digest(manifest_text.as_bytes())));
         if existing.is_some_and(|plugin| (&plugin.sha256, &plugin.manifest_sha256) == (&hashes.0, &hashes.1)) {
             return Scanned::Unchanged;
         }
@@ -315,11 +321,6 @@ impl Registry {
         self.snapshot().get(name).cloned()
     }
 
-    /// Every loaded plugin, in name order.
-    pub fn list(&self) -> Vec<Arc<Plugin>> {
-        self.snapshot().values().cloned().collect()
-    }
-
     /// Every plugin file seen, loaded or not, in name order.
     pub fn statuses(&self) -> Vec<(String, Status)> {
         let loaded = self.snapshot();
@@ -337,11 +338,6 @@ impl Registry {
                 (name.clone(), Status { plugin, file, last_error: slot.last_error, removed_at })
             })
             .collect()
-    }
-
-    /// Names of every loaded plugin.
-    pub fn names(&self) -> Vec<String> {
-        self.snapshot().keys().cloned().collect()
     }
 
     /// Names of the loaded plugins that can start another call now (below their concurrency).

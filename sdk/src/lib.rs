@@ -1,4 +1,4 @@
-//! Write a [wasmhook](https://github.com/) plugin: implement [`Plugin`], call [`export_plugin!`].
+//! Write a wasmhook plugin: implement [`Plugin`], call [`export_plugin!`].
 //!
 //! A plugin is a WebAssembly component built for `wasm32-wasip2`. The host calls it once per
 //! event it subscribes to; verification, duplicates, retries, timeouts and logs are the host's

@@ -49,7 +49,7 @@ fn kill_nine_at_random_moments_loses_no_accepted_event() {
         })
     };
     for _ in 0..KILLS {
-        std::thread::sleep(Duration::from_millis(fastrand::u64(150..400)));
+        std::thread::sleep(Duration::from_millis(fastrand::u64(300..700)));
         host.restart();
     }
     std::thread::sleep(Duration::from_millis(200));
@@ -187,7 +187,7 @@ fn stored_unrouted_events_are_replayed_once_a_plugin_subscribes() {
 #[test]
 fn a_full_journal_answers_503_with_retry_after_and_delivers_everything_it_accepted() {
     let host = TestHost::builder()
-        .plugin_with_manifest("flaky", "[config]\nslow_ms = \"100\"\n")
+        .plugin_with_manifest("flaky", "[config]\nslow_ms = \"300\"\n")
         .setting("workers = 1")
         .config("[journal]\nmax_pending = 2\n")
         .start();

@@ -149,6 +149,12 @@ fn a_removed_plugin_keeps_its_pending_deliveries_until_it_returns() {
     let removed = wait_for_plugin(&host, "flaky", "removed", |entry| entry["status"] == "removed");
     assert!(removed["pending"].as_u64().is_some_and(|pending| pending > 0), "{removed}");
 
+    // While it is away, its queued deliveries do not run (the call already running may end).
+    let effects = || (0..6).map(|n| host.count_log(&format!("effect queued-{n} attempt"))).sum::<usize>();
+    let at_removal = effects();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(effects() <= at_removal + 1, "queued deliveries ran on a removed plugin");
+
     host.post_github("push", "while-away", &example("github/push.json"), SECRET);
     let plugins: Vec<_> = host.wait_for_event("while-away")["deliveries"]
         .as_array()
@@ -187,7 +193,8 @@ fn the_reload_endpoint_and_sighup_rescan_the_folder() {
     assert_eq!(answer.0, 200, "{}", answer.1);
     assert_eq!(answer.1["unchanged"], 1, "{}", answer.1);
     let status =
-        std::process::Command::new("kill").args(["-HUP", &host.pid().to_string()]).status().expect("kill -HUP");
+        // The shell's builtin kill: no procps needed.
+        std::process::Command::new("sh").args(["-c", &format!("kill -HUP {}", host.pid())]).status().expect("kill -HUP");
     assert!(status.success());
     host.wait_for_log("SIGHUP: rescanning the plugins folder");
     assert_eq!(host.admin_get("/healthz").0, 200);

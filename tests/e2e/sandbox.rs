@@ -109,8 +109,8 @@ fn emitted_events_chain_until_the_depth_guard() {
 
 #[test]
 fn a_plugins_concurrency_caps_its_parallel_calls() {
-    let host =
-        TestHost::builder().plugin_with_manifest("faulty", "concurrency = 1\n[config]\nfault = \"slow\"\n").start();
+    let manifest = "concurrency = 1\n[config]\nfault = \"slow\"\nslow_ms = \"200\"\n";
+    let host = TestHost::builder().plugin_with_manifest("faulty", manifest).start();
     for n in 0..4 {
         host.post_github("push", &format!("c-{n}"), &example("github/push.json"), SECRET);
     }

@@ -260,6 +260,7 @@ impl TestHost {
         let output = Command::new(env!("CARGO_BIN_EXE_wasmhook"))
             .args(args)
             .env("WASMHOOK_ADMIN_URL", &self.admin)
+            .env_remove("WASMHOOK_ADMIN_TOKEN")
             .output()
             .expect("run wasmhook");
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();

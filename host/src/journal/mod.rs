@@ -326,6 +326,10 @@ pub trait Journal: Send + Sync {
         emitted: Vec<NewEvent>,
     ) -> Result<bool, JournalError>;
 
+    /// Gives a lease back unused (the plugin was busy or is gone): the delivery is due again
+    /// at once and the attempt is not counted.
+    async fn release(&self, lease: &Lease) -> Result<(), JournalError>;
+
     /// Unfinished deliveries (pending, running, retrying) per plugin.
     async fn pending_by_plugin(&self) -> Result<std::collections::BTreeMap<String, u64>, JournalError>;
 

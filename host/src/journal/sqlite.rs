@@ -159,6 +159,7 @@ enum Write {
     Redeliver { items: Vec<(i64, Vec<String>)>, reply: Reply<u64> },
     Expire { retention_ms: u64, reply: Reply<Expired> },
     Ping { reply: Reply<()> },
+    Release { delivery: i64, attempt: u32, reply: Reply<()> },
 }
 
 /// A write's answer, sent once its transaction's fate is known.
@@ -384,6 +385,13 @@ impl Journal for SqliteJournal {
         self.call(|reply| Write::Finish { delivery, attempt, outcome, sha256, emitted, reply }).await
     }
 
+    async fn release(&self, lease: &Lease) -> Result<(), JournalError> {
+        let (delivery, attempt) = (lease.delivery, lease.attempt);
+        self.call(|reply| Write::Release { delivery, attempt, reply }).await?;
+        self.work.notify_one();
+        Ok(())
+    }
+
     async fn pending_by_plugin(&self) -> Result<std::collections::BTreeMap<String, u64>, JournalError> {
         self.read(|connection| {
             connection
@@ -502,7 +510,8 @@ fn commit_batch(
                 let _ = pending
                     .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| Some(now.saturating_add_signed(delta)));
             }
-            if delta > 0 {
+            // Wake `take` when any write added work, even if another finished some.
+            if applied.iter().any(|applied| applied.pending_delta > 0) {
                 work.notify_one();
             }
         }
@@ -523,7 +532,7 @@ fn refuse(write: Write, err: &JournalError) -> Applied {
             answer(reply, Err(failed()))
         }
         Write::Expire { reply, .. } => answer(reply, Err(failed())),
-        Write::Ping { reply } => answer(reply, Err(failed())),
+        Write::Ping { reply } | Write::Release { reply, .. } => answer(reply, Err(failed())),
     };
     Applied { answer, pending_delta: 0 }
 }
@@ -564,6 +573,16 @@ fn apply(tx: &mut Transaction<'_>, write: Write, now: u64) -> Applied {
         }),
         Write::Expire { retention_ms, reply } => run(tx, reply, |tx| Ok((expire(tx, now, retention_ms)?, 0))),
         Write::Ping { reply } => run(tx, reply, |_| Ok(((), 0))),
+        Write::Release { delivery, attempt, reply } => run(tx, reply, |tx| {
+            tx.prepare_cached(
+                "UPDATE deliveries SET attempts = attempts - 1, due_ms = ?3,
+                        status = CASE WHEN attempts = 1 THEN 'pending' ELSE 'retrying' END
+                 WHERE seq = ?1 AND attempts = ?2 AND status = 'running'",
+            )
+            .and_then(|mut update| update.execute(params![delivery, attempt, sql_ms(now)]))
+            .map_err(storage)?;
+            Ok(((), 0))
+        }),
     }
 }
 
@@ -738,7 +757,8 @@ fn purge_dead(tx: &Connection, selector: &DeadSelector) -> Result<u64, JournalEr
 fn redeliver(tx: &Connection, items: &[(i64, Vec<String>)], now: u64) -> Result<u64, JournalError> {
     let mut upsert = tx
         .prepare_cached(
-            "INSERT INTO deliveries (event_seq, plugin, status, attempts, due_ms) VALUES (?1, ?2, 'pending', 0, ?3)
+            "INSERT INTO deliveries (event_seq, plugin, status, attempts, due_ms)
+             SELECT ?1, ?2, 'pending', 0, ?3 WHERE EXISTS (SELECT 1 FROM events WHERE seq = ?1)
              ON CONFLICT (event_seq, plugin) DO UPDATE
              SET status = 'pending', attempts = 0, due_ms = excluded.due_ms, finished_ms = NULL
              WHERE deliveries.due_ms IS NULL",
@@ -1011,6 +1031,17 @@ mod tests {
         let journal = SqliteJournal::open(dir.path(), Options::default()).expect("reopen");
         let again = journal.take(&names(&["echo"]), 10, LEASE, NO_WAIT).await.expect("take");
         assert_eq!((again.len(), again[0].attempt), (1, 2), "due at once, not after the lease");
+    }
+
+    #[tokio::test]
+    async fn a_released_lease_is_due_again_without_counting_the_attempt() {
+        let f = open(Options::default());
+        f.journal.accept(new("github", "a", &["echo"])).await.expect("accept");
+        let lease = f.take(&["echo"]).await.remove(0);
+        f.journal.release(&lease).await.expect("release");
+        let record = f.status("a").await;
+        assert_eq!((record.deliveries[0].status, record.deliveries[0].attempts), (DeliveryStatus::Pending, 0));
+        assert_eq!(f.take(&["echo"]).await[0].attempt, 1, "the same first attempt");
     }
 
     #[tokio::test]

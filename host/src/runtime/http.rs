@@ -137,7 +137,11 @@ impl WasiHttpHooks for HttpGrant {
             > + Send,
     > {
         if !self.allow.permits(request.uri()) {
-            tracing::warn!(plugin = %self.plugin, url = %request.uri(), "outbound HTTP refused: the host is not in http_allow");
+            // Only scheme and authority: a URL's path can be a secret (a Slack webhook's is).
+            let uri = request.uri();
+            let target =
+                format!("{}://{}", uri.scheme_str().unwrap_or("?"), uri.authority().map_or("?", |a| a.as_str()));
+            tracing::warn!(plugin = %self.plugin, %target, "outbound HTTP refused: the host is not in http_allow");
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }
         let capped = |asked: Option<Duration>, most: Duration| Some(asked.map_or(most, |asked| asked.min(most)));

@@ -84,7 +84,8 @@ impl Plugin for Faulty {
             "slow" => {
                 info!("enter {}", event.id);
                 let started = Instant::now();
-                while started.elapsed() < Duration::from_millis(50) {
+                let ms = config("slow_ms").and_then(|ms| ms.parse().ok()).unwrap_or(50);
+                while started.elapsed() < Duration::from_millis(ms) {
                     black_box(&started);
                 }
                 info!("leave {}", event.id);

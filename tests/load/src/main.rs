@@ -1,0 +1,334 @@
+//! `wasmhook-bench`: a load generator for wasmhook. It sends signed GitHub-style webhooks with
+//! unique delivery ids over keep-alive connections, as fast as they go (closed loop) or at a
+//! fixed rate (open loop: latency is measured from each request's scheduled time, so a slow
+//! server cannot hide its queueing), records acknowledgement latency in an HDR histogram, and
+//! measures how fast accepted events reach `done` through the admin API. `--compare` first
+//! loads a bare hyper server answering 202 to the same requests: the ceiling of the same HTTP
+//! stack on the same machine in the same minute.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Load a wasmhook host (and, with --compare, a bare hyper server first).
+#[derive(Debug, Parser)]
+#[command(name = "wasmhook-bench", version, about)]
+struct Args {
+    /// The webhook route of a `verify = "github"` source.
+    #[arg(long, default_value = "http://127.0.0.1:8080/hooks/github")]
+    url: String,
+    /// The host's admin API, to measure completion; "" to skip.
+    #[arg(long, default_value = "http://127.0.0.1:9090")]
+    admin: String,
+    /// The source's webhook secret.
+    #[arg(long, env = "GITHUB_WEBHOOK_SECRET", default_value = "dev-secret")]
+    secret: String,
+    /// Keep-alive connections.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// How long to send, such as 10s.
+    #[arg(long, default_value = "10s")]
+    duration: String,
+    /// Requests per second (open loop); as fast as possible when not given.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// The payload.
+    #[arg(long, default_value = "examples/github/push.json")]
+    body: PathBuf,
+    /// Load a bare hyper server answering 202 first, and report wasmhook's share of it.
+    #[arg(long)]
+    compare: bool,
+    /// Only the bare hyper server.
+    #[arg(long, conflicts_with = "compare")]
+    baseline_only: bool,
+    /// Write the results as JSON here too.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// What one load run measured.
+struct Run {
+    name: &'static str,
+    sent: u64,
+    elapsed: Duration,
+    statuses: BTreeMap<u16, u64>,
+    errors: u64,
+    latency: Histogram<u64>,
+}
+
+impl Run {
+    fn per_second(&self) -> f64 {
+        self.sent as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let us = |q: f64| self.latency.value_at_quantile(q);
+        json!({
+            "name": self.name,
+            "sent": self.sent,
+            "seconds": self.elapsed.as_secs_f64(),
+            "requests_per_second": self.per_second(),
+            "statuses": self.statuses.iter().map(|(s, n)| (s.to_string(), *n)).collect::<BTreeMap<_, _>>(),
+            "errors": self.errors,
+            "latency_us": {"p50": us(0.5), "p90": us(0.9), "p99": us(0.99), "p99.9": us(0.999), "max": self.latency.max()},
+        })
+    }
+
+    fn print(&self) {
+        let ms = |q: f64| self.latency.value_at_quantile(q) as f64 / 1000.0;
+        println!(
+            "{:<10} {:>9.0} req/s  p50 {:>7.2} ms  p90 {:>7.2} ms  p99 {:>7.2} ms  p99.9 {:>7.2} ms  max {:>7.2} ms  statuses {:?}  errors {}",
+            self.name,
+            self.per_second(),
+            ms(0.5),
+            ms(0.9),
+            ms(0.99),
+            ms(0.999),
+            self.latency.max() as f64 / 1000.0,
+            self.statuses,
+            self.errors
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let duration = humantime::parse_duration(&args.duration).context("--duration")?;
+    let body = Bytes::from(std::fs::read(&args.body).with_context(|| format!("cannot read {}", args.body.display()))?);
+    let signature = wasmhook::ingest::verify::github::sign(args.secret.as_bytes(), &body);
+    let mut report = json!({"connections": args.connections, "rate": args.rate, "duration_s": duration.as_secs_f64()});
+
+    let baseline = if args.compare || args.baseline_only {
+        let address = start_baseline().await?;
+        let run =
+            load("baseline", &format!("http://{address}/hooks/github"), &args, duration, &body, &signature).await?;
+        run.print();
+        report["baseline"] = run.to_json();
+        Some(run)
+    } else {
+        None
+    };
+    if !args.baseline_only {
+        let before = done_total(&args.admin).await;
+        let run = load("wasmhook", &args.url, &args, duration, &body, &signature).await?;
+        run.print();
+        report["wasmhook"] = run.to_json();
+        if let Some(baseline) = &baseline {
+            let ratio = run.per_second() / baseline.per_second();
+            println!("wasmhook / baseline: {ratio:.2}x the bare hyper server's requests per second");
+            report["ratio_to_baseline"] = json!(ratio);
+        }
+        if let Some(before) = before {
+            let accepted = run.statuses.get(&202).copied().unwrap_or(0);
+            let (done, drained) = drain(&args.admin, before).await?;
+            let seconds = run.elapsed.as_secs_f64() + drained.as_secs_f64();
+            println!(
+                "end to end: {accepted} accepted, {done} deliveries done in {seconds:.2} s ({:.0} done/s); drained {:.2} s after the last send",
+                done as f64 / seconds,
+                drained.as_secs_f64()
+            );
+            report["end_to_end"] = json!({"accepted": accepted, "deliveries_done": done, "seconds": seconds,
+                "done_per_second": done as f64 / seconds, "drain_seconds": drained.as_secs_f64()});
+        }
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    Ok(())
+}
+
+/// Sends for `duration` over `args.connections` connections; open loop when a rate is given.
+async fn load(
+    name: &'static str,
+    url: &str,
+    args: &Args,
+    duration: Duration,
+    body: &Bytes,
+    signature: &str,
+) -> anyhow::Result<Run> {
+    let uri: hyper::Uri = url.parse().with_context(|| format!("{url:?}"))?;
+    let target = Arc::new(Target {
+        authority: uri.authority().context("the URL has no host")?.to_string(),
+        path: uri.path().to_owned(),
+        body: body.clone(),
+        signature: signature.to_owned(),
+        // Delivery ids must not repeat across runs, or the host answers them as duplicates.
+        run: format!("{name}-{}", wasmhook::event::now_ms()),
+    });
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + duration;
+    let interval = args.rate.map(|rate| Duration::from_secs_f64(1.0 / rate as f64));
+    let mut tasks = Vec::new();
+    for _ in 0..args.connections {
+        let (target, next) = (Arc::clone(&target), Arc::clone(&next));
+        tasks.push(tokio::spawn(async move { connection(&target, &next, start, deadline, interval).await }));
+    }
+    let mut run = Run {
+        name,
+        sent: 0,
+        elapsed: Duration::ZERO,
+        statuses: BTreeMap::new(),
+        errors: 0,
+        latency: Histogram::new(3)?,
+    };
+    for task in tasks {
+        let (statuses, errors, latency) = task.await??;
+        for (status, count) in statuses {
+            *run.statuses.entry(status).or_default() += count;
+            run.sent += count;
+        }
+        run.errors += errors;
+        run.latency.add(latency)?;
+    }
+    run.elapsed = start.elapsed();
+    Ok(run)
+}
+
+type Tally = (BTreeMap<u16, u64>, u64, Histogram<u64>);
+
+/// Where and what every connection of a run sends.
+struct Target {
+    authority: String,
+    path: String,
+    body: Bytes,
+    signature: String,
+    run: String,
+}
+
+/// One keep-alive connection sending until `deadline`; reconnects after an error.
+async fn connection(
+    target: &Target,
+    next: &AtomicU64,
+    start: Instant,
+    deadline: Instant,
+    interval: Option<Duration>,
+) -> anyhow::Result<Tally> {
+    let mut statuses = BTreeMap::new();
+    let mut errors = 0;
+    let mut latency = Histogram::<u64>::new(3)?;
+    let mut sender = None;
+    loop {
+        let n = next.fetch_add(1, Ordering::Relaxed);
+        // Open loop: request n is due at start + n × interval, whether or not the server kept up.
+        let scheduled = match interval {
+            Some(interval) => {
+                let due = start + interval.mul_f64(n as f64);
+                tokio::time::sleep_until(due.into()).await;
+                due
+            }
+            None => Instant::now(),
+        };
+        if scheduled >= deadline {
+            return Ok((statuses, errors, latency));
+        }
+        if sender.is_none() {
+            match TcpStream::connect(&target.authority).await {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    let (send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                    tokio::spawn(connection);
+                    sender = Some(send);
+                }
+                Err(_) => {
+                    errors += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(send) = sender.as_mut() else { continue };
+        let request = Request::post(target.path.as_str())
+            .header("host", target.authority.as_str())
+            .header("content-type", "application/json")
+            .header("x-github-event", "push")
+            .header("x-github-delivery", format!("{}-{n}", target.run))
+            .header("x-hub-signature-256", target.signature.as_str())
+            .body(Full::new(target.body.clone()))?;
+        match send.send_request(request).await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let _ = response.into_body().collect().await;
+                latency.saturating_record(u64::try_from(scheduled.elapsed().as_micros()).unwrap_or(u64::MAX));
+                *statuses.entry(status).or_insert(0) += 1;
+            }
+            Err(_) => {
+                errors += 1;
+                sender = None;
+            }
+        }
+    }
+}
+
+/// A bare hyper server that reads each body and answers 202: the same HTTP stack, no work.
+async fn start_baseline() -> anyhow::Result<std::net::SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|request: Request<hyper::body::Incoming>| async move {
+                    let _ = request.into_body().collect().await;
+                    let mut response =
+                        Response::new(Full::new(Bytes::from_static(br#"{"id":"x","type":"github.push"}"#)));
+                    *response.status_mut() = StatusCode::ACCEPTED;
+                    Ok::<_, Infallible>(response)
+                });
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    Ok(address)
+}
+
+/// The host's `wasmhook_deliveries_done_total` summed over plugins; `None` without an admin API.
+async fn done_total(admin: &str) -> Option<f64> {
+    if admin.is_empty() {
+        return None;
+    }
+    let (_, text) =
+        wasmhook::client::request(hyper::Method::GET, &format!("{admin}/metrics"), &[], Vec::new()).await.ok()?;
+    Some(
+        text.lines()
+            .filter(|line| line.starts_with("wasmhook_deliveries_done_total"))
+            .filter_map(|line| line.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum(),
+    )
+}
+
+/// Waits until no delivery is unfinished; returns the deliveries done since `before` and how
+/// long the wait took.
+async fn drain(admin: &str, before: f64) -> anyhow::Result<(u64, Duration)> {
+    let started = Instant::now();
+    loop {
+        let (_, text) =
+            wasmhook::client::request(hyper::Method::GET, &format!("{admin}/v1/stats"), &[], Vec::new()).await?;
+        let stats: serde_json::Value = serde_json::from_str(&text)?;
+        let unfinished =
+            ["pending", "running", "retrying"].iter().map(|key| stats[key].as_u64().unwrap_or(0)).sum::<u64>();
+        if unfinished == 0 {
+            let done = done_total(admin).await.unwrap_or(before) - before;
+            return Ok((done as u64, started.elapsed()));
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("{unfinished} deliveries still unfinished after 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -13,7 +13,7 @@ TEST_PLUGIN_DIR := target/test-plugins
 NOTIFY_PLUGIN_DIR := target/notify-plugins
 WASM_OUT := target/wasm32-wasip2/plugin
 
-.PHONY: run test lint bench bench-reload plugins host wasm-target clean
+.PHONY: run test lint bench bench-reload bench-load plugins host wasm-target clean
 
 ## make run: build everything and serve the example plugins on loopback (Ctrl-C stops it).
 run: plugins host
@@ -30,11 +30,25 @@ test: plugins
 	$(CARGO) test --release
 
 ## make bench: every benchmark (figures, never assertions); see docs/BENCHMARKS.md.
-bench: bench-reload
+bench: bench-reload bench-load
 
 ## make bench-reload: hot-reload swap latency and start-up with 20 plugins, cold and cached.
 bench-reload: plugins
 	$(CARGO) bench --bench reload
+
+## make bench-load: the example host under wasmhook-bench, next to a bare hyper server (closed
+## loop, 32 connections, 10 s), then at a fixed 2000 requests/s (open loop).
+BENCH_DATA := target/bench-data
+bench-load: plugins
+	$(CARGO) build --release -p wasmhook -p wasmhook-bench
+	rm -rf $(BENCH_DATA)
+	GITHUB_WEBHOOK_SECRET=dev-secret STRIPE_WEBHOOK_SECRET=x SLACK_SIGNING_SECRET=x \
+	  STANDARD_WEBHOOKS_SECRET=whsec_ZGV2 GITLAB_WEBHOOK_TOKEN=x CI_WEBHOOK_SECRET=x RUST_LOG=warn \
+	  ./target/release/wasmhook serve --config examples/wasmhook.toml --data $(BENCH_DATA) & \
+	  host=$$!; sleep 2; \
+	  ./target/release/wasmhook-bench --compare --connections 32 --duration 10s --json target/bench-closed.json; \
+	  ./target/release/wasmhook-bench --rate 2000 --connections 32 --duration 10s --json target/bench-open.json; \
+	  status=$$?; kill $$host; exit $$status
 
 ## make lint: formatting and clippy, warnings as errors.
 lint: wasm-target

@@ -184,7 +184,7 @@ async fn load(
         elapsed: Duration::ZERO,
         statuses: BTreeMap::new(),
         errors: 0,
-        latency: Histogram::new(3)?,
+        latency: Histogram::new_with_bounds(1, 60_000_000, 3)?,
     };
     for task in tasks {
         let (statuses, errors, latency) = task.await??;
@@ -220,7 +220,7 @@ async fn connection(
 ) -> anyhow::Result<Tally> {
     let mut statuses = BTreeMap::new();
     let mut errors = 0;
-    let mut latency = Histogram::<u64>::new(3)?;
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut sender = None;
     loop {
         let n = next.fetch_add(1, Ordering::Relaxed);

@@ -56,6 +56,7 @@ lint: wasm-target
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --all-targets -- -D warnings
+	$(CARGO) clippy --release -p wasmhook-bench -- -D warnings
 	$(CARGO) clippy --profile plugin --target wasm32-wasip2 $(addprefix -p ,$(PLUGINS) $(NOTIFY_PLUGINS) $(TEST_PLUGINS)) -- -D warnings
 
 host:

@@ -144,7 +144,7 @@ impl Registry {
             retry,
             env,
         };
-        registry.rescan().await?;
+        registry.rescan_showing(loading_bar()).await?;
         if registry.snapshot().is_empty() {
             tracing::warn!(folder = %dir.display(), "no plugins loaded; events will be kept as unrouted");
         }
@@ -159,9 +159,15 @@ impl Registry {
     /// Brings the loaded plugins in line with the folder and swaps the new set in at once.
     /// One rescan runs at a time.
     pub async fn rescan(&self) -> anyhow::Result<Reloaded> {
+        self.rescan_showing(indicatif::ProgressBar::hidden()).await
+    }
+
+    /// [`Self::rescan`], advancing `progress` by one for each file.
+    async fn rescan_showing(&self, progress: indicatif::ProgressBar) -> anyhow::Result<Reloaded> {
         let _one_at_a_time = self.rescanning.lock().await;
         let dir = self.dir.clone();
         let files = tokio::task::spawn_blocking(move || wasm_files(&dir)).await??;
+        progress.set_length(files.len() as u64);
         let current = self.snapshot();
         let mut next = BTreeMap::new();
         let mut reloaded = Reloaded::default();
@@ -171,7 +177,10 @@ impl Registry {
                 continue;
             };
             let existing = current.get(&name).cloned();
-            match self.scan_file(&name, &file, existing.as_deref()).await {
+            progress.set_message(name.clone());
+            let scanned = self.scan_file(&name, &file, existing.as_deref()).await;
+            progress.inc(1);
+            match scanned {
                 Scanned::Unchanged => reloaded.unchanged += 1,
                 Scanned::Loaded(plugin) => {
                     let verb = if existing.is_some() { "plugin replaced" } else { "plugin loaded" };
@@ -191,6 +200,7 @@ impl Registry {
                 next.insert(name, existing);
             }
         }
+        progress.finish_and_clear();
         for name in current.keys().filter(|name| !next.contains_key(*name)) {
             tracing::info!(plugin = %name, "plugin removed: no new deliveries; pending ones wait for its return");
             self.slot(name, |slot| slot.removed_at = Some(now_ms()));
@@ -353,6 +363,20 @@ impl Registry {
     pub fn max_timeout(&self) -> Duration {
         self.snapshot().values().map(|plugin| plugin.component.limits().timeout).max().unwrap_or_default()
     }
+}
+
+/// A progress bar for the first load, drawn only when stderr is a terminal (logs go to stdout).
+fn loading_bar() -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("loading plugins {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    bar
 }
 
 /// What scanning one file found.

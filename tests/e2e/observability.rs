@@ -122,6 +122,8 @@ fn plugin_run_calls_each_example_once() {
     assert!(!ok && output.contains("outcome: permanent:") && output.contains("repository"), "{output}");
     let (ok, output) = run("slack-notify", &push, &[]);
     assert!(!ok && output.contains("no webhook_url"), "{output}");
+    let (ok, output) = run("forward", &push, &[]);
+    assert!(!ok && output.contains("no url"), "{output}");
     let (ok, output) = run("faulty", &push, &["--config", "fault=emit-chain"]);
     assert!(ok && output.contains("emitted: test.chain sample-"), "{output}");
     let (ok, output) = run("faulty", &push, &["--config", "fault=recursion"]);

@@ -302,7 +302,18 @@ fn lock_folder(data_dir: &Path) -> Result<std::fs::File, JournalError> {
 fn migrate(connection: &mut Connection, path: &Path) -> Result<(), JournalError> {
     let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(storage)?;
     let tx = connection.transaction().map_err(storage)?;
+    let has_tables: bool = tx
+        .query_row("SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events')", [], |row| {
+            row.get(0)
+        })
+        .map_err(storage)?;
     match version {
+        0 if has_tables => {
+            return Err(JournalError::Storage(format!(
+                "{} was written by a development build that kept no schema version; move it away to start a new journal",
+                path.display()
+            )));
+        }
         0 => tx.execute_batch(SCHEMA).map_err(storage)?,
         1..SCHEMA_VERSION => {
             for (from, migration) in (1..).zip(MIGRATIONS) {
@@ -1042,6 +1053,27 @@ mod tests {
         let record = f.status("a").await;
         assert_eq!((record.deliveries[0].status, record.deliveries[0].attempts), (DeliveryStatus::Pending, 0));
         assert_eq!(f.take(&["echo"]).await[0].attempt, 1, "the same first attempt");
+    }
+
+    #[tokio::test]
+    async fn a_version_1_journal_is_migrated_and_an_unversioned_one_is_refused_clearly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let connection = Connection::open(dir.path().join(FILE_NAME)).expect("open");
+            connection.execute_batch(&SCHEMA.replace("    sha256      TEXT,\n", "")).expect("a version 1 schema");
+            connection.pragma_update(None, "user_version", 1).expect("version 1");
+        }
+        let journal = SqliteJournal::open(dir.path(), Options::default()).expect("migrated");
+        journal.accept(new("github", "a", &["echo"])).await.expect("accept");
+        let lease = journal.take(&names(&["echo"]), 1, LEASE, NO_WAIT).await.expect("take").remove(0);
+        journal.finish(&lease, Outcome::Done, "v2", Vec::new()).await.expect("finish with a version");
+        assert_eq!(journal.event("a").await.expect("read").expect("found").deliveries[0].sha256.as_deref(), Some("v2"));
+        drop(journal);
+
+        let old = tempfile::tempdir().expect("tempdir");
+        Connection::open(old.path().join(FILE_NAME)).expect("open").execute_batch(SCHEMA).expect("tables, no version");
+        let err = SqliteJournal::open(old.path(), Options::default()).expect_err("unversioned");
+        assert!(err.to_string().contains("move it away"), "{err}");
     }
 
     #[tokio::test]

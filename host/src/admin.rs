@@ -22,6 +22,8 @@ use crate::registry::{self, Registry};
 const MAX_ADMIN_BODY_BYTES: usize = 64 * 1024;
 /// Dead letters listed when the request does not say how many.
 const DEFAULT_LIST_LIMIT: usize = 100;
+/// The most dead letters one request lists.
+const MAX_LIST_LIMIT: usize = 10_000;
 
 /// The admin API's state.
 pub struct Admin {
@@ -194,7 +196,7 @@ impl Admin {
                     Some(limit) => limit.parse().map_err(|_| bad_request(format!("limit={limit} is not a number")))?,
                     None => DEFAULT_LIST_LIMIT,
                 };
-                let letters = self.journal.dead_letters(plugin, limit).await?;
+                let letters = self.journal.dead_letters(plugin, limit.min(MAX_LIST_LIMIT)).await?;
                 ok(serde_json::json!({ "dead_letters": letters }))
             }
             ["v1", "dead-letters", "replay"] => {

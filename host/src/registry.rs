@@ -228,6 +228,11 @@ impl Registry {
             Err(reason) => return self.failed(name, file, (String::new(), String::new()), reason, existing.is_some()),
         };
         if existing.is_some_and(|plugin| (&plugin.sha256, &plugin.manifest_sha256) == (&hashes.0, &hashes.1)) {
+            // Back to the serving version after a bad write: the old failure no longer applies.
+            self.slot(name, |slot| {
+                slot.last_error = None;
+                slot.failed = None;
+            });
             return Scanned::Unchanged;
         }
         let failed_before = self

@@ -48,10 +48,21 @@ impl std::fmt::Display for HttpError {
 
 impl std::error::Error for HttpError {}
 
+impl HttpError {
+    /// Whether the host refused the request because the host is not in the plugin's
+    /// `http_allow`: retrying cannot help until the operator grants it.
+    pub fn is_denied(&self) -> bool {
+        self.0.starts_with(DENIED)
+    }
+}
+
+/// How a refusal by the host's allowlist reads.
+const DENIED: &str = "request denied: the host is not in this plugin's http_allow";
+
 impl From<ErrorCode> for HttpError {
     fn from(code: ErrorCode) -> Self {
         HttpError(match code {
-            ErrorCode::HttpRequestDenied => "request denied: the host is not in this plugin's http_allow".to_owned(),
+            ErrorCode::HttpRequestDenied => DENIED.to_owned(),
             ErrorCode::ConnectionTimeout => "timed out connecting".to_owned(),
             ErrorCode::HttpResponseTimeout => "timed out waiting for the response".to_owned(),
             ErrorCode::HttpResponseBodySize(_) => "the response body is over the host's limit".to_owned(),

@@ -2,11 +2,9 @@
 //! duplicates stay refused across restarts, failures retry with backoff and end as dead
 //! letters that can be replayed, and a full journal pushes back with 503.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::util::{SECRET, TestHost, example, try_post_github};
+use crate::util::{EventStream, SECRET, TestHost, example};
 
 /// Short backoffs so retry tests take milliseconds, not minutes.
 const FAST_RETRY: &str = "[retry]\nmax_attempts = 3\nfirst_delay = \"20ms\"\nmax_delay = \"100ms\"\n";
@@ -29,34 +27,13 @@ fn kill_nine_at_random_moments_loses_no_accepted_event() {
         .plugin_with_manifest("flaky", "[config]\nslow_ms = \"2\"\n")
         .setting(&format!("workers = {WORKERS}"))
         .start();
-    let accepted = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let sender = {
-        let (accepted, stop, url) = (Arc::clone(&accepted), Arc::clone(&stop), host.url.clone());
-        std::thread::spawn(move || {
-            let body = example("github/push.json");
-            for n in 0.. {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let id = format!("crash-{n}");
-                match try_post_github(&url, "push", &id, &body, SECRET) {
-                    Ok(reply) if reply.status == 202 => accepted.lock().expect("ids").push(id),
-                    Ok(_) => {}
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        })
-    };
+    let stream = EventStream::start(&host.url, "crash", Duration::ZERO);
     for _ in 0..KILLS {
         std::thread::sleep(Duration::from_millis(fastrand::u64(300..700)));
         host.restart();
     }
     std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, Ordering::Relaxed);
-    sender.join().expect("sender");
-
-    let accepted = accepted.lock().expect("ids").clone();
+    let accepted = stream.stop();
     assert!(accepted.len() >= 20, "only {} events were accepted; the test proves little", accepted.len());
     let mut repeated_effects = 0;
     for id in &accepted {

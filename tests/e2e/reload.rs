@@ -2,13 +2,11 @@
 //! re-added, and re-granted while events flow, with nothing lost or run on two versions.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::Digest;
 
-use crate::util::{PATIENCE, SECRET, TestHost, example, plugin_wasm, try_post_github};
+use crate::util::{EventStream, PATIENCE, SECRET, TestHost, example, plugin_wasm};
 
 fn sha256(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
@@ -51,31 +49,13 @@ fn fifty_swaps_under_a_stream_lose_nothing_and_each_delivery_ran_one_version() {
         (std::fs::read(plugin_wasm("echo")).expect("echo"), std::fs::read(plugin_wasm("flaky")).expect("flaky"));
     let versions = [(sha256(&echo), &echo), (sha256(&flaky), &flaky)];
     let host = TestHost::builder().file("target.wasm", echo.clone()).start();
-    let accepted = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let sender = {
-        let (accepted, stop, url) = (Arc::clone(&accepted), Arc::clone(&stop), host.url.clone());
-        std::thread::spawn(move || {
-            let body = example("github/push.json");
-            for n in 0.. {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let id = format!("swap-{n}");
-                if try_post_github(&url, "push", &id, &body, SECRET).is_ok_and(|reply| reply.status == 202) {
-                    accepted.lock().expect("ids").push(id);
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        })
-    };
+    let stream = EventStream::start(&host.url, "swap", Duration::from_millis(2));
     for swap in 1..=50 {
         let (sha, bytes) = &versions[swap % 2];
         deploy(&host.plugins_dir(), "target.wasm", bytes);
         wait_for_plugin(&host, "target", "swapped", |entry| entry["sha256"] == sha.as_str());
     }
-    stop.store(true, Ordering::Relaxed);
-    sender.join().expect("sender");
+    let accepted = stream.stop();
 
     let last = &versions[50 % 2].0;
     let mut after = Vec::new();
@@ -84,7 +64,6 @@ fn fifty_swaps_under_a_stream_lose_nothing_and_each_delivery_ran_one_version() {
         assert_eq!(host.post_github("push", &id, &example("github/push.json"), SECRET).0, 202);
         after.push(id);
     }
-    let accepted = accepted.lock().expect("ids").clone();
     assert!(accepted.len() >= 50, "only {} events went through the swaps", accepted.len());
     for id in accepted.iter().chain(&after) {
         let event = host.wait_for_event(id);

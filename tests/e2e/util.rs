@@ -470,3 +470,46 @@ impl Receiver {
         }
     }
 }
+
+/// A stream of signed GitHub pushes to a host, in a thread, until stopped: ids `{prefix}-{n}`,
+/// one every `pause`, backing off while nobody answers (a host being restarted).
+pub struct EventStream {
+    accepted: Arc<Mutex<Vec<String>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl EventStream {
+    /// Starts streaming to the host at `url`.
+    pub fn start(url: &str, prefix: &str, pause: Duration) -> EventStream {
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (accepted, stop, url, prefix) =
+                (Arc::clone(&accepted), Arc::clone(&stop), url.to_owned(), prefix.to_owned());
+            std::thread::spawn(move || {
+                let body = example("github/push.json");
+                for n in 0.. {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let id = format!("{prefix}-{n}");
+                    match try_post_github(&url, "push", &id, &body, SECRET) {
+                        Ok(reply) if reply.status == 202 => accepted.lock().expect("ids").push(id),
+                        Ok(_) => {}
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                    std::thread::sleep(pause);
+                }
+            })
+        };
+        EventStream { accepted, stop, thread }
+    }
+
+    /// Stops the stream and returns the ids that got a 202.
+    pub fn stop(self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("the stream thread");
+        self.accepted.lock().expect("ids").clone()
+    }
+}

@@ -55,7 +55,7 @@ impl Plugin for Forward {
                 Err(HandlerError::Retry(format!("the receiver answered {}", response.status)))
             }
             Ok(response) => Err(HandlerError::Permanent(format!("the receiver answered {}", response.status))),
-            Err(err) if err.0.contains("denied") => Err(HandlerError::Permanent(err.0)),
+            Err(err) if err.is_denied() => Err(HandlerError::Permanent(err.0)),
             Err(err) => Err(HandlerError::Retry(format!("cannot reach the receiver: {err}"))),
         }
     }

@@ -48,7 +48,7 @@ impl Plugin for SlackNotify {
                 response.status,
                 String::from_utf8_lossy(&response.body)
             ))),
-            Err(err) if err.0.contains("denied") => Err(HandlerError::Permanent(err.0)),
+            Err(err) if err.is_denied() => Err(HandlerError::Permanent(err.0)),
             Err(err) => Err(HandlerError::Retry(format!("cannot reach Slack: {err}"))),
         }
     }

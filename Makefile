@@ -7,13 +7,13 @@ PLUGINS := echo github-push
 # kept out of the folder `make run` serves.
 NOTIFY_PLUGINS := slack-notify forward
 # Plugins that exist only for tests (faults, counters); kept apart so `make run` never serves them.
-TEST_PLUGINS := flaky faulty command
+TEST_PLUGINS := flaky faulty command noop
 PLUGIN_DIR := target/plugins
 TEST_PLUGIN_DIR := target/test-plugins
 NOTIFY_PLUGIN_DIR := target/notify-plugins
 WASM_OUT := target/wasm32-wasip2/plugin
 
-.PHONY: run test lint bench bench-reload bench-load plugins host wasm-target clean
+.PHONY: run test lint bench bench-core bench-reload bench-load plugins host wasm-target clean
 
 ## make run: build everything and serve the example plugins on loopback (Ctrl-C stops it).
 run: plugins host
@@ -30,7 +30,11 @@ test: plugins
 	$(CARGO) test --release
 
 ## make bench: every benchmark (figures, never assertions); see docs/BENCHMARKS.md.
-bench: bench-reload bench-load
+bench: bench-core bench-reload bench-load
+
+## make bench-core: micro-benchmarks (criterion): verification, one plugin call, journal, routing.
+bench-core: plugins
+	$(CARGO) bench --bench core
 
 ## make bench-reload: hot-reload swap latency and start-up with 20 plugins, cold and cached.
 bench-reload: plugins

@@ -77,11 +77,11 @@ fn verification(c: &mut Criterion) {
 fn plugin_calls(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio");
     let host = Runtime::new(None).expect("wasmtime");
-    let load = |dir: &str, name: &str| {
+    let load = |dir: &str, name: &str, reuse: u32| {
         let path = workspace().join(dir).join(format!("{name}.wasm"));
         let bytes =
             std::fs::read(&path).unwrap_or_else(|_| panic!("{} is missing: run `make plugins`", path.display()));
-        runtime.block_on(host.load(name, bytes, Limits::default())).expect("load")
+        runtime.block_on(host.load(name, bytes, Limits { reuse, ..Limits::default() })).expect("load")
     };
     let event = Event {
         id: "bench-1".into(),
@@ -92,11 +92,14 @@ fn plugin_calls(c: &mut Criterion) {
         data: Bytes::from(std::fs::read(workspace().join("examples/github/push.json")).expect("payload")),
         attributes: Vec::new(),
     };
-    let mut group = c.benchmark_group("plugin call, fresh instance, 1.4 KiB event");
+    let mut group = c.benchmark_group("plugin call, 1.4 KiB event");
     for (dir, name) in [("target/test-plugins", "noop"), ("target/plugins", "github-push")] {
-        let component = load(dir, name);
-        assert!(runtime.block_on(component.invoke(&event, 1)).is_ok());
-        group.bench_function(name, |b| b.iter(|| runtime.block_on(component.invoke(&event, 1))));
+        for (how, reuse) in [("fresh instance", 0), ("reused instance", u32::MAX)] {
+            let component = load(dir, name, reuse);
+            assert!(runtime.block_on(component.invoke(&event, 1)).is_ok());
+            group
+                .bench_function(format!("{name}, {how}"), |b| b.iter(|| runtime.block_on(component.invoke(&event, 1))));
+        }
     }
     group.finish();
 }

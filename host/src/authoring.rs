@@ -36,6 +36,7 @@ async fn load(file: &Path, overrides: &[(String, String)]) -> anyhow::Result<(Co
         memory_bytes: grants.memory_bytes,
         config: Arc::new(grants.config.clone()),
         http_allow: Arc::new(grants.http_allow.clone()),
+        reuse: grants.reuse,
     };
     let name = file.file_stem().and_then(|stem| stem.to_str()).unwrap_or("plugin").to_owned();
     let runtime = Runtime::new(None)?;

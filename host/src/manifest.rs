@@ -41,6 +41,8 @@ pub struct Manifest {
     /// Overrides of the host's retry policy.
     #[serde(default)]
     pub retry: RetrySettings,
+    /// Calls one instance may serve in a row; memory then persists between those calls.
+    pub reuse: Option<u32>,
 }
 
 /// A size: a number of bytes, or text such as `"512KiB"`, `"64MiB"`, `"1GiB"`.
@@ -93,6 +95,8 @@ pub struct Grants {
     pub http_allow: HttpAllow,
     /// How failures are retried.
     pub retry: RetryPolicy,
+    /// Calls one instance may serve in a row (0: fresh each call).
+    pub reuse: u32,
 }
 
 impl Manifest {
@@ -173,6 +177,7 @@ impl Manifest {
                 config,
                 http_allow,
                 retry,
+                reuse: self.reuse.unwrap_or(0),
             })
         } else {
             Err(problems)
@@ -203,7 +208,7 @@ mod tests {
     #[test]
     fn every_key_is_read() {
         let manifest = Manifest::parse(
-            "subscriptions = [\"github.push\"]\ntimeout = \"250ms\"\nmemory = \"16MiB\"\nconcurrency = 2\n\
+            "reuse = 50\nsubscriptions = [\"github.push\"]\ntimeout = \"250ms\"\nmemory = \"16MiB\"\nconcurrency = 2\n\
              http_allow = [\"hooks.slack.com\"]\n[config]\nchannel = \"#ops\"\n[config_env]\nwebhook_url = \"SLACK_URL\"\n\
              [retry]\nmax_attempts = 6\n",
         )
@@ -218,7 +223,7 @@ mod tests {
         );
         assert_eq!(grants.config["webhook_url"], "https://hooks.slack.com/x");
         assert_eq!(grants.config["channel"], "#ops");
-        assert_eq!(grants.retry.max_attempts, 6);
+        assert_eq!((grants.retry.max_attempts, grants.reuse), (6, 50));
         assert!(!grants.http_allow.is_empty());
     }
 

@@ -294,6 +294,7 @@ impl Registry {
             memory_bytes: grants.memory_bytes,
             config: Arc::new(grants.config.clone()),
             http_allow: Arc::new(grants.http_allow),
+            reuse: grants.reuse,
         };
         let component = self.runtime.load(name, bytes, limits).await.map_err(|err| err.to_string())?;
         let subscriptions = grants.subscriptions.unwrap_or_else(|| component.metadata().subscriptions.clone());

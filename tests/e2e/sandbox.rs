@@ -239,3 +239,31 @@ fn forward_to_a_host_outside_its_grant_is_refused_and_never_sent() {
     assert!(event["deliveries"][0]["last_error"].as_str().is_some_and(|e| e.contains("request denied")), "{event}");
     assert!(receiver.received().is_empty());
 }
+
+/// Sends `ids` one after another, each once the one before is finished, and returns the call
+/// number the `count` fault logged for each.
+fn call_numbers(host: &mut TestHost, ids: &[&str]) -> Vec<u32> {
+    ids.iter()
+        .map(|id| {
+            host.post_github("push", id, &example("github/push.json"), SECRET);
+            host.wait_for_event(id);
+            let line = host.wait_for_log(&format!(" for {id}\""));
+            let number = line.split("call number ").nth(1).and_then(|rest| rest.split_whitespace().next());
+            number.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no call number in {line}"))
+        })
+        .collect()
+}
+
+#[test]
+fn each_call_gets_a_fresh_instance_unless_the_manifest_grants_reuse() {
+    let mut fresh = TestHost::builder().plugin_with_manifest("faulty", "[config]\nfault = \"count\"\n").start();
+    assert_eq!(call_numbers(&mut fresh, &["f-0", "f-1", "f-2"]), [1, 1, 1], "state leaked between events");
+
+    let manifest = "reuse = 2\nconcurrency = 1\n[config]\nfault = \"count\"\n";
+    let mut reused = TestHost::builder().plugin_with_manifest("faulty", manifest).start();
+    assert_eq!(
+        call_numbers(&mut reused, &["r-0", "r-1", "r-2", "r-3"]),
+        [1, 2, 1, 2],
+        "one instance serves reuse = 2 calls"
+    );
+}

@@ -29,6 +29,8 @@ pub struct Limits {
     pub config: Arc<BTreeMap<String, String>>,
     /// Where the plugin's outbound HTTP may go.
     pub http_allow: Arc<HttpAllow>,
+    /// Calls one instance may serve in a row (0: a fresh instance for every call).
+    pub reuse: u32,
 }
 
 impl Default for Limits {
@@ -38,6 +40,7 @@ impl Default for Limits {
             memory_bytes: DEFAULT_MEMORY_BYTES,
             config: Arc::default(),
             http_allow: Arc::default(),
+            reuse: 0,
         }
     }
 }
@@ -87,11 +90,20 @@ pub enum CallError {
     Trap(String),
 }
 
+/// An instance kept for reuse, with its store and how many calls it has served.
+struct Warm {
+    store: Store<CallState>,
+    plugin: bindings::Plugin,
+    calls: u32,
+}
+
 /// A plugin compiled once and pre-instantiated, ready for any number of calls.
 #[derive(Clone)]
 pub struct Component {
     engine: Engine,
     pre: PluginPre<CallState>,
+    /// Instances kept for the next calls when `limits.reuse` allows (shared by clones).
+    warm: Arc<std::sync::Mutex<Vec<Warm>>>,
     name: Arc<str>,
     limits: Limits,
     metadata: Metadata,
@@ -113,8 +125,14 @@ impl Component {
     ) -> Result<Self, LoadError> {
         let world_error = |err: wasmtime::Error| LoadError::World(describe(&err));
         let pre = PluginPre::new(linker.instantiate_pre(compiled).map_err(world_error)?).map_err(world_error)?;
-        let mut component =
-            Component { engine: engine.clone(), pre, name: name.into(), limits, metadata: Metadata::default_for(name) };
+        let mut component = Component {
+            engine: engine.clone(),
+            pre,
+            warm: Arc::default(),
+            name: name.into(),
+            limits,
+            metadata: Metadata::default_for(name),
+        };
         let mut store = component.store(None);
         let metadata = async {
             let plugin = component.pre.instantiate_async(&mut store).await?;
@@ -139,8 +157,10 @@ impl Component {
         &self.limits
     }
 
-    /// Calls the plugin's `handle` on `event` in a fresh instance. On success, returns the
-    /// events the plugin emitted, for the caller to commit with the outcome.
+    /// Calls the plugin's `handle` on `event`, in a fresh instance unless the plugin's `reuse`
+    /// lets a warm one serve (after at most `reuse` calls, a trap or a timeout, a warm
+    /// instance is dropped). On success, returns the events the plugin emitted, for the caller
+    /// to commit with the outcome.
     pub async fn invoke(&self, event: &Event, attempt: u32) -> Result<Vec<Emitted>, CallError> {
         let depth = event
             .attributes
@@ -148,7 +168,15 @@ impl Component {
             .find(|(name, _)| name == CHAIN_DEPTH_ATTRIBUTE)
             .and_then(|(_, depth)| depth.parse().ok())
             .unwrap_or(0);
-        let mut store = self.store(Some((event.id.clone(), depth)));
+        let warm = if self.limits.reuse > 0 { self.take_warm() } else { None };
+        let (mut store, mut instance, calls) = match warm {
+            Some(Warm { mut store, plugin, calls }) => {
+                store.data_mut().begin(event.id.clone(), depth);
+                self.arm_deadline(&mut store);
+                (store, Some(plugin), calls)
+            }
+            None => (self.store(Some((event.id.clone(), depth))), None, 0),
+        };
         let input = bindings::Event {
             id: event.id.clone(),
             source: event.source.clone(),
@@ -160,12 +188,36 @@ impl Component {
             attempt,
         };
         let call = async {
-            let plugin = self.pre.instantiate_async(&mut store).await?;
-            plugin.call_handle(&mut store, &input).await
+            let plugin = match instance.take() {
+                Some(plugin) => plugin,
+                None => self.pre.instantiate_async(&mut store).await?,
+            };
+            let result = plugin.call_handle(&mut store, &input).await;
+            instance = Some(plugin);
+            result
         };
         // The epoch deadline stops guest code; this outer limit also covers host calls.
         let result = tokio::time::timeout(self.limits.timeout + EPOCH_TICK, call).await;
         store.data().flush_output();
+        // A handled outcome leaves the instance sound; a trap or a timeout does not.
+        let sound = matches!(result, Ok(Ok(_)));
+        if let (true, Some(plugin)) = (sound && calls + 1 < self.limits.reuse, instance) {
+            let emitted = match &result {
+                Ok(Ok(Ok(()))) => std::mem::take(&mut store.data_mut().emitted),
+                _ => Vec::new(),
+            };
+            self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Warm {
+                store,
+                plugin,
+                calls: calls + 1,
+            });
+            return match result {
+                Ok(Ok(Ok(()))) => Ok(emitted),
+                Ok(Ok(Err(HandlerError::Retry(reason)))) => Err(CallError::Retry(capped(reason))),
+                Ok(Ok(Err(HandlerError::Permanent(reason)))) => Err(CallError::Permanent(capped(reason))),
+                _ => unreachable!("only sound outcomes keep their instance"),
+            };
+        }
         match result {
             Err(_elapsed) => Err(CallError::Timeout(self.limits.timeout)),
             Ok(Ok(Ok(()))) => Ok(std::mem::take(&mut store.data_mut().emitted)),
@@ -193,6 +245,20 @@ impl Component {
         CallError::Trap(describe(err))
     }
 
+    fn take_warm(&self) -> Option<Warm> {
+        self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop()
+    }
+
+    /// Arms this call's wall-clock deadline: the epoch callback yields every tick and stops
+    /// the guest once the deadline has passed.
+    fn arm_deadline(&self, store: &mut Store<CallState>) {
+        let deadline = Instant::now() + self.limits.timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
+        });
+    }
+
     /// A fresh store for one call: limits set, and the deadline armed before instantiation
     /// (a plugin's start-up code runs then, and must already be bounded).
     fn store(&self, event: Option<(String, u32)>) -> Store<CallState> {
@@ -205,11 +271,7 @@ impl Component {
         });
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
-        let deadline = Instant::now() + self.limits.timeout;
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
-        });
+        self.arm_deadline(&mut store);
         store
     }
 }

@@ -113,6 +113,18 @@ impl CallState {
         }
     }
 
+    /// Makes a reused instance's state ready for a new call: the event, and fresh counters,
+    /// emitted events and captured output. (The plugin's own memory is kept: that is reuse.)
+    pub(super) fn begin(&mut self, event_id: String, depth: u32) {
+        self.event_id = Some(event_id);
+        self.depth = depth;
+        self.logged_lines = 0;
+        self.logged_bytes = 0;
+        self.emitted.clear();
+        self.stdout.clear();
+        self.stderr.clear();
+    }
+
     /// Writes a line to the host's log with the plugin's name and the event's id.
     pub(super) fn write_log(&self, level: Level, stream: &str, message: &str) {
         let plugin = &*self.plugin;
@@ -213,6 +225,11 @@ pub(super) struct CappedOutput {
 }
 
 impl CappedOutput {
+    /// Forgets what was written.
+    fn clear(&self) {
+        self.buffer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+    }
+
     /// Everything written so far.
     pub(super) fn contents(&self) -> Bytes {
         self.buffer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone().freeze()

@@ -81,6 +81,13 @@ impl Plugin for Faulty {
                     Err(err) => permanent(format!("{var}: {err}")),
                 }
             }
+            "count" => {
+                // Memory that outlives a call only when the operator grants `reuse`.
+                static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                info!("call number {call} for {}", event.id);
+                Ok(())
+            }
             "slow" => {
                 info!("enter {}", event.id);
                 let started = Instant::now();

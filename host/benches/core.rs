@@ -10,8 +10,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use hyper::HeaderMap;
-use hyper::header::{HeaderName, HeaderValue};
 use wasmhook::config::{Algorithm, Encoding, HmacScheme, Secret, SignedContent, Verify};
 use wasmhook::event::Event;
 use wasmhook::ingest::verify;
@@ -24,16 +22,6 @@ const NOW: u64 = 1_800_000_000;
 
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn headers(outgoing: &send::Outgoing) -> HeaderMap {
-    outgoing
-        .headers
-        .iter()
-        .map(|(name, value)| {
-            (HeaderName::from_bytes(name.as_bytes()).expect("name"), HeaderValue::from_str(value).expect("value"))
-        })
-        .collect()
 }
 
 fn verification(c: &mut Criterion) {
@@ -67,7 +55,7 @@ fn verification(c: &mut Criterion) {
     ];
     let mut group = c.benchmark_group("verify 1 KiB");
     for (name, scheme, outgoing) in cases {
-        let headers = headers(&outgoing);
+        let headers = outgoing.header_map();
         assert!(verify::verify(&scheme, &headers, &body, NOW).is_ok(), "{name} must verify");
         group.bench_function(name, |b| b.iter(|| verify::verify(&scheme, &headers, &body, NOW)));
     }

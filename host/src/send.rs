@@ -14,6 +14,17 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
+    /// The headers as a map, as a server would receive them (for checking a signature
+    /// in-process). Headers that are not valid HTTP are left out.
+    pub fn header_map(&self) -> hyper::HeaderMap {
+        self.headers
+            .iter()
+            .filter_map(|(name, value)| {
+                Some((hyper::header::HeaderName::from_bytes(name.as_bytes()).ok()?, value.parse().ok()?))
+            })
+            .collect()
+    }
+
     fn json(body: Vec<u8>, headers: impl IntoIterator<Item = (&'static str, String)>) -> Self {
         let mut all = vec![("content-type".to_owned(), "application/json".to_owned())];
         all.extend(headers.into_iter().map(|(name, value)| (name.to_owned(), value)));

@@ -64,13 +64,7 @@ fn signed_headers(scheme: &Verify, secret: &[u8], body: &[u8]) -> HeaderMap {
         Verify::Token { header, .. } => crate::send::token(header, &String::from_utf8_lossy(secret), body.to_vec()),
         Verify::None => crate::send::unsigned(body.to_vec()),
     };
-    outgoing
-        .headers
-        .iter()
-        .map(|(name, value)| {
-            (HeaderName::from_bytes(name.as_bytes()).expect("name"), HeaderValue::from_str(value).expect("value"))
-        })
-        .collect()
+    outgoing.header_map()
 }
 
 fn arbitrary_headers() -> impl Strategy<Value = HeaderMap> {

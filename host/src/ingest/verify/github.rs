@@ -3,7 +3,7 @@
 
 use hyper::HeaderMap;
 
-use super::{Identity, any_matches, header_str, id_from_body, mac};
+use super::{Identity, header_str, id_from_body, mac, require_match};
 use crate::config::{Algorithm, Secret};
 use crate::ingest::IngestError;
 
@@ -38,11 +38,7 @@ pub fn verify(secrets: &[Secret], headers: &HeaderMap, body: &[u8]) -> Result<()
         value.strip_prefix(PREFIX).and_then(|hex_digest| hex::decode(hex_digest).ok()).ok_or_else(|| {
             IngestError::Unauthorized("malformed X-Hub-Signature-256 header; expected sha256=<hex>".to_owned())
         })?;
-    if any_matches(Algorithm::Sha256, secrets, &[body], &[signature]) {
-        Ok(())
-    } else {
-        Err(IngestError::Unauthorized("X-Hub-Signature-256 does not match the body".to_owned()))
-    }
+    require_match(Algorithm::Sha256, secrets, &[body], &[signature], "X-Hub-Signature-256")
 }
 
 /// The event's id, type and attributes from GitHub's headers and the body's `action`.

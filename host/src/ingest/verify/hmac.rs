@@ -9,7 +9,7 @@ use hyper::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{any_matches, check_timestamp, mac, required_header};
+use super::{check_timestamp, mac, require_match, required_header};
 use crate::config::{Encoding, HmacScheme, Secret};
 use crate::ingest::IngestError;
 
@@ -44,11 +44,7 @@ pub fn verify(scheme: &HmacScheme, headers: &HeaderMap, body: &[u8], now: u64) -
         Encoding::Base64 => STANDARD.decode(encoded).map_err(|_| malformed())?,
     };
     let (before, after) = scheme.signed.around_body(timestamp);
-    if any_matches(scheme.algorithm, &scheme.secrets, &[before.as_bytes(), body, after.as_bytes()], &[signature]) {
-        Ok(())
-    } else {
-        Err(IngestError::Unauthorized(format!("{header} does not match the body")))
-    }
+    require_match(scheme.algorithm, &scheme.secrets, &[before.as_bytes(), body, after.as_bytes()], &[signature], header)
 }
 
 /// Checks that `header` holds one of the secrets. Both sides are hashed first, so the

@@ -172,6 +172,22 @@ pub fn mac(algorithm: Algorithm, key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
     }
 }
 
+/// Succeeds when some candidate signature is the MAC of `parts` under some key; otherwise a
+/// 401 saying the signature in `header` does not match (the one wording every scheme uses).
+pub fn require_match(
+    algorithm: Algorithm,
+    keys: &[Secret],
+    parts: &[&[u8]],
+    candidates: &[Vec<u8>],
+    header: &str,
+) -> Result<(), IngestError> {
+    if any_matches(algorithm, keys, parts, candidates) {
+        Ok(())
+    } else {
+        Err(IngestError::Unauthorized(format!("{header} does not match the body")))
+    }
+}
+
 /// Whether any candidate signature is the MAC of `parts` under any of the keys, comparing
 /// each in constant time.
 pub fn any_matches(algorithm: Algorithm, keys: &[Secret], parts: &[&[u8]], candidates: &[Vec<u8>]) -> bool {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use hyper::HeaderMap;
 
-use super::{Identified, Identity, any_matches, check_timestamp, header_str, id_from_body, mac, required_header};
+use super::{Identified, Identity, check_timestamp, header_str, id_from_body, mac, require_match, required_header};
 use crate::config::{Algorithm, Secret};
 use crate::ingest::IngestError;
 
@@ -44,11 +44,7 @@ pub fn verify(
         .and_then(|hex_digest| hex::decode(hex_digest).ok())
         .ok_or_else(|| IngestError::Unauthorized("malformed X-Slack-Signature header; expected v0=<hex>".to_owned()))?;
     let base = format!("{VERSION}:{}:", timestamp.trim());
-    if any_matches(Algorithm::Sha256, secrets, &[base.as_bytes(), body], &[signature]) {
-        Ok(())
-    } else {
-        Err(IngestError::Unauthorized("X-Slack-Signature does not match the body".to_owned()))
-    }
+    require_match(Algorithm::Sha256, secrets, &[base.as_bytes(), body], &[signature], "X-Slack-Signature")
 }
 
 /// The handshake's answer, or the event's identity.

@@ -9,7 +9,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use hyper::HeaderMap;
 
-use super::{Identity, any_matches, check_timestamp, mac, required_header};
+use super::{Identity, check_timestamp, mac, require_match, required_header};
 use crate::config::{Algorithm, Secret};
 use crate::ingest::IngestError;
 
@@ -46,11 +46,7 @@ pub fn verify(
         return Err(IngestError::Unauthorized("webhook-signature has no v1 signature".to_owned()));
     }
     let content = format!("{id}.{}.", timestamp.trim());
-    if any_matches(Algorithm::Sha256, keys, &[content.as_bytes(), body], &signatures) {
-        Ok(())
-    } else {
-        Err(IngestError::Unauthorized("webhook-signature does not match the body".to_owned()))
-    }
+    require_match(Algorithm::Sha256, keys, &[content.as_bytes(), body], &signatures, "webhook-signature")
 }
 
 /// The event's id from `webhook-id` and its type from the body.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use hyper::HeaderMap;
 
-use super::{Identity, any_matches, body_str, check_timestamp, mac, required_header};
+use super::{Identity, body_str, check_timestamp, mac, require_match, required_header};
 use crate::config::{Algorithm, Secret};
 use crate::ingest::IngestError;
 
@@ -43,11 +43,7 @@ pub fn verify(
         return Err(IngestError::Unauthorized("Stripe-Signature has no v1 signature".to_owned()));
     }
     check_timestamp(timestamp, now, tolerance, "Stripe-Signature timestamp")?;
-    if any_matches(Algorithm::Sha256, secrets, &[timestamp.as_bytes(), b".", body], &signatures) {
-        Ok(())
-    } else {
-        Err(IngestError::Unauthorized("Stripe-Signature does not match the body".to_owned()))
-    }
+    require_match(Algorithm::Sha256, secrets, &[timestamp.as_bytes(), b".", body], &signatures, "Stripe-Signature")
 }
 
 /// The event's id and type from the body.

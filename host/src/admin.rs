@@ -90,8 +90,14 @@ struct Refusal(StatusCode, String);
 
 impl From<JournalError> for Refusal {
     fn from(err: JournalError) -> Self {
-        tracing::error!(error = %err, "admin request failed in the journal");
-        Refusal(StatusCode::INTERNAL_SERVER_ERROR, "the journal failed; see the host's log".to_owned())
+        match err {
+            JournalError::Unsupported(what) => Refusal(StatusCode::NOT_IMPLEMENTED, what.to_owned()),
+            JournalError::Unavailable(_) => Refusal(StatusCode::SERVICE_UNAVAILABLE, err.to_string()),
+            err => {
+                tracing::error!(error = %err, "admin request failed in the journal");
+                Refusal(StatusCode::INTERNAL_SERVER_ERROR, "the journal failed; see the host's log".to_owned())
+            }
+        }
     }
 }
 

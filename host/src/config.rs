@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::journal::nats::Options as NatsOptions;
+use crate::journal::nats::subjects::RESERVED_SOURCES;
 use crate::journal::sqlite::{Options as JournalOptions, Synchronous};
 use crate::journal::{DEFAULT_DEDUP_WINDOW, DEFAULT_MAX_PENDING, DEFAULT_RETENTION};
 use crate::retry::{RetryPolicy, RetrySettings, parse_duration};
@@ -31,6 +33,14 @@ pub const DEFAULT_PLUGINS_DIR: &str = "plugins";
 pub const DEFAULT_DATA_DIR: &str = "data";
 /// How long running plugin calls may take to finish once shutdown begins.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// A delivery's lease is its plugin's timeout plus this, unless configured.
+pub const DEFAULT_LEASE_MARGIN: Duration = Duration::from_secs(30);
+/// The NATS server when `backend = "nats"` names none.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+/// The Redis server when `[dedup] backend = "redis"` names none.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// How long JetStream itself refuses a repeated (source, id), unless configured.
+pub const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(2 * 60);
 
 /// The typed, checked configuration the host runs with.
 #[derive(Debug, Clone)]
@@ -49,12 +59,25 @@ pub struct Config {
     pub workers: usize,
     /// How long running calls may take to finish once shutdown begins.
     pub shutdown_grace: Duration,
-    /// How the embedded journal behaves.
+    /// How the embedded journal behaves (`max_pending` and `retention` apply to both backends).
     pub journal: JournalOptions,
+    /// Which journal: the embedded SQLite file, or NATS JetStream shared by several hosts.
+    pub backend: Backend,
+    /// A delivery's lease is its plugin's timeout plus this.
+    pub lease_margin: Duration,
     /// How failed deliveries are retried, unless a plugin's manifest says otherwise.
     pub retry: RetryPolicy,
     /// The webhook sources, by name.
     pub sources: BTreeMap<String, SourceConfig>,
+}
+
+/// Where the journal lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded SQLite file in the data folder (the default).
+    Sqlite,
+    /// A NATS JetStream stream (and optionally Redis) shared by several hosts.
+    Nats(NatsOptions),
 }
 
 /// One configured webhook source, served at `POST /hooks/{name}`.
@@ -326,6 +349,8 @@ struct RawConfig {
     #[serde(default)]
     journal: RawJournal,
     #[serde(default)]
+    dedup: RawDedup,
+    #[serde(default)]
     retry: RetrySettings,
     #[serde(default)]
     sources: BTreeMap<String, RawSource>,
@@ -334,9 +359,42 @@ struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawJournal {
+    backend: Option<BackendKind>,
     synchronous: Option<Synchronous>,
     max_pending: Option<u64>,
     retention: Option<String>,
+    lease_margin: Option<String>,
+    url: Option<String>,
+    url_env: Option<String>,
+    stream: Option<String>,
+    prefix: Option<String>,
+    replicas: Option<usize>,
+    duplicate_window: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum BackendKind {
+    #[default]
+    Sqlite,
+    Nats,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDedup {
+    backend: Option<DedupKind>,
+    url: Option<String>,
+    url_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum DedupKind {
+    /// The journal's own dedup (SQLite's table, or JetStream's duplicate window).
+    #[default]
+    Journal,
+    Redis,
 }
 
 #[derive(Debug, Deserialize)]
@@ -487,6 +545,14 @@ fn validate(raw: RawConfig, overrides: Overrides, env: &dyn Env, base: &Path) ->
     if journal.max_pending == 0 {
         problems.push("journal.max_pending must be at least 1".to_owned());
     }
+    let lease_margin =
+        duration(raw.journal.lease_margin.as_deref(), "journal.lease_margin", DEFAULT_LEASE_MARGIN, &mut problems);
+    let backend = validate_backend(&raw.journal, &raw.dedup, &journal, env, &mut problems);
+    if matches!(backend, Backend::Nats(_)) {
+        for name in raw.sources.keys().filter(|name| RESERVED_SOURCES.contains(&name.as_str())) {
+            problems.push(format!("source name {name:?} is reserved by the nats backend's subjects"));
+        }
+    }
     let retry = raw.retry.apply(&RetryPolicy::default()).unwrap_or_else(|found| {
         problems.extend(found);
         RetryPolicy::default()
@@ -509,12 +575,101 @@ fn validate(raw: RawConfig, overrides: Overrides, env: &dyn Env, base: &Path) ->
             workers,
             shutdown_grace,
             journal,
+            backend,
+            lease_margin,
             retry,
             sources,
         })
     } else {
         Err(problems)
     }
+}
+
+/// The journal backend the `[journal]` and `[dedup]` sections choose, with each problem named.
+fn validate_backend(
+    raw: &RawJournal,
+    dedup: &RawDedup,
+    journal: &JournalOptions,
+    env: &dyn Env,
+    problems: &mut Vec<String>,
+) -> Backend {
+    let nats_keys = [
+        ("url", raw.url.is_some()),
+        ("url_env", raw.url_env.is_some()),
+        ("stream", raw.stream.is_some()),
+        ("prefix", raw.prefix.is_some()),
+        ("replicas", raw.replicas.is_some()),
+        ("duplicate_window", raw.duplicate_window.is_some()),
+    ];
+    let redis = dedup.backend.unwrap_or_default() == DedupKind::Redis;
+    if !redis && (dedup.url.is_some() || dedup.url_env.is_some()) {
+        problems.push("dedup.url and dedup.url_env are for backend = \"redis\"".to_owned());
+    }
+    if raw.backend.unwrap_or_default() == BackendKind::Sqlite {
+        for (key, _) in nats_keys.iter().filter(|(_, given)| *given) {
+            problems.push(format!("journal.{key} is for backend = \"nats\""));
+        }
+        if redis {
+            problems.push("dedup backend = \"redis\" needs journal backend = \"nats\"".to_owned());
+        }
+        return Backend::Sqlite;
+    }
+    if raw.synchronous.is_some() {
+        problems.push("journal.synchronous is for backend = \"sqlite\"".to_owned());
+    }
+    let url = url_from(raw.url.as_deref(), raw.url_env.as_deref(), "journal", DEFAULT_NATS_URL, env, problems);
+    let redis_url = redis
+        .then(|| url_from(dedup.url.as_deref(), dedup.url_env.as_deref(), "dedup", DEFAULT_REDIS_URL, env, problems));
+    let stream = raw.stream.clone().unwrap_or_else(|| "WASMHOOK".to_owned());
+    if !is_name(&stream) {
+        problems.push(format!("journal.stream {stream:?} may only hold A-Z, a-z, 0-9, '-' and '_'"));
+    }
+    let prefix = raw.prefix.clone().unwrap_or_else(|| "wasmhook".to_owned());
+    if !prefix.split('.').all(is_name) {
+        problems.push(format!("journal.prefix {prefix:?} must be dot-separated tokens of A-Z, a-z, 0-9, '-' and '_'"));
+    }
+    let replicas = raw.replicas.unwrap_or(1);
+    if !(1..=5).contains(&replicas) {
+        problems.push(format!("journal.replicas must be 1 to 5, not {replicas}"));
+    }
+    let duplicate_window =
+        duration(raw.duplicate_window.as_deref(), "journal.duplicate_window", DEFAULT_DUPLICATE_WINDOW, problems);
+    Backend::Nats(NatsOptions {
+        url,
+        stream,
+        prefix,
+        replicas,
+        duplicate_window,
+        retention: journal.retention,
+        max_pending: journal.max_pending,
+        redis_url,
+    })
+}
+
+/// A server URL given as `url` or, when it holds credentials, as the variable `url_env`.
+fn url_from(
+    url: Option<&str>,
+    url_env: Option<&str>,
+    section: &str,
+    default: &str,
+    env: &dyn Env,
+    problems: &mut Vec<String>,
+) -> String {
+    match (url, url_env) {
+        (Some(_), Some(_)) => {
+            problems.push(format!("{section}.url and {section}.url_env are exclusive; give one"));
+            String::new()
+        }
+        (Some(url), None) => url.to_owned(),
+        (None, Some(var)) => secret_from(env, var, &format!("{section}.url_env"), problems)
+            .map(|secret| String::from_utf8_lossy(secret.expose()).into_owned())
+            .unwrap_or_default(),
+        (None, None) => default.to_owned(),
+    }
+}
+
+fn is_name(text: &str) -> bool {
+    !text.is_empty() && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn validate_source(
@@ -842,5 +997,45 @@ mod tests {
     fn secrets_do_not_show_in_debug_output() {
         let config = check("admin_token_env = \"T\"\n", &env(&[("T", "hunter2")])).expect("valid");
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn the_nats_backend_has_defaults_and_reads_its_url_from_the_environment() {
+        let config = check("[journal]\nbackend = \"nats\"\n", &env(&[])).expect("valid");
+        let Backend::Nats(options) = &config.backend else { panic!("not nats: {:?}", config.backend) };
+        assert_eq!((options.url.as_str(), options.stream.as_str()), (DEFAULT_NATS_URL, "WASMHOOK"));
+        assert_eq!((options.prefix.as_str(), options.replicas, options.redis_url.as_deref()), ("wasmhook", 1, None));
+        assert_eq!(config.lease_margin, DEFAULT_LEASE_MARGIN);
+
+        let text = "[journal]\nbackend = \"nats\"\nurl_env = \"NATS_URL\"\nlease_margin = \"5s\"\n\
+                    [dedup]\nbackend = \"redis\"\n";
+        let config = check(text, &env(&[("NATS_URL", "nats://user:hunter2@nats.example:4222")])).expect("valid");
+        let Backend::Nats(options) = &config.backend else { panic!("not nats") };
+        assert_eq!(options.url, "nats://user:hunter2@nats.example:4222");
+        assert_eq!(
+            (options.redis_url.as_deref(), config.lease_margin),
+            (Some(DEFAULT_REDIS_URL), Duration::from_secs(5))
+        );
+        assert!(!format!("{config:?}").contains("hunter2"), "credentials in debug output");
+    }
+
+    #[test]
+    fn backend_settings_in_the_wrong_place_are_named() {
+        let cases = [
+            ("[journal]\nurl = \"nats://x\"\n", "journal.url is for backend = \"nats\""),
+            ("[dedup]\nbackend = \"redis\"\n", "needs journal backend = \"nats\""),
+            ("[dedup]\nurl = \"redis://x\"\n", "dedup.url and dedup.url_env are for backend = \"redis\""),
+            ("[journal]\nbackend = \"nats\"\nsynchronous = \"normal\"\n", "journal.synchronous is for"),
+            ("[journal]\nbackend = \"nats\"\nstream = \"a.b\"\n", "journal.stream \"a.b\""),
+            ("[journal]\nbackend = \"nats\"\nprefix = \"a..b\"\n", "journal.prefix \"a..b\""),
+            ("[journal]\nbackend = \"nats\"\nreplicas = 7\n", "journal.replicas must be 1 to 5"),
+            ("[journal]\nbackend = \"nats\"\nurl = \"u\"\nurl_env = \"V\"\n", "are exclusive"),
+            ("[journal]\nbackend = \"kafka\"\n", "kafka"),
+            ("[journal]\nbackend = \"nats\"\n[sources.dlq]\nverify = \"none\"\n", "source name \"dlq\" is reserved"),
+        ];
+        for (text, expected) in cases {
+            let err = check(text, &env(&[])).expect_err(text);
+            assert!(err.to_string().contains(expected), "{text}: {err}");
+        }
     }
 }

@@ -24,20 +24,20 @@ pub const DEAD_LETTER_TYPE: &str = "wasmhook.dead_letter";
 pub const HOST_SOURCE: &str = "wasmhook";
 /// How long one `take` waits for work before looking at the shutdown signal again.
 const TAKE_WAIT: Duration = Duration::from_millis(200);
-/// A lease lasts the longest plugin timeout plus this, so that a healthy call always
-/// finishes inside its lease.
-const LEASE_MARGIN: Duration = Duration::from_secs(30);
 /// Pause after the journal fails, before asking again.
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Runs deliveries with at most `workers` calls at once until `shutdown`, then gives the
 /// calls already running up to `grace` to finish. A call still running after that is
-/// abandoned: its lease runs out and it runs again after the next start.
+/// abandoned: its lease runs out and it runs again after the next start (or on another
+/// host). A lease lasts the plugin's timeout plus `lease_margin`, so that a healthy call
+/// always finishes inside its lease.
 pub async fn run(
     journal: Arc<dyn Journal>,
     registry: Arc<Registry>,
     workers: usize,
     grace: Duration,
+    lease_margin: Duration,
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(workers));
@@ -50,8 +50,7 @@ pub async fn run(
         };
         let Ok(first) = first else { break };
         let free = slots.available_permits() + 1;
-        let lease_time = registry.max_timeout() + LEASE_MARGIN;
-        let leases = match journal.take(&registry.ready_names(), free, lease_time, TAKE_WAIT).await {
+        let leases = match journal.take(&registry.wants(lease_margin), free, TAKE_WAIT).await {
             Ok(leases) => leases,
             Err(err) => {
                 tracing::error!(error = %err, "cannot take deliveries from the journal");

@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::Env;
 use crate::event::now_ms;
+use crate::journal::Want;
 use crate::manifest::Manifest;
 use crate::metrics;
 use crate::retry::RetryPolicy;
@@ -356,18 +357,19 @@ impl Registry {
             .collect()
     }
 
-    /// Names of the loaded plugins that can start another call now (below their concurrency).
-    pub fn ready_names(&self) -> Vec<String> {
+    /// Every loaded plugin as the journal's `take` wants it: how many calls it can start now,
+    /// and a lease of its timeout plus `lease_margin`.
+    pub fn wants(&self, lease_margin: Duration) -> Vec<Want> {
         self.snapshot()
             .values()
-            .filter(|plugin| plugin.calls.available_permits() > 0)
-            .map(|plugin| plugin.name.clone())
+            .map(|plugin| Want {
+                plugin: plugin.name.clone(),
+                free: plugin.calls.available_permits(),
+                subscriptions: plugin.subscriptions.clone(),
+                lease: plugin.component.limits().timeout + lease_margin,
+                since_ms: plugin.loaded_at,
+            })
             .collect()
-    }
-
-    /// The longest call timeout among the loaded plugins.
-    pub fn max_timeout(&self) -> Duration {
-        self.snapshot().values().map(|plugin| plugin.component.limits().timeout).max().unwrap_or_default()
     }
 }
 

@@ -11,9 +11,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
-use crate::config::{Config, ProcessEnv, Verify};
+use crate::config::{Backend, Config, ProcessEnv, Verify};
 use crate::ingest::Ingest;
 use crate::journal::Journal;
+use crate::journal::nats::NatsJournal;
 use crate::journal::sqlite::SqliteJournal;
 use crate::registry::Registry;
 use crate::runtime::Runtime;
@@ -30,7 +31,15 @@ const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(60);
 /// calls finish, and returns. Everything accepted is already in the journal.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     crate::metrics::install()?;
-    let journal: Arc<dyn Journal> = Arc::new(SqliteJournal::open(&config.data_dir, config.journal.clone())?);
+    let journal: Arc<dyn Journal> = match &config.backend {
+        Backend::Sqlite => Arc::new(SqliteJournal::open(&config.data_dir, config.journal.clone())?),
+        Backend::Nats(options) => {
+            let sources: Vec<String> = config.sources.keys().cloned().collect();
+            let journal = NatsJournal::open(options.clone(), &sources).await?;
+            tracing::info!(journal = ?options, "journal on NATS JetStream");
+            journal
+        }
+    };
     // wasmtime's cache wants an absolute folder; a relative data folder is relative to here.
     let cache_dir = std::path::absolute(config.data_dir.join(COMPILE_CACHE_DIR))?;
     let runtime = Arc::new(Runtime::new(Some(&cache_dir)).context("cannot start the WebAssembly runtime")?);
@@ -53,7 +62,14 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     tasks.spawn(http::serve(admin_listener, move |request| Arc::clone(&admin).handle(request), shutdown.clone()));
     tasks.spawn(housekeeping(Arc::clone(&journal), shutdown.clone()));
     tasks.spawn(folder_watch.run(Arc::clone(&registry), shutdown.clone()));
-    tasks.spawn(dispatch::run(journal, registry, config.workers, config.shutdown_grace, shutdown.clone()));
+    tasks.spawn(dispatch::run(
+        journal,
+        registry,
+        config.workers,
+        config.shutdown_grace,
+        config.lease_margin,
+        shutdown.clone(),
+    ));
     tasks.close();
 
     shutdown.cancelled().await;

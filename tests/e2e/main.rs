@@ -3,6 +3,7 @@
 
 mod admin;
 mod cli;
+mod distributed;
 mod ingest;
 mod journal;
 mod observability;
@@ -10,4 +11,5 @@ mod plugins;
 mod reload;
 mod sandbox;
 mod senders;
+mod services;
 mod util;

@@ -237,7 +237,10 @@ impl Ingest {
         let source_name = event.source.clone();
         let new = NewEvent { event, plugins, dedup_window: source.dedup_window };
         let accepted = self.journal.accept(new).await.map_err(|err| match err {
-            JournalError::Full { .. } => IngestError::Unavailable(err.to_string()),
+            JournalError::Full { .. } | JournalError::Unavailable(_) => {
+                tracing::warn!(error = %err, "event refused: the journal cannot take it now");
+                IngestError::Unavailable(err.to_string())
+            }
             other => {
                 tracing::error!(error = %other, "journal refused an event");
                 IngestError::Internal

@@ -7,12 +7,13 @@
 //! [`Journal::finish`]; the admin API reads, replays and purges. Retry *policy* (how long to
 //! wait) is the dispatcher's; the journal only records when a delivery is next due.
 
+pub mod nats;
 pub mod sqlite;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::event::Event;
 
@@ -183,7 +184,7 @@ pub struct DeliveryRecord {
 }
 
 /// One failed attempt.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AttemptError {
     /// Which attempt.
     pub attempt: u32,
@@ -292,6 +293,27 @@ pub enum JournalError {
     /// The journal has stopped (the host is shutting down).
     #[error("the journal is closed")]
     Closed,
+    /// The storage engine cannot be reached now (a distributed backend); try again later.
+    #[error("the journal is unreachable: {0}")]
+    Unavailable(String),
+    /// This backend cannot do what was asked.
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+/// A loaded plugin as the dispatcher offers it to [`Journal::take`].
+#[derive(Debug, Clone)]
+pub struct Want {
+    /// Its name.
+    pub plugin: String,
+    /// Calls of it that can start now; none means take nothing for it this time.
+    pub free: usize,
+    /// The glob patterns it subscribes to.
+    pub subscriptions: Vec<String>,
+    /// How long a delivery taken for it stays leased: its timeout plus a margin.
+    pub lease: Duration,
+    /// When it was loaded, in milliseconds since the Unix epoch (a new queue starts there).
+    pub since_ms: u64,
 }
 
 /// Which plugins should get an event of a given type (the registry's routing, for replay).
@@ -304,15 +326,10 @@ pub trait Journal: Send + Sync {
     /// accepted within the dedup window. Returns only once the event is durable.
     async fn accept(&self, new: NewEvent) -> Result<Accepted, JournalError>;
 
-    /// Leases up to `max` due deliveries for the named plugins, each for `lease`. Waits up
-    /// to `wait` for work to arrive when none is due; an empty result means none came.
-    async fn take(
-        &self,
-        plugins: &[String],
-        max: usize,
-        lease: Duration,
-        wait: Duration,
-    ) -> Result<Vec<Lease>, JournalError>;
+    /// Leases up to `max` due deliveries in all, and at most each plugin's `free`, each for
+    /// its plugin's `lease`. Waits up to `wait` for work to arrive when none is due; an empty
+    /// result means none came.
+    async fn take(&self, wants: &[Want], max: usize, wait: Duration) -> Result<Vec<Lease>, JournalError>;
 
     /// Settles a leased delivery, recording the plugin version (`sha256`) that ran it, and in
     /// the same transaction accepts `emitted` events. A lease that ran out and was taken again

@@ -26,7 +26,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{
     Accepted, AttemptError, DeadLetter, DeadLetterDetail, DeadSelector, DeliveryRecord, DeliveryStatus, EventRecord,
-    EventStatus, Expired, Journal, JournalError, Lease, NewEvent, Outcome, Route, Stats,
+    EventStatus, Expired, Journal, JournalError, Lease, NewEvent, Outcome, Route, Stats, Want,
 };
 use crate::clock::{Clock, SystemClock};
 use crate::event::Event;
@@ -356,15 +356,13 @@ impl Journal for SqliteJournal {
         self.call(|reply| Write::Accept { new, reply }).await
     }
 
-    async fn take(
-        &self,
-        plugins: &[String],
-        max: usize,
-        lease: Duration,
-        wait: Duration,
-    ) -> Result<Vec<Lease>, JournalError> {
+    async fn take(&self, wants: &[Want], max: usize, wait: Duration) -> Result<Vec<Lease>, JournalError> {
+        // Plugins at their concurrency take nothing; every lease lasts the longest plugin's.
+        let ready: Vec<&Want> = wants.iter().filter(|want| want.free > 0).collect();
+        let plugins: Vec<&str> = ready.iter().map(|want| want.plugin.as_str()).collect();
+        let lease = ready.iter().map(|want| want.lease).max().unwrap_or_default();
         let deadline = Instant::now() + wait;
-        let names = serde_json::to_string(plugins).map_err(json_error)?;
+        let names = serde_json::to_string(&plugins).map_err(json_error)?;
         let lease_ms = duration_ms(lease);
         loop {
             if !plugins.is_empty() && max > 0 {
@@ -986,8 +984,17 @@ mod tests {
         }
     }
 
-    fn names(plugins: &[&str]) -> Vec<String> {
-        plugins.iter().map(|name| (*name).to_owned()).collect()
+    fn wants(plugins: &[&str]) -> Vec<Want> {
+        plugins
+            .iter()
+            .map(|name| Want {
+                plugin: (*name).to_owned(),
+                free: 10,
+                subscriptions: Vec::new(),
+                lease: LEASE,
+                since_ms: 0,
+            })
+            .collect()
     }
 
     struct Fixture {
@@ -1006,7 +1013,7 @@ mod tests {
 
     impl Fixture {
         async fn take(&self, plugins: &[&str]) -> Vec<Lease> {
-            self.journal.take(&names(plugins), 10, LEASE, NO_WAIT).await.expect("take")
+            self.journal.take(&wants(plugins), 10, NO_WAIT).await.expect("take")
         }
 
         async fn status(&self, id: &str) -> EventRecord {
@@ -1022,12 +1029,12 @@ mod tests {
             assert_eq!(journal.accept(new("github", "a", &["echo", "push"])).await.expect("accept"), Accepted::New);
         }
         let journal = SqliteJournal::open(dir.path(), Options::default()).expect("reopen");
-        let mut leases = journal.take(&names(&["echo", "push"]), 10, LEASE, NO_WAIT).await.expect("take");
+        let mut leases = journal.take(&wants(&["echo", "push"]), 10, NO_WAIT).await.expect("take");
         leases.sort_by(|a, b| a.plugin.cmp(&b.plugin));
         assert_eq!(leases.len(), 2);
         assert_eq!((leases[0].plugin.as_str(), leases[0].attempt), ("echo", 1));
         assert_eq!(*leases[1].event, event("github", "a"));
-        assert!(journal.take(&names(&["echo", "push"]), 10, LEASE, NO_WAIT).await.expect("take").is_empty());
+        assert!(journal.take(&wants(&["echo", "push"]), 10, NO_WAIT).await.expect("take").is_empty());
     }
 
     #[tokio::test]
@@ -1036,11 +1043,11 @@ mod tests {
         {
             let journal = SqliteJournal::open(dir.path(), Options::default()).expect("open");
             journal.accept(new("github", "a", &["echo"])).await.expect("accept");
-            let leased = journal.take(&names(&["echo"]), 10, LEASE, NO_WAIT).await.expect("take");
+            let leased = journal.take(&wants(&["echo"]), 10, NO_WAIT).await.expect("take");
             assert_eq!(leased.len(), 1);
         }
         let journal = SqliteJournal::open(dir.path(), Options::default()).expect("reopen");
-        let again = journal.take(&names(&["echo"]), 10, LEASE, NO_WAIT).await.expect("take");
+        let again = journal.take(&wants(&["echo"]), 10, NO_WAIT).await.expect("take");
         assert_eq!((again.len(), again[0].attempt), (1, 2), "due at once, not after the lease");
     }
 
@@ -1065,7 +1072,7 @@ mod tests {
         }
         let journal = SqliteJournal::open(dir.path(), Options::default()).expect("migrated");
         journal.accept(new("github", "a", &["echo"])).await.expect("accept");
-        let lease = journal.take(&names(&["echo"]), 1, LEASE, NO_WAIT).await.expect("take").remove(0);
+        let lease = journal.take(&wants(&["echo"]), 1, NO_WAIT).await.expect("take").remove(0);
         journal.finish(&lease, Outcome::Done, "v2", Vec::new()).await.expect("finish with a version");
         assert_eq!(journal.event("a").await.expect("read").expect("found").deliveries[0].sha256.as_deref(), Some("v2"));
         drop(journal);
@@ -1194,7 +1201,7 @@ mod tests {
         f.journal.accept(new("github", "handled", &["echo"])).await.expect("accept");
         let lease = f.take(&["echo"]).await.remove(0);
         f.journal.finish(&lease, Outcome::Done, "v1", Vec::new()).await.expect("finish");
-        let route = |event_type: &str| if event_type == "github.push" { names(&["echo"]) } else { Vec::new() };
+        let route = |event_type: &str| if event_type == "github.push" { vec!["echo".to_owned()] } else { Vec::new() };
         assert_eq!(f.journal.replay(START_MS, &route).await.expect("replay"), 2);
         assert_eq!(f.take(&["echo"]).await.len(), 2);
         assert_eq!(f.journal.replay(START_MS + 1, &route).await.expect("replay"), 0, "nothing that recent");

@@ -1,0 +1,93 @@
+//! Acceptance dedup in Redis, for windows longer than JetStream's duplicate window is cheap
+//! for: one key per (source, id), set with `SET NX PX`.
+//!
+//! A key is first *claimed* for [`CLAIM`] only, then *confirmed* for the whole window once
+//! the event is in the stream. A host that dies between the two leaves a claim that runs out
+//! on its own, so the sender's retry is accepted; the stream's own duplicate window (longer
+//! than a claim) keeps that retry from being stored twice if the first publish did land.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::journal::JournalError;
+
+/// How long a key is held before the event it guards is known to be stored.
+pub const CLAIM: Duration = Duration::from_secs(60);
+/// How long one Redis command may take before the journal counts as unreachable.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A connection to the Redis that holds the dedup keys; it reconnects by itself.
+#[derive(Clone)]
+pub struct RedisDedup {
+    connection: ConnectionManager,
+    prefix: String,
+}
+
+impl RedisDedup {
+    /// Connects to `url`; keys start with `{prefix}:dedup:`.
+    pub async fn connect(url: &str, prefix: &str) -> Result<RedisDedup, String> {
+        let client = redis::Client::open(url).map_err(|err| format!("the Redis URL is not valid: {err}"))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_max_delay(Duration::from_secs(5));
+        let connection = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(|err| format!("cannot connect to Redis: {err}"))?;
+        Ok(RedisDedup { connection, prefix: prefix.to_owned() })
+    }
+
+    /// Claims (source, id) for [`CLAIM`]; false when it is already held (a duplicate).
+    pub async fn claim(&self, source: &str, id: &str) -> Result<bool, JournalError> {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.key(source, id))
+            .arg("claimed")
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(CLAIM))
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(unreachable)?;
+        Ok(set.is_some())
+    }
+
+    /// Holds (source, id) for the whole dedup window: its event is stored.
+    pub async fn confirm(&self, source: &str, id: &str, window: Duration) -> Result<(), JournalError> {
+        redis::cmd("SET")
+            .arg(self.key(source, id))
+            .arg("accepted")
+            .arg("PX")
+            .arg(millis(window))
+            .query_async::<()>(&mut self.connection.clone())
+            .await
+            .map_err(unreachable)
+    }
+
+    /// Lets go of a claim whose event could not be stored, so the sender's retry is taken.
+    pub async fn release(&self, source: &str, id: &str) -> Result<(), JournalError> {
+        redis::cmd("DEL")
+            .arg(self.key(source, id))
+            .query_async::<()>(&mut self.connection.clone())
+            .await
+            .map_err(unreachable)
+    }
+
+    /// Checks Redis answers.
+    pub async fn ping(&self) -> Result<(), JournalError> {
+        redis::cmd("PING").query_async::<()>(&mut self.connection.clone()).await.map_err(unreachable)
+    }
+
+    fn key(&self, source: &str, id: &str) -> String {
+        format!("{}:dedup:{source}:{id}", self.prefix)
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn unreachable(err: redis::RedisError) -> JournalError {
+    JournalError::Unavailable(format!("Redis: {err}"))
+}

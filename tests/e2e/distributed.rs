@@ -1,0 +1,208 @@
+//! The NATS JetStream journal (with Redis dedup) through real binaries and real servers:
+//! two hosts share the work, a host killed with `kill -9` loses nothing, ingest answers 503
+//! while NATS is down, duplicates sent to different hosts are accepted once, and retries and
+//! dead letters behave as with the embedded journal.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::services::{Nats, Redis};
+use crate::util::{EventStream, PATIENCE, SECRET, TestHost, example};
+
+/// Short backoffs, short leases: retries take milliseconds, a dead host's work moves in seconds.
+const FAST: &str = "[retry]\nmax_attempts = 3\nfirst_delay = \"20ms\"\nmax_delay = \"100ms\"\n";
+
+/// A host on `nats` (and `redis`, if given) with `flaky` and `echo`.
+fn host(nats: &Nats, redis: Option<&Redis>, flaky: &str) -> TestHost {
+    let mut journal = format!("[journal]\nbackend = \"nats\"\nurl = \"{}\"\nlease_margin = \"1s\"\n", nats.url());
+    if let Some(redis) = redis {
+        journal.push_str(&format!("[dedup]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url()));
+    }
+    TestHost::builder()
+        .plugin("echo")
+        .plugin_with_manifest("flaky", &format!("timeout = \"2s\"\n[config]\n{flaky}\n"))
+        .setting("workers = 4")
+        .config(&journal)
+        .config(FAST)
+        .start()
+}
+
+/// How many times each id's effect (`flaky` logs `effect {id} attempt {n}`) shows in `hosts`' logs.
+fn effects(hosts: &[&TestHost], ids: &[String]) -> BTreeMap<String, usize> {
+    ids.iter()
+        .map(|id| (id.clone(), hosts.iter().map(|host| host.count_log(&format!("effect {id} attempt"))).sum()))
+        .collect()
+}
+
+/// Waits until every id's effect happened at least once; returns the counts.
+fn wait_for_effects(hosts: &[&TestHost], ids: &[String]) -> BTreeMap<String, usize> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let counts = effects(hosts, ids);
+        let missing: Vec<&String> = counts.iter().filter(|(_, n)| **n == 0).map(|(id, _)| id).collect();
+        if missing.is_empty() {
+            return counts;
+        }
+        assert!(Instant::now() < deadline, "no effect for {missing:?}; logs:\n{}", logs(hosts));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn logs(hosts: &[&TestHost]) -> String {
+    hosts.iter().map(|host| host.log()).collect::<Vec<_>>().join("\n----\n")
+}
+
+/// Polls the dead letters of `flaky` until one is for `event_id`, and returns it.
+fn wait_for_dead_letter(host: &TestHost, event_id: &str) -> serde_json::Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, letters) = host.admin_get("/v1/dead-letters?plugin=flaky");
+        let found = letters["dead_letters"].as_array().and_then(|all| all.iter().find(|l| l["event_id"] == event_id));
+        if let Some(found) = found {
+            return found.clone();
+        }
+        assert!(Instant::now() < deadline, "no dead letter for {event_id}; log:\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn two_hosts_share_the_work_and_run_each_event_once_per_plugin() {
+    let (nats, redis) = (Nats::start(), Redis::start());
+    let (a, b) = (host(&nats, Some(&redis), "slow_ms = \"5\""), host(&nats, Some(&redis), "slow_ms = \"5\""));
+    let body = example("github/push.json");
+    let ids: Vec<String> = (0..60).map(|n| format!("shared-{n}")).collect();
+    for (n, id) in ids.iter().enumerate() {
+        let target = if n % 2 == 0 { &a } else { &b };
+        assert_eq!(target.post_github("push", id, &body, SECRET).0, 202);
+    }
+    let counts = wait_for_effects(&[&a, &b], &ids);
+    // Both plugins ran every event, once, and both hosts did some of the work.
+    std::thread::sleep(Duration::from_millis(500));
+    let counts_later = effects(&[&a, &b], &ids);
+    assert_eq!(counts, counts_later);
+    assert!(counts.values().all(|n| *n == 1), "{counts:?}");
+    for id in &ids {
+        let echoed = a.count_log(&format!("github.push {id} from github"))
+            + b.count_log(&format!("github.push {id} from github"));
+        assert_eq!(echoed, 1, "echo ran {id} {echoed} times");
+    }
+    let on_a = ids.iter().filter(|id| a.count_log(&format!("effect {id} attempt")) > 0).count();
+    assert!(on_a > 0 && on_a < ids.len(), "host A ran {on_a} of {} events: the work was not shared", ids.len());
+}
+
+#[test]
+fn duplicates_sent_to_different_hosts_are_accepted_once() {
+    let (nats, redis) = (Nats::start(), Redis::start());
+    let (a, b) = (host(&nats, Some(&redis), ""), host(&nats, Some(&redis), ""));
+    let body = example("github/push.json");
+    assert_eq!(a.post_github("push", "twin", &body, SECRET).0, 202);
+    let (status, reply) = b.post_github("push", "twin", &body, SECRET);
+    assert_eq!((status, &reply["duplicate"]), (200, &serde_json::json!(true)), "{reply}");
+    // Without Redis, JetStream's own duplicate window refuses it just the same.
+    let (c, d) = (host(&nats, None, ""), host(&nats, None, ""));
+    assert_eq!(c.post_github("push", "twin-2", &body, SECRET).0, 202);
+    assert_eq!(d.post_github("push", "twin-2", &body, SECRET).0, 200);
+    let ids = ["twin".to_owned(), "twin-2".to_owned()];
+    wait_for_effects(&[&a, &b, &c, &d], &ids);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(effects(&[&a, &b, &c, &d], &ids).values().all(|n| *n == 1), "{}", logs(&[&a, &b, &c, &d]));
+}
+
+#[test]
+fn kill_nine_one_host_and_the_other_finishes_everything_accepted() {
+    const WORKERS: usize = 4;
+    let (nats, redis) = (Nats::start(), Redis::start());
+    let (a, mut b) = (host(&nats, Some(&redis), "slow_ms = \"100\""), host(&nats, Some(&redis), "slow_ms = \"100\""));
+    let to_a = EventStream::start(&a.url, "to-a", Duration::from_millis(20));
+    let to_b = EventStream::start(&b.url, "to-b", Duration::from_millis(20));
+    std::thread::sleep(Duration::from_millis(800));
+    b.wait_for_log("effect ");
+    b.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut accepted = to_a.stop();
+    accepted.extend(to_b.stop());
+    assert!(accepted.len() >= 20, "only {} events were accepted; the test proves little", accepted.len());
+    let counts = wait_for_effects(&[&a, &b], &accepted);
+    // Work B had leased when it died ran again on A once its ack wait (2 s + 1 s) ran out.
+    let repeated: usize = counts.values().map(|n| n - 1).sum();
+    assert!(repeated <= WORKERS, "{repeated} repeated effects for one kill of a host with {WORKERS} workers");
+    // B died running calls (it is always busy here): A ran those again as second attempts.
+    assert!(a.count_log(" attempt 2") > 0, "host A never took over B's leased work; logs:\n{}", logs(&[&a, &b]));
+}
+
+#[test]
+fn ingest_answers_503_while_nats_is_down_and_loses_no_accepted_event() {
+    let mut nats = Nats::start();
+    let mut host = host(&nats, None, "");
+    let body = example("github/push.json");
+    assert_eq!(host.post_github("push", "before", &body, SECRET).0, 202);
+    nats.stop();
+    host.wait_for_log("lost the connection to NATS");
+    let reply = host.github_reply("push", "during", &body, SECRET);
+    assert_eq!(reply.status, 503, "{}", reply.json);
+    assert!(reply.retry_after.is_some(), "503 without Retry-After");
+    assert!(reply.json["error"].as_str().is_some_and(|e| e.contains("NATS")), "{}", reply.json);
+    assert_eq!(host.admin_get("/readyz").0, 503);
+
+    nats.restart();
+    let deadline = Instant::now() + PATIENCE;
+    while host.github_reply("push", "after", &body, SECRET).status != 202 {
+        assert!(Instant::now() < deadline, "ingest never recovered; log:\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(host.admin_get("/readyz").0, 200);
+    wait_for_effects(&[&host], &["before".to_owned(), "after".to_owned()]);
+    assert_eq!(host.count_log("effect during attempt"), 0, "an event refused with 503 ran");
+}
+
+#[test]
+fn retries_and_dead_letters_behave_as_in_the_embedded_journal() {
+    let nats = Nats::start();
+    let mut host = host(&nats, None, "");
+    // Two failures, then success on the third attempt.
+    host.post_github("push", "flaky-1", br#"{"fail_times": 2}"#, SECRET);
+    host.wait_for_log("effect flaky-1 attempt 3");
+
+    // A permanent refusal is dead after one attempt, with an alert that echo receives.
+    std::fs::write(host.plugins_dir().join("flaky.toml"), "timeout = \"2s\"\n[config]\nmode = \"permanent\"\n")
+        .expect("manifest");
+    host.restart();
+    host.post_github("push", "refused", &example("github/push.json"), SECRET);
+    host.wait_for_log(" from wasmhook (");
+    let refused = wait_for_dead_letter(&host, "refused");
+    assert_eq!(refused["attempts"], 1, "{refused}");
+    let (ok, listing) = host.cli(&["dlq", "list", "--plugin", "flaky"]);
+    assert!(ok && listing.contains("refused") && listing.contains("configured to refuse"), "{listing}");
+
+    // Always retried: dead after three attempts, each error kept.
+    std::fs::write(host.plugins_dir().join("flaky.toml"), "timeout = \"2s\"\n[config]\nmode = \"retry\"\n")
+        .expect("manifest");
+    host.restart();
+    host.post_github("push", "doomed", &example("github/push.json"), SECRET);
+    let doomed = wait_for_dead_letter(&host, "doomed");
+    assert_eq!(doomed["attempts"], 3, "{doomed}");
+    let (status, detail) = host.admin_get(&format!("/v1/dead-letters/{}", doomed["delivery"]));
+    assert_eq!(status, 200, "{detail}");
+    assert_eq!(detail["errors"].as_array().map(Vec::len), Some(3), "{detail}");
+
+    // Fixed and replayed: both run again with a fresh budget, and the list empties.
+    std::fs::write(host.plugins_dir().join("flaky.toml"), "timeout = \"2s\"\n").expect("fix manifest");
+    host.restart();
+    let (ok, replayed) = host.cli(&["dlq", "replay", "--plugin", "flaky"]);
+    assert!(ok && replayed.contains("dead letters replayed"), "{replayed}");
+    host.wait_for_log("effect doomed attempt 1");
+    host.wait_for_log("effect refused attempt 1");
+    let (ok, listing) = host.cli(&["dlq", "list", "--json"]);
+    assert!(ok && listing.contains("\"dead_letters\":[]"), "{listing}");
+
+    // Replay by type reaches the plugins subscribed now, once per event.
+    let mark = host.count_log("effect flaky-1 attempt");
+    let (ok, output) = host.cli(&["replay", "--type", "github.push", "--since", "1h"]);
+    assert!(ok && output.contains("deliveries made due"), "{output}");
+    let deadline = Instant::now() + PATIENCE;
+    while host.count_log("effect flaky-1 attempt") == mark {
+        assert!(Instant::now() < deadline, "replay did not run flaky-1 again; log:\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -13,7 +13,7 @@ TEST_PLUGIN_DIR := target/test-plugins
 NOTIFY_PLUGIN_DIR := target/notify-plugins
 WASM_OUT := target/wasm32-wasip2/plugin
 
-.PHONY: run test lint bench bench-core bench-reload bench-load plugins services host wasm-target clean
+.PHONY: run test lint bench bench-core bench-reload bench-load bench-scale plugins services host wasm-target clean
 
 ## make run: build everything and serve the example plugins on loopback (Ctrl-C stops it).
 run: plugins host
@@ -31,7 +31,7 @@ test: plugins services
 	$(CARGO) test --release
 
 ## make bench: every benchmark (figures, never assertions); see docs/BENCHMARKS.md.
-bench: bench-core bench-reload bench-load
+bench: bench-core bench-reload bench-load bench-scale
 
 ## make bench-core: micro-benchmarks (criterion): verification, one plugin call, journal, routing.
 bench-core: plugins
@@ -54,6 +54,12 @@ bench-load: plugins
 	  ./target/release/wasmhook-bench --compare --connections 32 --duration 10s --json target/bench-closed.json; \
 	  ./target/release/wasmhook-bench --rate 2000 --connections 32 --duration 10s --json target/bench-open.json; \
 	  status=$$?; kill $$host; exit $$status
+
+## make bench-scale: one host, then two, on a shared NATS JetStream journal with Redis dedup
+## (tests/load/scale-out.sh; servers from `make services`).
+bench-scale: plugins services
+	$(CARGO) build --release -p wasmhook -p wasmhook-bench
+	tests/load/scale-out.sh
 
 ## make lint: formatting and clippy, warnings as errors.
 lint: wasm-target

@@ -634,6 +634,12 @@ fn validate_backend(
     }
     let duplicate_window =
         duration(raw.duplicate_window.as_deref(), "journal.duplicate_window", DEFAULT_DUPLICATE_WINDOW, problems);
+    if redis_url.is_some() && duplicate_window < crate::journal::nats::dedup::CLAIM {
+        problems.push(format!(
+            "journal.duplicate_window must be at least {} s with Redis dedup (the claim a host holds while it stores)",
+            crate::journal::nats::dedup::CLAIM.as_secs()
+        ));
+    }
     Backend::Nats(NatsOptions {
         url,
         stream,

@@ -50,7 +50,13 @@ pub async fn run(
         };
         let Ok(first) = first else { break };
         let free = slots.available_permits() + 1;
-        let leases = match journal.take(&registry.wants(lease_margin), free, TAKE_WAIT).await {
+        let wants = registry.wants(lease_margin);
+        let take = tokio::select! {
+            take = journal.take(&wants, free, TAKE_WAIT) => take,
+            // Nothing taken is lost: what a cut-short take leased comes due again.
+            () = shutdown.cancelled() => break,
+        };
+        let leases = match take {
             Ok(leases) => leases,
             Err(err) => {
                 tracing::error!(error = %err, "cannot take deliveries from the journal");

@@ -326,8 +326,10 @@ pub trait Journal: Send + Sync {
     /// accepted within the dedup window. Returns only once the event is durable.
     async fn accept(&self, new: NewEvent) -> Result<Accepted, JournalError>;
 
-    /// Leases up to `max` due deliveries in all, and at most each plugin's `free`, each for
-    /// its plugin's `lease`. Waits up to `wait` for work to arrive when none is due; an empty
+    /// Leases up to `max` due deliveries in all, for the plugins with some `free` capacity.
+    /// The nats backend also keeps to each plugin's `free` and `lease`; the embedded one
+    /// leases every delivery for the longest `lease` (the dispatcher gives back what a busy
+    /// plugin cannot run). Waits up to `wait` for work to arrive when none is due; an empty
     /// result means none came.
     async fn take(&self, wants: &[Want], max: usize, wait: Duration) -> Result<Vec<Lease>, JournalError>;
 

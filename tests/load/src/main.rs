@@ -27,12 +27,13 @@ use tokio::net::{TcpListener, TcpStream};
 #[derive(Debug, Parser)]
 #[command(name = "wasmhook-bench", version, about)]
 struct Args {
-    /// The webhook route of a `verify = "github"` source.
-    #[arg(long, default_value = "http://127.0.0.1:8080/hooks/github")]
-    url: String,
-    /// The host's admin API, to measure completion; "" to skip.
-    #[arg(long, default_value = "http://127.0.0.1:9090")]
-    admin: String,
+    /// The webhook route of a `verify = "github"` source; several (comma-separated) spread
+    /// the connections over hosts sharing one journal.
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:8080/hooks/github")]
+    url: Vec<String>,
+    /// The hosts' admin APIs, to measure completion (summed over hosts); "" to skip.
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:9090")]
+    admin: Vec<String>,
     /// The source's webhook secret.
     #[arg(long, env = "GITHUB_WEBHOOK_SECRET", default_value = "dev-secret")]
     secret: String,
@@ -110,12 +111,14 @@ async fn main() -> anyhow::Result<()> {
     let duration = humantime::parse_duration(&args.duration).context("--duration")?;
     let body = Bytes::from(std::fs::read(&args.body).with_context(|| format!("cannot read {}", args.body.display()))?);
     let signature = wasmhook::ingest::verify::github::sign(args.secret.as_bytes(), &body);
-    let mut report = json!({"connections": args.connections, "rate": args.rate, "duration_s": duration.as_secs_f64()});
+    let mut report = json!({"connections": args.connections, "rate": args.rate, "duration_s": duration.as_secs_f64(),
+        "hosts": args.url.len()});
+    let admins: Vec<&str> = args.admin.iter().map(String::as_str).filter(|admin| !admin.is_empty()).collect();
 
     let baseline = if args.compare || args.baseline_only {
         let address = start_baseline().await?;
         let run =
-            load("baseline", &format!("http://{address}/hooks/github"), &args, duration, &body, &signature).await?;
+            load("baseline", &[format!("http://{address}/hooks/github")], &args, duration, &body, &signature).await?;
         run.print();
         report["baseline"] = run.to_json();
         Some(run)
@@ -123,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
         None
     };
     if !args.baseline_only {
-        let before = done_total(&args.admin).await;
+        let before = done_total(&admins).await;
         let run = load("wasmhook", &args.url, &args, duration, &body, &signature).await?;
         run.print();
         report["wasmhook"] = run.to_json();
@@ -134,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
         }
         if let Some(before) = before {
             let accepted = run.statuses.get(&202).copied().unwrap_or(0);
-            let (done, drained) = drain(&args.admin, before).await?;
+            let (done, drained) = drain(&admins, before).await?;
             let seconds = run.elapsed.as_secs_f64() + drained.as_secs_f64();
             println!(
                 "end to end: {accepted} accepted, {done} deliveries done in {seconds:.2} s ({:.0} done/s); drained {:.2} s after the last send",
@@ -154,28 +157,32 @@ async fn main() -> anyhow::Result<()> {
 /// Sends for `duration` over `args.connections` connections; open loop when a rate is given.
 async fn load(
     name: &'static str,
-    url: &str,
+    urls: &[String],
     args: &Args,
     duration: Duration,
     body: &Bytes,
     signature: &str,
 ) -> anyhow::Result<Run> {
-    let uri: hyper::Uri = url.parse().with_context(|| format!("{url:?}"))?;
-    let target = Arc::new(Target {
-        authority: uri.authority().context("the URL has no host")?.to_string(),
-        path: uri.path().to_owned(),
-        body: body.clone(),
-        signature: signature.to_owned(),
-        // Delivery ids must not repeat across runs, or the host answers them as duplicates.
-        run: format!("{name}-{}", wasmhook::event::now_ms()),
-    });
+    // Delivery ids must not repeat across runs, or the host answers them as duplicates.
+    let run_id = format!("{name}-{}", wasmhook::event::now_ms());
+    let mut targets = Vec::new();
+    for url in urls {
+        let uri: hyper::Uri = url.parse().with_context(|| format!("{url:?}"))?;
+        targets.push(Arc::new(Target {
+            authority: uri.authority().context("the URL has no host")?.to_string(),
+            path: uri.path().to_owned(),
+            body: body.clone(),
+            signature: signature.to_owned(),
+            run: run_id.clone(),
+        }));
+    }
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + duration;
     let interval = args.rate.map(|rate| Duration::from_secs_f64(1.0 / rate as f64));
     let mut tasks = Vec::new();
-    for _ in 0..args.connections {
-        let (target, next) = (Arc::clone(&target), Arc::clone(&next));
+    for n in 0..args.connections {
+        let (target, next) = (Arc::clone(&targets[n % targets.len()]), Arc::clone(&next));
         tasks.push(tokio::spawn(async move { connection(&target, &next, start, deadline, interval).await }));
     }
     let mut run = Run {
@@ -297,33 +304,40 @@ async fn start_baseline() -> anyhow::Result<std::net::SocketAddr> {
     Ok(address)
 }
 
-/// The host's `wasmhook_deliveries_done_total` summed over plugins; `None` without an admin API.
-async fn done_total(admin: &str) -> Option<f64> {
-    if admin.is_empty() {
+/// The hosts' `wasmhook_deliveries_done_total` summed over plugins and hosts; `None`
+/// without an admin API.
+async fn done_total(admins: &[&str]) -> Option<f64> {
+    if admins.is_empty() {
         return None;
     }
-    let (_, text) =
-        wasmhook::client::request(hyper::Method::GET, &format!("{admin}/metrics"), &[], Vec::new()).await.ok()?;
-    Some(
-        text.lines()
+    let mut total = 0.0;
+    for admin in admins {
+        let (_, text) =
+            wasmhook::client::request(hyper::Method::GET, &format!("{admin}/metrics"), &[], Vec::new()).await.ok()?;
+        total += text
+            .lines()
             .filter(|line| line.starts_with("wasmhook_deliveries_done_total"))
             .filter_map(|line| line.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-            .sum(),
-    )
+            .sum::<f64>();
+    }
+    Some(total)
 }
 
-/// Waits until no delivery is unfinished; returns the deliveries done since `before` and how
-/// long the wait took.
-async fn drain(admin: &str, before: f64) -> anyhow::Result<(u64, Duration)> {
+/// Waits until no host reports an unfinished delivery; returns the deliveries done since
+/// `before` and how long the wait took.
+async fn drain(admins: &[&str], before: f64) -> anyhow::Result<(u64, Duration)> {
     let started = Instant::now();
     loop {
-        let (_, text) =
-            wasmhook::client::request(hyper::Method::GET, &format!("{admin}/v1/stats"), &[], Vec::new()).await?;
-        let stats: serde_json::Value = serde_json::from_str(&text)?;
-        let unfinished =
-            ["pending", "running", "retrying"].iter().map(|key| stats[key].as_u64().unwrap_or(0)).sum::<u64>();
+        let mut unfinished = 0;
+        for admin in admins {
+            let (_, text) =
+                wasmhook::client::request(hyper::Method::GET, &format!("{admin}/v1/stats"), &[], Vec::new()).await?;
+            let stats: serde_json::Value = serde_json::from_str(&text)?;
+            unfinished +=
+                ["pending", "running", "retrying"].iter().map(|key| stats[key].as_u64().unwrap_or(0)).sum::<u64>();
+        }
         if unfinished == 0 {
-            let done = done_total(admin).await.unwrap_or(before) - before;
+            let done = done_total(admins).await.unwrap_or(before) - before;
             return Ok((done as u64, started.elapsed()));
         }
         if started.elapsed() > Duration::from_secs(600) {

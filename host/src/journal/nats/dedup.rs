@@ -14,6 +14,23 @@ use crate::journal::JournalError;
 
 /// How long a key is held before the event it guards is known to be stored.
 pub const CLAIM: Duration = Duration::from_secs(60);
+/// The value of a key whose event is being stored.
+const CLAIMED: &str = "claimed";
+/// The value of a key whose event is stored.
+const ACCEPTED: &str = "accepted";
+
+/// What a claim found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The key was free and is now held by this request.
+    Ours,
+    /// Another request is storing the same (source, id) right now, or died doing so less than
+    /// [`CLAIM`] ago: not known to be stored yet, so the sender must come back.
+    InFlight,
+    /// The event is stored: a duplicate.
+    Accepted,
+}
+
 /// How long one Redis command may take before the journal counts as unreachable.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -39,25 +56,31 @@ impl RedisDedup {
         Ok(RedisDedup { connection, prefix: prefix.to_owned() })
     }
 
-    /// Claims (source, id) for [`CLAIM`]; false when it is already held (a duplicate).
-    pub async fn claim(&self, source: &str, id: &str) -> Result<bool, JournalError> {
-        let set: Option<String> = redis::cmd("SET")
+    /// Claims (source, id) for [`CLAIM`], unless it is already held.
+    pub async fn claim(&self, source: &str, id: &str) -> Result<Claim, JournalError> {
+        // SET … NX GET sets the key only when absent and answers what it held (Redis 7).
+        let held: Option<String> = redis::cmd("SET")
             .arg(self.key(source, id))
-            .arg("claimed")
+            .arg(CLAIMED)
             .arg("NX")
+            .arg("GET")
             .arg("PX")
             .arg(millis(CLAIM))
             .query_async(&mut self.connection.clone())
             .await
             .map_err(unreachable)?;
-        Ok(set.is_some())
+        Ok(match held.as_deref() {
+            None => Claim::Ours,
+            Some(CLAIMED) => Claim::InFlight,
+            Some(_) => Claim::Accepted,
+        })
     }
 
     /// Holds (source, id) for the whole dedup window: its event is stored.
     pub async fn confirm(&self, source: &str, id: &str, window: Duration) -> Result<(), JournalError> {
         redis::cmd("SET")
             .arg(self.key(source, id))
-            .arg("accepted")
+            .arg(ACCEPTED)
             .arg("PX")
             .arg(millis(window))
             .query_async::<()>(&mut self.connection.clone())

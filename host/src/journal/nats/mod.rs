@@ -26,7 +26,7 @@ use futures_util::StreamExt;
 use globset::GlobSet;
 use tokio::sync::Notify;
 
-use self::dedup::RedisDedup;
+use self::dedup::{Claim, RedisDedup};
 use self::record::Dead;
 use crate::event::{Event, now_ms};
 use crate::journal::{
@@ -49,13 +49,13 @@ const SCAN_WAIT: Duration = Duration::from_secs(2);
 /// Where the distributed journal lives and how it behaves.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Options {
-    /// The NATS server(s), as a URL such as `nats://127.0.0.1:4222` (may hold credentials).
+    /// The NATS server, as a URL such as `nats://127.0.0.1:4222` (may hold credentials).
     pub url: String,
     /// The events stream's name; dead letters go to `{stream}_DLQ`.
     pub stream: String,
     /// The first tokens of every subject.
     pub prefix: String,
-    /// Copies JetStream keeps of each stream (1, 3 or 5 in a cluster).
+    /// Copies JetStream keeps of each stream (1 to 5; 3 is usual in a cluster).
     pub replicas: usize,
     /// How long JetStream itself refuses a repeated (source, id).
     pub duplicate_window: Duration,
@@ -190,10 +190,16 @@ impl NatsJournal {
 
     /// Publishes an event unless Redis or JetStream has seen its (source, id).
     async fn publish(&self, event: &Event, window: Duration) -> Result<Accepted, JournalError> {
-        if let Some(dedup) = &self.dedup
-            && !dedup.claim(&event.source, &event.id).await?
-        {
-            return Ok(Accepted::Duplicate);
+        if let Some(dedup) = &self.dedup {
+            match dedup.claim(&event.source, &event.id).await? {
+                Claim::Ours => {}
+                Claim::Accepted => return Ok(Accepted::Duplicate),
+                Claim::InFlight => {
+                    return Err(JournalError::Unavailable(
+                        "the same delivery is being stored by another request".to_owned(),
+                    ));
+                }
+            }
         }
         let subject = subjects::event_subject(&self.options.prefix, &event.source, &event.event_type);
         let (headers, payload) = record::event_message(event, &record::message_id(&event.source, &event.id));
@@ -278,6 +284,9 @@ impl NatsJournal {
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: want.lease,
             max_deliver: -1,
+            // Deliveries waiting out a retry's backoff count as pending acks: no cap, or a
+            // plugin with many retries waiting would get nothing new.
+            max_ack_pending: -1,
             filter_subjects: filters.clone(),
             inactive_threshold: CONSUMER_INACTIVE,
             ..Default::default()
@@ -308,15 +317,19 @@ impl NatsJournal {
     }
 
     async fn fetch(&self, plugin: &str, queue: Arc<Queue>, max: usize) -> Vec<Lease> {
-        let mut batch = match queue.consumer.fetch().max_messages(max).messages().await {
-            Ok(batch) => batch,
-            Err(err) => {
+        // A fetch that loses its connection never ends by itself: bound it, and keep what came.
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        let batch = tokio::time::timeout_at(deadline, queue.consumer.fetch().max_messages(max).messages());
+        let mut batch = match batch.await {
+            Ok(Ok(batch)) => batch,
+            Ok(Err(err)) => {
                 tracing::warn!(plugin, error = %err, "cannot fetch from the plugin's consumer");
                 return Vec::new();
             }
+            Err(_) => return Vec::new(),
         };
         let mut leases = Vec::new();
-        while let Some(message) = batch.next().await {
+        while let Ok(Some(message)) = tokio::time::timeout_at(deadline, batch.next()).await {
             match message {
                 Ok(message) => leases.extend(self.lease(plugin, &queue, message).await),
                 Err(err) => {
@@ -568,11 +581,12 @@ impl Journal for NatsJournal {
             Outcome::Dead { error } => {
                 let errors = self.record_error(lease, &error).await;
                 let dead = Dead { plugin: lease.plugin.clone(), attempts: lease.attempt, errors, died_ms: now_ms() };
-                let (headers, payload) = record::dead_message(&lease.event, &dead);
-                self.send(subjects::dead_subject(&self.options.prefix, &lease.plugin), headers, payload).await?;
+                // The alert first: if it cannot be published, no dead letter is written twice.
                 for new in &emitted {
                     self.publish(&new.event, new.dedup_window).await?;
                 }
+                let (headers, payload) = record::dead_message(&lease.event, &dead);
+                self.send(subjects::dead_subject(&self.options.prefix, &lease.plugin), headers, payload).await?;
                 let _ = self.attempts.purge(Self::attempts_key(lease)).await;
                 acker.double_ack_with(AckKind::Term).await.map_err(unavailable)?;
             }
@@ -743,6 +757,17 @@ async fn open_events_stream(
         .await
         .map_err(|err| anyhow::anyhow!("cannot open the JetStream stream {}: {err}", options.stream))?;
     let mut config = stream.info().await?.config.clone();
+    if (config.num_replicas, config.duplicate_window, config.max_age)
+        != (options.replicas, options.duplicate_window, options.retention)
+    {
+        tracing::warn!(
+            stream = %options.stream,
+            replicas = config.num_replicas,
+            duplicate_window_s = config.duplicate_window.as_secs(),
+            max_age_s = config.max_age.as_secs(),
+            "the stream exists with other settings than configured; it keeps its own (change them with the nats CLI)"
+        );
+    }
     let missing: Vec<String> = wanted.into_iter().filter(|subject| !config.subjects.contains(subject)).collect();
     if !missing.is_empty() {
         tracing::info!(stream = %options.stream, subjects = ?missing, "adding subjects to the stream");

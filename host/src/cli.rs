@@ -276,7 +276,15 @@ impl Cli {
             Command::Config { action: ConfigAction::Check { file } } => {
                 let config = config::load(Some(&file), Overrides::default(), &ProcessEnv)?;
                 let sources: Vec<&String> = config.sources.keys().collect();
-                println!("{}: ok ({} sources: {sources:?})", file.display(), sources.len());
+                let journal = match &config.backend {
+                    crate::config::Backend::Sqlite => format!("sqlite in {}", config.data_dir.display()),
+                    crate::config::Backend::Nats(nats) => format!(
+                        "nats stream {} ({} dedup)",
+                        nats.stream,
+                        if nats.redis_url.is_some() { "redis" } else { "JetStream" }
+                    ),
+                };
+                println!("{}: ok ({} sources: {sources:?}; journal: {journal})", file.display(), sources.len());
                 Ok(ExitCode::SUCCESS)
             }
             Command::Status { admin } => status(&admin, &ProcessEnv),

@@ -2,8 +2,11 @@
 //!
 //! One writer thread owns the write connection and runs every write that arrives while it is
 //! busy in one transaction (group commit): an accepted event is on disk (`synchronous = FULL`
-//! by default) before its caller hears back, yet a burst of requests shares one fsync. Each
-//! write runs in its own savepoint, so a failing one leaves nothing half-done. Reads for the
+//! by default) before its caller hears back, yet a burst of requests shares one fsync. Only
+//! a group that holds an acceptance or an operator's change waits for the disk: leases and
+//! outcomes commit without an fsync (`synchronous = NORMAL`, still crash-safe for the
+//! process), because losing one to a power cut only runs that delivery again. Each write
+//! runs in its own savepoint, so a failing one leaves nothing half-done. Reads for the
 //! admin API use a second connection, which WAL lets run beside the writer.
 //!
 //! A delivery's `due_ms` is when it next needs attention: its first attempt, its next retry,
@@ -248,7 +251,7 @@ impl SqliteJournal {
             let (pending, work) = (Arc::clone(&pending), Arc::clone(&work));
             std::thread::Builder::new()
                 .name("journal-writer".into())
-                .spawn(move || write_loop(writer, queue, clock, &pending, &work))
+                .spawn(move || write_loop(writer, queue, clock, options.synchronous, &pending, &work))
                 .map_err(|err| JournalError::Storage(format!("cannot start the journal writer: {err}")))?
         };
         Ok(SqliteJournal {
@@ -470,10 +473,12 @@ fn write_loop(
     mut connection: Connection,
     mut queue: mpsc::Receiver<Write>,
     clock: Arc<dyn Clock>,
+    synchronous: Synchronous,
     pending: &AtomicU64,
     work: &Notify,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut current = synchronous;
     while let Some(first) = queue.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -482,7 +487,24 @@ fn write_loop(
                 Err(_) => break,
             }
         }
+        let wanted = if batch.iter().any(Write::must_reach_disk) { synchronous } else { Synchronous::Normal };
+        if wanted != current {
+            let level = if wanted == Synchronous::Full { "FULL" } else { "NORMAL" };
+            match connection.pragma_update(None, "synchronous", level) {
+                Ok(()) => current = wanted,
+                Err(err) => tracing::warn!(error = %err, "cannot change the journal's synchronous level"),
+            }
+        }
         commit_batch(&mut connection, batch.drain(..), clock.now_ms(), pending, work);
+    }
+}
+
+impl Write {
+    /// Whether the caller is promised the write is on disk: an accepted event, and the
+    /// operator's changes. A lease or an outcome lost to a power cut only runs a delivery
+    /// again (emitted events included: they are emitted again), which at-least-once allows.
+    fn must_reach_disk(&self) -> bool {
+        !matches!(self, Write::Take { .. } | Write::Finish { .. } | Write::Release { .. } | Write::Ping { .. })
     }
 }
 
@@ -982,6 +1004,23 @@ mod tests {
             plugins: plugins.iter().map(|name| (*name).to_owned()).collect(),
             dedup_window: Duration::from_secs(60),
         }
+    }
+
+    #[test]
+    fn only_acceptances_and_operator_changes_wait_for_the_disk() {
+        let accept = Write::Accept { new: new("github", "a", &["echo"]), reply: oneshot::channel().0 };
+        let purge = Write::PurgeDead { selector: DeadSelector::All, reply: oneshot::channel().0 };
+        let take = Write::Take { plugins: "[]".into(), max: 1, lease_ms: 1, reply: oneshot::channel().0 };
+        let finish = Write::Finish {
+            delivery: 1,
+            attempt: 1,
+            outcome: Outcome::Done,
+            sha256: String::new(),
+            emitted: Vec::new(),
+            reply: oneshot::channel().0,
+        };
+        assert!(accept.must_reach_disk() && purge.must_reach_disk());
+        assert!(!take.must_reach_disk() && !finish.must_reach_disk());
     }
 
     fn wants(plugins: &[&str]) -> Vec<Want> {

@@ -58,6 +58,9 @@ struct Args {
     /// Write the results as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The host's process id: its resident memory is sampled during the run (Linux).
+    #[arg(long)]
+    pid: Option<u32>,
 }
 
 /// What one load run measured.
@@ -127,9 +130,20 @@ async fn main() -> anyhow::Result<()> {
     };
     if !args.baseline_only {
         let before = done_total(&admins).await;
+        let sampler = args.pid.map(|pid| tokio::spawn(sample_rss(pid, duration)));
         let run = load("wasmhook", &args.url, &args, duration, &body, &signature).await?;
         run.print();
         report["wasmhook"] = run.to_json();
+        if let Some(sampler) = sampler {
+            let samples = sampler.await?;
+            if let (Some(first), Some(last)) = (samples.first(), samples.last()) {
+                let max = samples.iter().copied().fold(0.0, f64::max);
+                println!(
+                    "host resident memory: {first:.1} MiB at the start, {max:.1} MiB at most, {last:.1} MiB at the end"
+                );
+                report["rss_mib"] = json!({"start": first, "max": max, "end": last});
+            }
+        }
         if let Some(baseline) = &baseline {
             let ratio = run.per_second() / baseline.per_second();
             println!("wasmhook / baseline: {ratio:.2}x the bare hyper server's requests per second");
@@ -279,6 +293,22 @@ async fn connection(
             }
         }
     }
+}
+
+/// The resident memory of process `pid` in MiB, every 100 ms for `duration`.
+async fn sample_rss(pid: u32, duration: Duration) -> Vec<f64> {
+    let mut samples = Vec::new();
+    let deadline = Instant::now() + duration;
+    while Instant::now() < deadline {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let kib = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<f64>().ok());
+        samples.extend(kib.map(|kib| kib / 1024.0));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    samples
 }
 
 /// A bare hyper server that reads each body and answers 202: the same HTTP stack, no work.

@@ -196,6 +196,25 @@ fn retries_and_dead_letters_behave_as_in_the_embedded_journal() {
     let (ok, listing) = host.cli(&["dlq", "list", "--json"]);
     assert!(ok && listing.contains("\"dead_letters\":[]"), "{listing}");
 
+    // A dead letter purged is gone for good.
+    std::fs::write(host.plugins_dir().join("flaky.toml"), "timeout = \"2s\"\n[config]\nmode = \"permanent\"\n")
+        .expect("manifest");
+    host.restart();
+    host.post_github("push", "purged", &example("github/push.json"), SECRET);
+    wait_for_dead_letter(&host, "purged");
+    // flaky refuses the alert about it too: wait for both letters, so none arrives after the purge.
+    let deadline = Instant::now() + PATIENCE;
+    while host.admin_get("/v1/dead-letters?plugin=flaky").1["dead_letters"].as_array().map_or(0, Vec::len) < 2 {
+        assert!(Instant::now() < deadline, "no dead letter for the alert; log:\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, purged) = host.cli(&["dlq", "purge", "--plugin", "flaky"]);
+    assert!(ok && purged.contains("2 dead letters purged"), "{purged}");
+    let (_, letters) = host.admin_get("/v1/dead-letters?plugin=flaky");
+    assert_eq!(letters["dead_letters"], serde_json::json!([]), "{letters}");
+    std::fs::write(host.plugins_dir().join("flaky.toml"), "timeout = \"2s\"\n").expect("fix manifest");
+    host.restart();
+
     // Replay by type reaches the plugins subscribed now, once per event.
     let mark = host.count_log("effect flaky-1 attempt");
     let (ok, output) = host.cli(&["replay", "--type", "github.push", "--since", "1h"]);

@@ -50,13 +50,9 @@ pub async fn run(
         };
         let Ok(first) = first else { break };
         let free = slots.available_permits() + 1;
-        let wants = registry.wants(lease_margin);
-        let take = tokio::select! {
-            take = journal.take(&wants, free, TAKE_WAIT) => take,
-            // Nothing taken is lost: what a cut-short take leased comes due again.
-            () = shutdown.cancelled() => break,
-        };
-        let leases = match take {
+        // A take returns within TAKE_WAIT (or the backend's request timeout): no need to cut
+        // it short at shutdown, which would leave its leases to run out.
+        let leases = match journal.take(&registry.wants(lease_margin), free, TAKE_WAIT).await {
             Ok(leases) => leases,
             Err(err) => {
                 tracing::error!(error = %err, "cannot take deliveries from the journal");
@@ -73,10 +69,23 @@ pub async fn run(
                     Err(_) => break,
                 },
             };
+            // The plugin's permit is taken here, before the next `wants`, so that the next take
+            // sees the plugin's true free capacity. A plugin that is gone, or at its
+            // concurrency after all, gives the lease straight back: waiting would let the lease
+            // run out and the delivery run twice.
+            let Some((plugin, permit)) = registry.get(&lease.plugin).and_then(|plugin| {
+                let permit = Arc::clone(&plugin.calls).try_acquire_owned().ok()?;
+                Some((plugin, permit))
+            }) else {
+                if let Err(err) = journal.release(&lease).await {
+                    tracing::error!(event.id = %lease.event.id, plugin = %lease.plugin, error = %err, "cannot give a lease back");
+                }
+                continue;
+            };
             let (journal, registry) = (Arc::clone(&journal), Arc::clone(&registry));
             calls.spawn(async move {
-                deliver(journal.as_ref(), &registry, lease).await;
-                drop(slot);
+                deliver(journal.as_ref(), &registry, &plugin, lease).await;
+                drop((permit, slot));
             });
         }
     }
@@ -90,20 +99,9 @@ pub async fn run(
     }
 }
 
-/// Runs one leased delivery and records how it ended.
-async fn deliver(journal: &dyn Journal, registry: &Registry, lease: Lease) {
+/// Runs one leased delivery on `plugin` (its permit already held) and records how it ended.
+async fn deliver(journal: &dyn Journal, registry: &Registry, plugin: &Plugin, lease: Lease) {
     let event = &lease.event;
-    // A plugin that is gone, or already at its concurrency, gives the lease straight back:
-    // waiting here would let the lease run out and the delivery run twice.
-    let Some((plugin, _permit)) = registry.get(&lease.plugin).and_then(|plugin| {
-        let permit = Arc::clone(&plugin.calls).try_acquire_owned().ok()?;
-        Some((plugin, permit))
-    }) else {
-        if let Err(err) = journal.release(&lease).await {
-            tracing::error!(event.id = %event.id, plugin = %lease.plugin, error = %err, "cannot give a lease back");
-        }
-        return;
-    };
     let started = Instant::now();
     let in_flight = metrics::InFlight::start();
     let result = plugin.component.invoke(event, lease.attempt).await;
@@ -111,7 +109,7 @@ async fn deliver(journal: &dyn Journal, registry: &Registry, lease: Lease) {
     let took = started.elapsed();
     let duration_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
     let (outcome, emitted) = settle(&plugin.name, &plugin.retry, &lease, result);
-    log_outcome(&plugin, &lease, &outcome, duration_ms);
+    log_outcome(plugin, &lease, &outcome, duration_ms);
     let label = match outcome {
         Outcome::Done => "done",
         Outcome::Retry { .. } => "retry",

@@ -24,6 +24,9 @@ use crate::{dispatch, http};
 /// The folder, inside the data folder, of compiled plugin code.
 pub const COMPILE_CACHE_DIR: &str = "compiled";
 
+/// What an event's headers may take in a NATS message, beside its body.
+const NATS_HEADER_ROOM: usize = 16 * 1024;
+
 /// How often expired dedup keys and old handled events are removed.
 const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(60);
 
@@ -37,6 +40,15 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             let sources: Vec<String> = config.sources.keys().cloned().collect();
             let journal = NatsJournal::open(options.clone(), &sources).await?;
             tracing::info!(journal = ?options, "journal on NATS JetStream");
+            // An event travels as one message: its body plus a few KiB of headers.
+            let room = journal.max_payload().saturating_sub(NATS_HEADER_ROOM);
+            for (name, source) in config.sources.iter().filter(|(_, source)| source.max_body_bytes > room) {
+                tracing::warn!(
+                    source = %name, max_body_bytes = source.max_body_bytes, nats_max_payload = journal.max_payload(),
+                    "bodies near max_body_bytes exceed the NATS server's max_payload and will get 413; \
+                     lower max_body_bytes or raise max_payload"
+                );
+            }
             journal
         }
     };

@@ -161,6 +161,29 @@ fn config_check_names_the_line_of_an_error_and_passes_a_good_file() {
 }
 
 #[test]
+fn the_example_configs_pass_config_check() {
+    let secrets = [
+        ("GITHUB_WEBHOOK_SECRET", "x"),
+        ("STRIPE_WEBHOOK_SECRET", "whsec_eA=="),
+        ("SLACK_SIGNING_SECRET", "x"),
+        ("STANDARD_WEBHOOKS_SECRET", "whsec_ZGV2"),
+        ("GITLAB_WEBHOOK_TOKEN", "x"),
+        ("CI_WEBHOOK_SECRET", "x"),
+    ];
+    for (file, journal) in [("wasmhook.toml", "journal: sqlite"), ("wasmhook-nats.toml", "journal: nats stream")] {
+        let path = crate::util::workspace().join("examples").join(file);
+        let output = Command::new(env!("CARGO_BIN_EXE_wasmhook"))
+            .args(["config", "check"])
+            .arg(&path)
+            .envs(secrets)
+            .output()
+            .expect("run wasmhook");
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(output.status.success() && text.contains(journal), "{file}: {text}");
+    }
+}
+
+#[test]
 fn status_shows_one_screen_of_a_running_host() {
     let host = TestHost::builder().plugin("echo").start();
     host.post_github("push", "s-1", &example("github/push.json"), SECRET);

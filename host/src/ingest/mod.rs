@@ -237,10 +237,13 @@ impl Ingest {
         let source_name = event.source.clone();
         let new = NewEvent { event, plugins, dedup_window: source.dedup_window };
         let accepted = self.journal.accept(new).await.map_err(|err| match err {
-            JournalError::Full { .. } | JournalError::Unavailable(_) => {
+            JournalError::Full { .. } => IngestError::Unavailable(err.to_string()),
+            JournalError::Unavailable(_) => {
+                // The sender hears that the journal is away; what failed stays in the log.
                 tracing::warn!(error = %err, "event refused: the journal cannot take it now");
-                IngestError::Unavailable(err.to_string())
+                IngestError::Unavailable("the journal is unreachable".to_owned())
             }
+            JournalError::TooLarge { max } => IngestError::PayloadTooLarge(max),
             other => {
                 tracing::error!(error = %other, "journal refused an event");
                 IngestError::Internal

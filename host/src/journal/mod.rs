@@ -296,6 +296,12 @@ pub enum JournalError {
     /// The storage engine cannot be reached now (a distributed backend); try again later.
     #[error("the journal is unreachable: {0}")]
     Unavailable(String),
+    /// The event is larger than the storage engine takes in one message.
+    #[error("the event is larger than the journal's limit of {max} bytes per message")]
+    TooLarge {
+        /// The engine's limit, headers included.
+        max: usize,
+    },
     /// This backend cannot do what was asked.
     #[error("{0}")]
     Unsupported(&'static str),

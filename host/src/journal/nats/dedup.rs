@@ -14,8 +14,8 @@ use crate::journal::JournalError;
 
 /// How long a key is held before the event it guards is known to be stored.
 pub const CLAIM: Duration = Duration::from_secs(60);
-/// The value of a key whose event is being stored.
-const CLAIMED: &str = "claimed";
+/// The start of the value of a key whose event is being stored (a token follows).
+const CLAIMED: &str = "claimed:";
 /// The value of a key whose event is stored.
 const ACCEPTED: &str = "accepted";
 
@@ -56,12 +56,14 @@ impl RedisDedup {
         Ok(RedisDedup { connection, prefix: prefix.to_owned() })
     }
 
-    /// Claims (source, id) for [`CLAIM`], unless it is already held.
-    pub async fn claim(&self, source: &str, id: &str) -> Result<Claim, JournalError> {
+    /// Claims (source, id) for [`CLAIM`], unless it is already held. The claim's token lets
+    /// only its holder [`release`](Self::release) it.
+    pub async fn claim(&self, source: &str, id: &str) -> Result<(Claim, String), JournalError> {
+        let token = format!("{CLAIMED}{}", uuid::Uuid::new_v4());
         // SET … NX GET sets the key only when absent and answers what it held (Redis 7).
         let held: Option<String> = redis::cmd("SET")
             .arg(self.key(source, id))
-            .arg(CLAIMED)
+            .arg(&token)
             .arg("NX")
             .arg("GET")
             .arg("PX")
@@ -69,11 +71,12 @@ impl RedisDedup {
             .query_async(&mut self.connection.clone())
             .await
             .map_err(unreachable)?;
-        Ok(match held.as_deref() {
+        let claim = match held {
             None => Claim::Ours,
-            Some(CLAIMED) => Claim::InFlight,
+            Some(held) if held.starts_with(CLAIMED) => Claim::InFlight,
             Some(_) => Claim::Accepted,
-        })
+        };
+        Ok((claim, token))
     }
 
     /// Holds (source, id) for the whole dedup window: its event is stored.
@@ -88,10 +91,16 @@ impl RedisDedup {
             .map_err(unreachable)
     }
 
-    /// Lets go of a claim whose event could not be stored, so the sender's retry is taken.
-    pub async fn release(&self, source: &str, id: &str) -> Result<(), JournalError> {
-        redis::cmd("DEL")
+    /// Lets go of the claim `token` whose event could not be stored, so the sender's retry is
+    /// taken; a key held by anyone else (a later claim, a stored event) stays.
+    pub async fn release(&self, source: &str, id: &str, token: &str) -> Result<(), JournalError> {
+        const IF_OURS: &str =
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+        redis::cmd("EVAL")
+            .arg(IF_OURS)
+            .arg(1)
             .arg(self.key(source, id))
+            .arg(token)
             .query_async::<()>(&mut self.connection.clone())
             .await
             .map_err(unreachable)

@@ -36,9 +36,6 @@ use crate::journal::{
 
 /// How long a JetStream request may take before the journal counts as unreachable.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// A consumer no host has pulled from for this long is deleted by the server: a removed
-/// plugin keeps its backlog for a while (as in the embedded journal), then lets it go.
-const CONSUMER_INACTIVE: Duration = Duration::from_secs(60 * 60);
 /// How often the backlog (for backpressure) is counted again.
 const BACKLOG_PERIOD: Duration = Duration::from_secs(1);
 /// Events read into memory at a time by a replay.
@@ -112,7 +109,14 @@ impl NatsJournal {
     /// Connects, and creates the streams and bucket that are missing (adding `sources`'
     /// subjects to an existing events stream). Fails when NATS or Redis cannot be reached.
     pub async fn open(options: Options, sources: &[String]) -> anyhow::Result<Arc<NatsJournal>> {
-        let client = async_nats::ConnectOptions::new()
+        // Credentials go to the client apart from the address, which the client may log.
+        let (server, credentials) = split_credentials(&options.url);
+        let connect = match credentials {
+            Some((user, Some(password))) => async_nats::ConnectOptions::with_user_and_password(user, password),
+            Some((token, None)) => async_nats::ConnectOptions::with_token(token),
+            None => async_nats::ConnectOptions::new(),
+        };
+        let client = connect
             .name("wasmhook")
             .connection_timeout(REQUEST_TIMEOUT)
             .request_timeout(Some(REQUEST_TIMEOUT))
@@ -123,7 +127,7 @@ impl NatsJournal {
                     other => tracing::debug!(event = %other, "NATS connection event"),
                 }
             })
-            .connect(options.url.as_str())
+            .connect(server.as_str())
             .await
             .map_err(|err| anyhow::anyhow!("cannot connect to NATS ({}): {err}", server_of(&options.url)))?;
         let js = jetstream::ContextBuilder::new().timeout(REQUEST_TIMEOUT).build(client.clone());
@@ -190,9 +194,11 @@ impl NatsJournal {
 
     /// Publishes an event unless Redis or JetStream has seen its (source, id).
     async fn publish(&self, event: &Event, window: Duration) -> Result<Accepted, JournalError> {
+        let mut claim = None;
         if let Some(dedup) = &self.dedup {
-            match dedup.claim(&event.source, &event.id).await? {
-                Claim::Ours => {}
+            let (found, token) = dedup.claim(&event.source, &event.id).await?;
+            match found {
+                Claim::Ours => claim = Some(token),
                 Claim::Accepted => return Ok(Accepted::Duplicate),
                 Claim::InFlight => {
                     return Err(JournalError::Unavailable(
@@ -206,8 +212,8 @@ impl NatsJournal {
         let ack = match self.send(subject, headers, payload).await {
             Ok(ack) => ack,
             Err(err) => {
-                if let Some(dedup) = &self.dedup
-                    && let Err(release) = dedup.release(&event.source, &event.id).await
+                if let (Some(dedup), Some(token)) = (&self.dedup, &claim)
+                    && let Err(release) = dedup.release(&event.source, &event.id, token).await
                 {
                     tracing::warn!(event.id = %event.id, error = %release, "cannot release a dedup claim");
                 }
@@ -232,8 +238,19 @@ impl NatsJournal {
         payload: Bytes,
     ) -> Result<jetstream::publish::PublishAck, JournalError> {
         self.connected()?;
-        let ack = self.js.publish_with_headers(subject, headers, payload).await.map_err(unavailable)?;
+        let ack = self.js.publish_with_headers(subject, headers, payload).await.map_err(|err| {
+            if err.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded {
+                JournalError::TooLarge { max: self.client.server_info().max_payload }
+            } else {
+                unavailable(err)
+            }
+        })?;
         ack.await.map_err(unavailable)
+    }
+
+    /// The largest message the NATS server takes, headers included.
+    pub fn max_payload(&self) -> usize {
+        self.client.server_info().max_payload
     }
 
     /// Tells every host (this one too) that new work is in the stream.
@@ -288,7 +305,9 @@ impl NatsJournal {
             // plugin with many retries waiting would get nothing new.
             max_ack_pending: -1,
             filter_subjects: filters.clone(),
-            inactive_threshold: CONSUMER_INACTIVE,
+            // No host has pulled for as long as events are kept: nothing is left to deliver,
+            // so the server may delete the consumer (a removed plugin's backlog stays until then).
+            inactive_threshold: self.options.retention,
             ..Default::default()
         };
         let consumer = self.events.create_consumer(config).await?;
@@ -585,7 +604,10 @@ impl Journal for NatsJournal {
                 for new in &emitted {
                     self.publish(&new.event, new.dedup_window).await?;
                 }
-                let (headers, payload) = record::dead_message(&lease.event, &dead);
+                let (mut headers, payload) = record::dead_message(&lease.event, &dead);
+                // A rerun after a crash between this publish and the `term` is stored once.
+                let id = format!("dead:{}:{}", lease.plugin, lease.delivery);
+                headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
                 self.send(subjects::dead_subject(&self.options.prefix, &lease.plugin), headers, payload).await?;
                 let _ = self.attempts.purge(Self::attempts_key(lease)).await;
                 acker.double_ack_with(AckKind::Term).await.map_err(unavailable)?;
@@ -696,6 +718,7 @@ impl Journal for NatsJournal {
     }
 
     async fn stats(&self) -> Result<Stats, JournalError> {
+        self.connected()?;
         let events = self.events.get_info().await.map_err(unavailable)?.state.messages;
         let mut dead_by_plugin = BTreeMap::new();
         let mut subjects =
@@ -803,6 +826,18 @@ fn datetime(ms: u64) -> time::OffsetDateTime {
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
+/// A NATS URL without its credentials, and the credentials: (user, password) or (token, None).
+fn split_credentials(url: &str) -> (String, Option<(String, Option<String>)>) {
+    let (scheme, rest) = url.split_once("://").map_or(("nats", url), |(scheme, rest)| (scheme, rest));
+    let Some((credentials, server)) = rest.rsplit_once('@') else { return (url.to_owned(), None) };
+    let decode = |text: &str| percent_encoding::percent_decode_str(text).decode_utf8_lossy().into_owned();
+    let credentials = match credentials.split_once(':') {
+        Some((user, password)) => (decode(user), Some(decode(password))),
+        None => (decode(credentials), None),
+    };
+    (format!("{scheme}://{server}"), Some(credentials))
+}
+
 /// The server part of a NATS URL, for messages: never its credentials.
 fn server_of(url: &str) -> &str {
     url.rsplit_once('@').map_or(url, |(_, server)| server)
@@ -815,6 +850,15 @@ fn unavailable(err: impl std::fmt::Display) -> JournalError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_are_taken_out_of_the_url() {
+        let user = Some(("user".to_owned(), Some("p@ss:w".to_owned())));
+        assert_eq!(split_credentials("nats://user:p%40ss%3Aw@n.example:4222"), ("nats://n.example:4222".into(), user));
+        let token = Some(("s3cret".to_owned(), None));
+        assert_eq!(split_credentials("tls://s3cret@n.example"), ("tls://n.example".into(), token));
+        assert_eq!(split_credentials("nats://127.0.0.1:4222"), ("nats://127.0.0.1:4222".into(), None));
+    }
 
     #[test]
     fn credentials_never_reach_a_message() {

@@ -133,7 +133,7 @@ fn journal_accept(c: &mut Criterion) {
 
 fn routing(c: &mut Criterion) {
     let patterns: Vec<String> = (0..100).map(|n| format!("source{}.event{}.*", n / 10, n % 10)).collect();
-    let matcher = wasmhook::registry::matcher(&patterns).expect("patterns");
+    let matcher = wasmhook::subscription::matcher(&patterns).expect("patterns");
     c.bench_function("route against 100 subscriptions", |b| b.iter(|| matcher.is_match("source5.event7.created")));
 }
 

@@ -16,7 +16,7 @@ use crate::config::Secret;
 use crate::event::now_ms;
 use crate::http::{self, Body};
 use crate::journal::{DeadSelector, Journal, JournalError};
-use crate::registry::{self, Registry};
+use crate::registry::Registry;
 
 /// Largest request body the admin API reads.
 const MAX_ADMIN_BODY_BYTES: usize = 64 * 1024;
@@ -294,7 +294,7 @@ impl Admin {
 
     async fn replay(&self, body: ReplayBody) -> Result<u64, Refusal> {
         let since_ms = parse_since(&body.since).map_err(bad_request)?;
-        let types = registry::matcher(std::slice::from_ref(&body.event_type)).map_err(bad_request)?;
+        let types = crate::subscription::matcher(std::slice::from_ref(&body.event_type)).map_err(bad_request)?;
         if let Some(plugin) = &body.plugin
             && self.registry.get(plugin).is_none()
         {

@@ -32,5 +32,6 @@ pub mod retry;
 pub mod runtime;
 pub mod send;
 pub mod serve;
+pub mod subscription;
 pub mod telemetry;
 pub mod watch;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
+use globset::GlobSet;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
@@ -299,7 +299,7 @@ impl Registry {
         };
         let component = self.runtime.load(name, bytes, limits).await.map_err(|err| err.to_string())?;
         let subscriptions = grants.subscriptions.unwrap_or_else(|| component.metadata().subscriptions.clone());
-        let matcher = matcher(&subscriptions)?;
+        let matcher = crate::subscription::matcher(&subscriptions)?;
         if subscriptions.is_empty() {
             tracing::warn!(plugin = %name, "plugin subscribes to nothing");
         }
@@ -416,41 +416,5 @@ fn read_manifest(wasm: &Path) -> Result<String, String> {
         Ok(text) => Ok(text),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
         Err(err) => Err(format!("cannot read {}: {err}", path.display())),
-    }
-}
-
-/// One matcher for a list of patterns. `*` matches any run of characters, dots included.
-pub fn matcher(patterns: &[String]) -> Result<GlobSet, String> {
-    let mut set = GlobSetBuilder::new();
-    for pattern in patterns {
-        set.add(Glob::new(pattern).map_err(|err| format!("subscription {pattern:?} is not a valid pattern: {err}"))?);
-    }
-    set.build().map_err(|err| err.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn matches(patterns: &[&str], event_type: &str) -> bool {
-        let patterns: Vec<String> = patterns.iter().map(|p| (*p).to_owned()).collect();
-        matcher(&patterns).expect("valid patterns").is_match(event_type)
-    }
-
-    #[test]
-    fn star_matches_across_dots() {
-        assert!(matches(&["*"], "github.pull_request.opened"));
-        assert!(matches(&["github.*"], "github.pull_request.opened"));
-        assert!(matches(&["stripe.invoice.*"], "stripe.invoice.paid"));
-        assert!(!matches(&["stripe.invoice.*"], "stripe.charge.failed"));
-        assert!(!matches(&["github.push"], "github.push.extra"));
-        assert!(matches(&["github.push", "github.issues.*"], "github.issues.opened"));
-        assert!(!matches(&[], "github.push"));
-    }
-
-    #[test]
-    fn a_bad_pattern_is_named() {
-        let err = matcher(&["github.[".to_owned()]).expect_err("unclosed class");
-        assert!(err.contains("github.["), "{err}");
     }
 }

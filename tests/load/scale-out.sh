@@ -9,10 +9,15 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-nats_port=14222; redis_port=16379
-target/services/bin/nats-server -js -a 127.0.0.1 -p $nats_port -sd "$work/nats" >/dev/null 2>&1 & pids+=($!)
+# Polls until `$@` succeeds, for at most 30 s.
+ready() { for _ in $(seq 150); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done; echo "not ready: $*" >&2; exit 1; }
+
+nats_port=14222; nats_monitor=18222; redis_port=16379
+target/services/bin/nats-server -js -a 127.0.0.1 -p $nats_port -m $nats_monitor -sd "$work/nats" >/dev/null 2>&1 &
+pids+=($!)
 redis-server --port $redis_port --bind 127.0.0.1 --save "" --appendonly no --dir "$work" >/dev/null & pids+=($!)
-sleep 1
+ready curl -sf "http://127.0.0.1:$nats_monitor/healthz?js-enabled-only=true"
+ready redis-cli -p $redis_port ping
 
 host() { # host N: a wasmhook on 127.0.0.1:1808N (admin 1909N) with the example plugins
   cat >"$work/host$1.toml" <<TOML
@@ -35,12 +40,12 @@ TOML
 }
 
 host 1
-sleep 2
+ready curl -sf http://127.0.0.1:19091/readyz
 echo "== one host on NATS JetStream + Redis"
 ./target/release/wasmhook-bench --connections 32 --duration 10s \
   --url http://127.0.0.1:18081/hooks/github --admin http://127.0.0.1:19091 --json target/bench-nats-1.json
 host 2
-sleep 2
+ready curl -sf http://127.0.0.1:19092/readyz
 echo "== two hosts on the same stream, connections spread over both"
 ./target/release/wasmhook-bench --connections 32 --duration 10s \
   --url http://127.0.0.1:18081/hooks/github,http://127.0.0.1:18082/hooks/github \

@@ -312,7 +312,7 @@ impl NatsJournal {
         };
         let consumer = self.events.create_consumer(config).await?;
         tracing::info!(plugin = %want.plugin, filters = ?filters, ack_wait_ms = want.lease.as_millis() as u64, "consumer ready");
-        let matcher = crate::registry::matcher(&want.subscriptions).map_err(anyhow::Error::msg)?;
+        let matcher = crate::subscription::matcher(&want.subscriptions).map_err(anyhow::Error::msg)?;
         Ok(Queue { filters, ack_wait: want.lease, consumer, matcher })
     }
 

@@ -272,7 +272,7 @@ impl Admin {
                     version: metadata.map(|metadata| metadata.version.clone()),
                     sha256: plugin.map(|plugin| plugin.sha256.clone()),
                     loaded_at: plugin.map(|plugin| plugin.loaded_at),
-                    subscriptions: plugin.map(|plugin| plugin.subscriptions.clone()),
+                    subscriptions: plugin.map(|plugin| plugin.subscriptions.to_vec()),
                     grants: plugin.map(|plugin| {
                         let limits = plugin.component.limits();
                         serde_json::json!({

@@ -38,7 +38,7 @@ pub struct Plugin {
     /// When it was loaded, in milliseconds since the Unix epoch.
     pub loaded_at: u64,
     /// The glob patterns it subscribes to.
-    pub subscriptions: Vec<String>,
+    pub subscriptions: Arc<[String]>,
     /// The compiled code, ready to call.
     pub component: Component,
     /// How its failed deliveries are retried.
@@ -308,7 +308,7 @@ impl Registry {
             file: file.to_owned(),
             sha256,
             loaded_at: now_ms(),
-            subscriptions,
+            subscriptions: subscriptions.into(),
             component,
             retry: grants.retry,
             concurrency: grants.concurrency,
@@ -365,7 +365,7 @@ impl Registry {
             .map(|plugin| Want {
                 plugin: plugin.name.clone(),
                 free: plugin.calls.available_permits(),
-                subscriptions: plugin.subscriptions.clone(),
+                subscriptions: Arc::clone(&plugin.subscriptions),
                 lease: plugin.component.limits().timeout + lease_margin,
                 since_ms: plugin.loaded_at,
             })

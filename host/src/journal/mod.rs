@@ -315,7 +315,7 @@ pub struct Want {
     /// Calls of it that can start now; none means take nothing for it this time.
     pub free: usize,
     /// The glob patterns it subscribes to.
-    pub subscriptions: Vec<String>,
+    pub subscriptions: Arc<[String]>,
     /// How long a delivery taken for it stays leased: its timeout plus a margin.
     pub lease: Duration,
     /// When it was loaded, in milliseconds since the Unix epoch (a new queue starts there).

@@ -1029,7 +1029,7 @@ mod tests {
             .map(|name| Want {
                 plugin: (*name).to_owned(),
                 free: 10,
-                subscriptions: Vec::new(),
+                subscriptions: Arc::from([]),
                 lease: LEASE,
                 since_ms: 0,
             })

@@ -68,21 +68,22 @@ impl std::fmt::Debug for Options {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // URLs may hold credentials: show the servers only.
         f.debug_struct("Options")
-            .field("server", &server_of(&self.url))
+            .field("server", &split_credentials(&self.url).0)
             .field("stream", &self.stream)
             .field("prefix", &self.prefix)
             .field("replicas", &self.replicas)
             .field("duplicate_window", &self.duplicate_window)
             .field("retention", &self.retention)
             .field("max_pending", &self.max_pending)
-            .field("redis", &self.redis_url.as_deref().map(server_of))
+            .field("redis", &self.redis_url.as_deref().map(|url| split_credentials(url).0))
             .finish()
     }
 }
 
 /// A plugin's consumer as this host last configured it.
 struct Queue {
-    filters: Vec<String>,
+    /// What it was configured from: a want with the same needs no change.
+    subscriptions: Arc<[String]>,
     ack_wait: Duration,
     consumer: consumer::PullConsumer,
     matcher: GlobSet,
@@ -101,6 +102,7 @@ pub struct NatsJournal {
     /// Messages being worked on here, by (plugin, stream sequence, delivery count).
     leases: Mutex<HashMap<(String, u64, u32), jetstream::message::Acker>>,
     wake: Notify,
+    wake_subject: async_nats::Subject,
     backlog: AtomicU64,
     turn: AtomicUsize,
 }
@@ -129,7 +131,7 @@ impl NatsJournal {
             })
             .connect(server.as_str())
             .await
-            .map_err(|err| anyhow::anyhow!("cannot connect to NATS ({}): {err}", server_of(&options.url)))?;
+            .map_err(|err| anyhow::anyhow!("cannot connect to NATS ({server}): {err}"))?;
         let js = jetstream::ContextBuilder::new().timeout(REQUEST_TIMEOUT).build(client.clone());
         let events = open_events_stream(&js, &options, sources).await?;
         let dead = js
@@ -160,6 +162,7 @@ impl NatsJournal {
             None => None,
         };
         let mut wakeups = client.subscribe(subjects::wake_subject(&options.prefix)).await?;
+        let wake_subject = subjects::wake_subject(&options.prefix).into();
         let journal = Arc::new(NatsJournal {
             client,
             js,
@@ -171,6 +174,7 @@ impl NatsJournal {
             queues: Mutex::default(),
             leases: Mutex::default(),
             wake: Notify::new(),
+            wake_subject,
             backlog: AtomicU64::new(0),
             turn: AtomicUsize::new(0),
         });
@@ -226,7 +230,7 @@ impl NatsJournal {
             // Stored all the same; the claim still guards it for a while.
             tracing::warn!(event.id = %event.id, error = %err, "cannot extend a dedup key to its window");
         }
-        self.signal();
+        self.signal().await;
         Ok(if ack.duplicate { Accepted::Duplicate } else { Accepted::New })
     }
 
@@ -253,38 +257,40 @@ impl NatsJournal {
         self.client.server_info().max_payload
     }
 
-    /// Tells every host (this one too) that new work is in the stream.
-    fn signal(&self) {
-        let client = self.client.clone();
-        let subject = subjects::wake_subject(&self.options.prefix);
-        tokio::spawn(async move { client.publish(subject, Bytes::new()).await });
+    /// Tells every host (this one too) that new work is in the stream. The client only
+    /// queues the message; a lost signal costs at most one idle poll.
+    async fn signal(&self) {
+        let _ = self.client.publish(self.wake_subject.clone(), Bytes::new()).await;
     }
 
     /// Creates or updates the consumers of `wants` whose settings changed, and forgets the
-    /// plugins no longer wanted (the server deletes their consumers once inactive).
+    /// plugins no longer wanted (the server deletes their consumers once inactive). Costs a
+    /// lookup per plugin when nothing changed, which is every take but the first.
     async fn sync_queues(&self, wants: &[Want]) {
-        let current: HashMap<String, Arc<Queue>> = self.queues.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut next = HashMap::new();
-        for want in wants {
+        let changed: Vec<&Want> = {
+            let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+            queues.retain(|plugin, _| wants.iter().any(|want| &want.plugin == plugin));
+            wants
+                .iter()
+                .filter(|want| {
+                    !queues
+                        .get(&want.plugin)
+                        .is_some_and(|queue| queue.subscriptions == want.subscriptions && queue.ack_wait == want.lease)
+                })
+                .collect()
+        };
+        for want in changed {
             let filters = subjects::filters(&self.options.prefix, &want.subscriptions);
             if filters.is_empty() {
                 continue;
             }
-            match current.get(&want.plugin) {
-                Some(queue) if queue.filters == filters && queue.ack_wait == want.lease => {
-                    next.insert(want.plugin.clone(), Arc::clone(queue));
+            match self.configure(want, filters).await {
+                Ok(queue) => {
+                    self.queues.lock().unwrap_or_else(|e| e.into_inner()).insert(want.plugin.clone(), Arc::new(queue));
                 }
-                _ => match self.configure(want, filters).await {
-                    Ok(queue) => {
-                        next.insert(want.plugin.clone(), Arc::new(queue));
-                    }
-                    Err(err) => {
-                        tracing::error!(plugin = %want.plugin, error = %err, "cannot set up the plugin's consumer")
-                    }
-                },
+                Err(err) => tracing::error!(plugin = %want.plugin, error = %err, "cannot set up the plugin's consumer"),
             }
         }
-        *self.queues.lock().unwrap_or_else(|e| e.into_inner()) = next;
     }
 
     async fn configure(&self, want: &Want, filters: Vec<String>) -> anyhow::Result<Queue> {
@@ -313,7 +319,7 @@ impl NatsJournal {
         let consumer = self.events.create_consumer(config).await?;
         tracing::info!(plugin = %want.plugin, filters = ?filters, ack_wait_ms = want.lease.as_millis() as u64, "consumer ready");
         let matcher = crate::subscription::matcher(&want.subscriptions).map_err(anyhow::Error::msg)?;
-        Ok(Queue { filters, ack_wait: want.lease, consumer, matcher })
+        Ok(Queue { subscriptions: Arc::clone(&want.subscriptions), ack_wait: want.lease, consumer, matcher })
     }
 
     fn queue(&self, plugin: &str) -> Option<Arc<Queue>> {
@@ -432,7 +438,7 @@ impl NatsJournal {
         let (mut headers, payload) = record::event_message(event, &format!("replay:{}", uuid::Uuid::new_v4()));
         headers.insert(record::PLUGINS_HEADER, plugins.join(",").as_str());
         self.send(subject, headers, payload).await?;
-        self.signal();
+        self.signal().await;
         Ok(())
     }
 
@@ -838,11 +844,6 @@ fn split_credentials(url: &str) -> (String, Option<(String, Option<String>)>) {
     (format!("{scheme}://{server}"), Some(credentials))
 }
 
-/// The server part of a NATS URL, for messages: never its credentials.
-fn server_of(url: &str) -> &str {
-    url.rsplit_once('@').map_or(url, |(_, server)| server)
-}
-
 fn unavailable(err: impl std::fmt::Display) -> JournalError {
     JournalError::Unavailable(format!("NATS: {err}"))
 }
@@ -861,9 +862,22 @@ mod tests {
     }
 
     #[test]
-    fn credentials_never_reach_a_message() {
-        assert_eq!(server_of("nats://user:secret@nats.example:4222"), "nats.example:4222");
-        assert_eq!(server_of("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+    fn credentials_never_reach_debug_output() {
+        let options = Options {
+            url: "nats://user:secret@nats.example:4222".into(),
+            stream: "S".into(),
+            prefix: "p".into(),
+            replicas: 1,
+            duplicate_window: Duration::ZERO,
+            retention: Duration::ZERO,
+            max_pending: 1,
+            redis_url: Some("redis://:hunter2@redis.example".into()),
+        };
+        let shown = format!("{options:?}");
+        assert!(
+            shown.contains("nats.example:4222") && !shown.contains("secret") && !shown.contains("hunter2"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -351,10 +351,10 @@ fn payload_view(data: &Bytes) -> serde_json::Value {
 pub fn parse_since(text: &str) -> Result<u64, String> {
     if let Ok(time) = humantime::parse_rfc3339_weak(text) {
         let since = time.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-        return Ok(u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
+        return Ok(crate::event::millis(since));
     }
     match humantime::parse_duration(text) {
-        Ok(age) => Ok(now_ms().saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX))),
+        Ok(age) => Ok(now_ms().saturating_sub(crate::event::millis(age))),
         Err(_) => Err(format!("since = {text:?} is neither a time like 2026-11-25T08:00:00Z nor an age like 2h")),
     }
 }

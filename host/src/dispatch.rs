@@ -107,7 +107,7 @@ async fn deliver(journal: &dyn Journal, registry: &Registry, plugin: &Plugin, le
     let result = plugin.component.invoke(event, lease.attempt).await;
     drop(in_flight);
     let took = started.elapsed();
-    let duration_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+    let duration_ms = crate::event::millis(took);
     let (outcome, emitted) = settle(&plugin.name, &plugin.retry, &lease, result);
     log_outcome(plugin, &lease, &outcome, duration_ms);
     let label = match outcome {

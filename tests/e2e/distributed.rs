@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::services::{Nats, Redis};
-use crate::util::{EventStream, PATIENCE, SECRET, TestHost, example};
+use crate::util::{EventStream, PATIENCE, SECRET, TestHost, example, metric, scrape};
 
 /// Short backoffs, short leases: retries take milliseconds, a dead host's work moves in seconds.
 const FAST: &str = "[retry]\nmax_attempts = 3\nfirst_delay = \"20ms\"\nmax_delay = \"100ms\"\n";
@@ -66,19 +66,6 @@ fn wait_for_dead_letter(host: &TestHost, event_id: &str) -> serde_json::Value {
     }
 }
 
-/// The host's `wasmhook_calls_in_flight` gauge.
-fn calls_in_flight(host: &TestHost) -> f64 {
-    let text = ureq::get(&format!("{}/metrics", host.admin))
-        .call()
-        .ok()
-        .and_then(|mut response| response.body_mut().read_to_string().ok())
-        .unwrap_or_default();
-    text.lines()
-        .find_map(|line| line.strip_prefix("wasmhook_calls_in_flight "))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[test]
 fn two_hosts_share_the_work_and_run_each_event_once_per_plugin() {
     let (nats, redis) = (Nats::start(), Redis::start());
@@ -132,7 +119,7 @@ fn kill_nine_one_host_and_the_other_finishes_everything_accepted() {
     std::thread::sleep(Duration::from_millis(800));
     // Kill B while it runs calls (each takes 100 ms), so that it dies holding leased work.
     let deadline = Instant::now() + PATIENCE;
-    while calls_in_flight(&b) == 0.0 {
+    while metric(&scrape(&b), "wasmhook_calls_in_flight", &[]) == 0.0 {
         assert!(Instant::now() < deadline, "host B never ran a call; log:\n{}", b.log());
         std::thread::sleep(Duration::from_millis(5));
     }

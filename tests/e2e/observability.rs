@@ -3,30 +3,17 @@
 
 use std::process::Command;
 
-use crate::util::{SECRET, TestHost, example, plugin_wasm, workspace};
-
-/// The sum of the samples of metric `name` whose labels include every pair in `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| line.rsplit_once(' '))
-        .filter(|(series, _)| {
-            let (metric_name, rest) = series.split_once('{').unwrap_or((series, ""));
-            metric_name == name && labels.iter().all(|(key, value)| rest.contains(&format!("{key}=\"{value}\"")))
-        })
-        .filter_map(|(_, value)| value.parse::<f64>().ok())
-        .sum()
-}
-
-fn scrape(host: &TestHost) -> String {
-    let mut response = ureq::get(format!("{}/metrics", host.admin)).call().expect("scrape");
-    assert_eq!(response.status().as_u16(), 200);
-    response.body_mut().read_to_string().expect("text")
-}
+use crate::util::{SECRET, TestHost, example, metric, plugin_wasm, scrape, workspace};
 
 fn wasmhook(args: &[&str]) -> (bool, String) {
+    wasmhook_with(args, &[])
+}
+
+/// `wasmhook ARGS` with these environment variables set too.
+fn wasmhook_with(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_wasmhook"))
         .args(args)
+        .envs(env.iter().copied())
         .env_remove("WASMHOOK_ADMIN_TOKEN")
         .env_remove("WASMHOOK_ADMIN_URL")
         .output()
@@ -171,15 +158,9 @@ fn the_example_configs_pass_config_check() {
         ("CI_WEBHOOK_SECRET", "x"),
     ];
     for (file, journal) in [("wasmhook.toml", "journal: sqlite"), ("wasmhook-nats.toml", "journal: nats stream")] {
-        let path = crate::util::workspace().join("examples").join(file);
-        let output = Command::new(env!("CARGO_BIN_EXE_wasmhook"))
-            .args(["config", "check"])
-            .arg(&path)
-            .envs(secrets)
-            .output()
-            .expect("run wasmhook");
-        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-        assert!(output.status.success() && text.contains(journal), "{file}: {text}");
+        let path = workspace().join("examples").join(file);
+        let (ok, output) = wasmhook_with(&["config", "check", path.to_str().expect("path")], &secrets);
+        assert!(ok && output.contains(journal), "{file}: {output}");
     }
 }
 

@@ -513,3 +513,23 @@ impl EventStream {
         self.accepted.lock().expect("ids").clone()
     }
 }
+
+/// The sum of the samples of metric `name` whose labels include every pair in `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let (metric_name, rest) = series.split_once('{').unwrap_or((series, ""));
+            metric_name == name && labels.iter().all(|(key, value)| rest.contains(&format!("{key}=\"{value}\"")))
+        })
+        .filter_map(|(_, value)| value.parse::<f64>().ok())
+        .sum()
+}
+
+/// The host's `/metrics` text.
+pub fn scrape(host: &TestHost) -> String {
+    let mut response = ureq::get(format!("{}/metrics", host.admin)).call().expect("scrape");
+    assert_eq!(response.status().as_u16(), 200);
+    response.body_mut().read_to_string().expect("text")
+}

@@ -32,7 +32,7 @@ use super::{
     EventStatus, Expired, Journal, JournalError, Lease, NewEvent, Outcome, Route, Stats, Want,
 };
 use crate::clock::{Clock, SystemClock};
-use crate::event::Event;
+use crate::event::{Event, millis};
 
 /// The journal's file name inside the data folder.
 pub const FILE_NAME: &str = "journal.sqlite3";
@@ -202,10 +202,6 @@ fn from_sql_ms(ms: i64) -> u64 {
     u64::try_from(ms).unwrap_or(0)
 }
 
-fn duration_ms(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
 impl SqliteJournal {
     /// Opens (creating if needed) the journal in `data_dir`.
     pub fn open(data_dir: &Path, options: Options) -> Result<Self, JournalError> {
@@ -366,7 +362,7 @@ impl Journal for SqliteJournal {
         let lease = ready.iter().map(|want| want.lease).max().unwrap_or_default();
         let deadline = Instant::now() + wait;
         let names = serde_json::to_string(&plugins).map_err(json_error)?;
-        let lease_ms = duration_ms(lease);
+        let lease_ms = millis(lease);
         loop {
             if !plugins.is_empty() && max > 0 {
                 let plugins = names.clone();
@@ -464,7 +460,7 @@ impl Journal for SqliteJournal {
     }
 
     async fn expire(&self) -> Result<Expired, JournalError> {
-        let retention_ms = duration_ms(self.options.retention);
+        let retention_ms = millis(self.options.retention);
         self.call(|reply| Write::Expire { retention_ms, reply }).await
     }
 }
@@ -621,7 +617,7 @@ fn apply(tx: &mut Transaction<'_>, write: Write, now: u64) -> Applied {
 /// number of deliveries it adds.
 fn accept(tx: &Connection, new: &NewEvent, now: u64) -> Result<(Accepted, i64), JournalError> {
     let event = &new.event;
-    let expires = now.saturating_add(duration_ms(new.dedup_window));
+    let expires = now.saturating_add(millis(new.dedup_window));
     let fresh = tx
         .prepare_cached(
             "INSERT INTO dedup (source, id, expires_ms) VALUES (?1, ?2, ?3)
@@ -713,7 +709,7 @@ fn finish(
     let (status, due, error, finished) = match outcome {
         Outcome::Done => (DeliveryStatus::Done, None, None, Some(now)),
         Outcome::Retry { error, delay } => {
-            (DeliveryStatus::Retrying, Some(now.saturating_add(duration_ms(*delay))), Some(error.as_str()), None)
+            (DeliveryStatus::Retrying, Some(now.saturating_add(millis(*delay))), Some(error.as_str()), None)
         }
         Outcome::Dead { error } => (DeliveryStatus::Dead, None, Some(error.as_str()), Some(now)),
     };

@@ -116,8 +116,9 @@ impl RedisDedup {
     }
 }
 
+/// Redis refuses `PX 0`: at least one millisecond.
 fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX).max(1)
+    crate::event::millis(duration).max(1)
 }
 
 fn unreachable(err: redis::RedisError) -> JournalError {

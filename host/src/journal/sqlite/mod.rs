@@ -13,18 +13,21 @@
 //! or the end of its lease while it runs (a lease that runs out makes it due again).
 //! Finished deliveries (done, dead) have none, which keeps the index of due work small.
 //! Dedup keys live in their own table with an expiry, apart from the events they guard.
+//! The writer keeps the counts `/v1/stats` shows as it commits ([`counts`]): stats never
+//! scan the tables.
 //!
 //! One host owns the file: it holds an exclusive lock on the data folder, so at start every
 //! delivery still marked running was cut short by a crash and is made due at once.
 
+mod counts;
+
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{
@@ -33,6 +36,7 @@ use super::{
 };
 use crate::clock::{Clock, SystemClock};
 use crate::event::{Event, millis};
+use counts::{Counts, Tally};
 
 /// The journal's file name inside the data folder.
 pub const FILE_NAME: &str = "journal.sqlite3";
@@ -137,7 +141,8 @@ pub struct SqliteJournal {
     writes: mpsc::Sender<Write>,
     reader: Arc<Mutex<Connection>>,
     work: Arc<Notify>,
-    pending: Arc<AtomicU64>,
+    counts: Arc<Mutex<Counts>>,
+    clock: Arc<dyn Clock>,
     options: Options,
     writer: Option<JoinHandle<()>>,
     /// Held for the journal's life: the lock on the data folder.
@@ -168,10 +173,10 @@ enum Write {
 /// A write's answer, sent once its transaction's fate is known.
 type Answer = Box<dyn FnOnce(&Result<(), JournalError>) + Send>;
 
-/// A write's result, and how it changes the count of unfinished deliveries once committed.
+/// A write's result, and how it changes the counts once committed.
 struct Applied {
     answer: Answer,
-    pending_delta: i64,
+    tally: Tally,
 }
 
 fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, JournalError>) -> Answer {
@@ -234,27 +239,25 @@ impl SqliteJournal {
                 "deliveries were running when the host last stopped; they run again now"
             );
         }
-        let pending: i64 = writer
-            .query_row("SELECT COUNT(*) FROM deliveries WHERE due_ms IS NOT NULL", [], |row| row.get(0))
-            .map_err(open_err)?;
+        let counts = Arc::new(Mutex::new(Counts::load(&writer).map_err(open_err)?));
         let reader = Connection::open(&path).map_err(open_err)?;
         reader.busy_timeout(READ_BUSY_TIMEOUT).map_err(open_err)?;
 
-        let pending = Arc::new(AtomicU64::new(u64::try_from(pending).unwrap_or(0)));
         let work = Arc::new(Notify::new());
         let (writes, queue) = mpsc::channel(QUEUE_DEPTH);
         let thread = {
-            let (pending, work) = (Arc::clone(&pending), Arc::clone(&work));
+            let (counts, work, clock) = (Arc::clone(&counts), Arc::clone(&work), Arc::clone(&clock));
             std::thread::Builder::new()
                 .name("journal-writer".into())
-                .spawn(move || write_loop(writer, queue, clock, options.synchronous, &pending, &work))
+                .spawn(move || write_loop(writer, queue, clock.as_ref(), options.synchronous, &counts, &work))
                 .map_err(|err| JournalError::Storage(format!("cannot start the journal writer: {err}")))?
         };
         Ok(SqliteJournal {
             writes,
             reader: Arc::new(Mutex::new(reader)),
             work,
-            pending,
+            counts,
+            clock,
             options,
             writer: Some(thread),
             _lock: lock,
@@ -348,7 +351,7 @@ impl Drop for SqliteJournal {
 #[async_trait::async_trait]
 impl Journal for SqliteJournal {
     async fn accept(&self, new: NewEvent) -> Result<Accepted, JournalError> {
-        let pending = self.pending.load(Ordering::Relaxed);
+        let pending = lock(&self.counts).unfinished();
         if pending >= self.options.max_pending {
             return Err(JournalError::Full { pending, max: self.options.max_pending });
         }
@@ -395,9 +398,7 @@ impl Journal for SqliteJournal {
 
     async fn release(&self, lease: &Lease) -> Result<(), JournalError> {
         let (delivery, attempt) = (lease.delivery, lease.attempt);
-        self.call(|reply| Write::Release { delivery, attempt, reply }).await?;
-        self.work.notify_one();
-        Ok(())
+        self.call(|reply| Write::Release { delivery, attempt, reply }).await
     }
 
     async fn pending_by_plugin(&self) -> Result<std::collections::BTreeMap<String, u64>, JournalError> {
@@ -451,8 +452,7 @@ impl Journal for SqliteJournal {
     }
 
     async fn stats(&self) -> Result<Stats, JournalError> {
-        let max_pending = self.options.max_pending;
-        self.read(move |connection| read_stats(connection, max_pending)).await
+        Ok(lock(&self.counts).stats(self.options.max_pending, self.clock.now_ms()))
     }
 
     async fn ping(&self) -> Result<(), JournalError> {
@@ -465,12 +465,17 @@ impl Journal for SqliteJournal {
     }
 }
 
+/// Locks `mutex`, whether or not a thread panicked holding it (the counts stay usable).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn write_loop(
     mut connection: Connection,
     mut queue: mpsc::Receiver<Write>,
-    clock: Arc<dyn Clock>,
+    clock: &dyn Clock,
     synchronous: Synchronous,
-    pending: &AtomicU64,
+    counts: &Mutex<Counts>,
     work: &Notify,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -491,7 +496,7 @@ fn write_loop(
                 Err(err) => tracing::warn!(error = %err, "cannot change the journal's synchronous level"),
             }
         }
-        commit_batch(&mut connection, batch.drain(..), clock.now_ms(), pending, work);
+        commit_batch(&mut connection, batch.drain(..), clock.now_ms(), counts, work);
     }
 }
 
@@ -505,23 +510,31 @@ impl Write {
 }
 
 /// Runs `batch` in one transaction, each write in its own savepoint. Once the commit's fate
-/// is known, updates the count of unfinished deliveries (and wakes `take` if work was added)
-/// before answering any caller, so that an answer never runs ahead of the count.
+/// is known, updates the counts (and wakes `take` if work was added) before answering any
+/// caller, so that an answer never runs ahead of the counts.
 fn commit_batch(
     connection: &mut Connection,
     batch: impl Iterator<Item = Write>,
     now: u64,
-    pending: &AtomicU64,
+    counts: &Mutex<Counts>,
     work: &Notify,
 ) {
     let mut applied = Vec::new();
     let started = Instant::now();
     let commit = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(mut tx) => {
+        Ok(tx) => {
+            let mut broken = None;
             for write in batch {
-                applied.push(apply(&mut tx, write, now));
+                let (done, undo_failed) = apply(&tx, write, now);
+                applied.push(done);
+                broken = broken.or(undo_failed);
             }
-            tx.commit().map_err(storage)
+            // A write that could not be undone leaves the transaction in doubt: none of it
+            // commits (dropping `tx` rolls it back).
+            match broken {
+                None => tx.commit().map_err(storage),
+                Some(err) => Err(err),
+            }
         }
         Err(err) => {
             let err = storage(err);
@@ -532,13 +545,14 @@ fn commit_batch(
     match &commit {
         Ok(()) => {
             crate::metrics::journal_commit(applied.len(), started.elapsed());
-            let delta: i64 = applied.iter().map(|applied| applied.pending_delta).sum();
-            if delta != 0 {
-                let _ = pending
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| Some(now.saturating_add_signed(delta)));
-            }
             // Wake `take` when any write added work, even if another finished some.
-            if applied.iter().any(|applied| applied.pending_delta > 0) {
+            let adds_work = applied.iter().any(|applied| applied.tally.adds_work());
+            let mut counts = lock(counts);
+            for applied in &mut applied {
+                counts.apply(std::mem::take(&mut applied.tally), now);
+            }
+            drop(counts);
+            if adds_work {
                 work.notify_one();
             }
         }
@@ -561,61 +575,66 @@ fn refuse(write: Write, err: &JournalError) -> Applied {
         Write::Expire { reply, .. } => answer(reply, Err(failed())),
         Write::Ping { reply } | Write::Release { reply, .. } => answer(reply, Err(failed())),
     };
-    Applied { answer, pending_delta: 0 }
+    Applied { answer, tally: Tally::default() }
 }
 
-/// Runs one write in a savepoint: all of it or none of it.
-fn apply(tx: &mut Transaction<'_>, write: Write, now: u64) -> Applied {
+/// Runs `body` in a savepoint, whose statements are prepared once: all of it or none of it.
+/// The error beside the result is set when a failed write could not be undone.
+fn in_savepoint<T>(
+    connection: &Connection,
+    body: impl FnOnce(&Connection) -> Result<T, JournalError>,
+) -> (Result<T, JournalError>, Option<JournalError>) {
+    let step =
+        |sql: &str| connection.prepare_cached(sql).and_then(|mut statement| statement.execute([])).map_err(storage);
+    if let Err(err) = step("SAVEPOINT write") {
+        return (Err(err), None);
+    }
+    match body(connection) {
+        Ok(value) => match step("RELEASE write") {
+            Ok(_) => (Ok(value), None),
+            Err(err) => (Err(JournalError::Storage(err.to_string())), Some(err)),
+        },
+        Err(err) => match step("ROLLBACK TO write").and_then(|_| step("RELEASE write")) {
+            Ok(_) => (Err(err), None),
+            Err(undo) => (Err(err), Some(undo)),
+        },
+    }
+}
+
+/// Runs one write in a savepoint; returns its answer and tally, and the error that makes the
+/// whole transaction fail if the write could not be undone.
+fn apply(tx: &Connection, write: Write, now: u64) -> (Applied, Option<JournalError>) {
     fn run<T: Send + 'static>(
-        tx: &mut Transaction<'_>,
+        tx: &Connection,
         reply: Reply<T>,
-        body: impl FnOnce(&Connection) -> Result<(T, i64), JournalError>,
-    ) -> Applied {
-        let result = tx.savepoint().map_err(storage).and_then(|savepoint| {
-            let done = body(&savepoint)?;
-            savepoint.commit().map_err(storage)?;
-            Ok(done)
-        });
-        match result {
-            Ok((value, pending_delta)) => Applied { answer: answer(reply, Ok(value)), pending_delta },
-            Err(err) => Applied { answer: answer(reply, Err(err)), pending_delta: 0 },
-        }
+        body: impl FnOnce(&Connection, &mut Tally) -> Result<T, JournalError>,
+    ) -> (Applied, Option<JournalError>) {
+        let mut tally = Tally::default();
+        let (result, broken) = in_savepoint(tx, |tx| body(tx, &mut tally));
+        let tally = if result.is_ok() { tally } else { Tally::default() };
+        (Applied { answer: answer(reply, result), tally }, broken)
     }
     match write {
-        Write::Accept { new, reply } => run(tx, reply, |tx| accept(tx, &new, now)),
+        Write::Accept { new, reply } => run(tx, reply, |tx, tally| accept(tx, &new, now, tally)),
         Write::Take { plugins, max, lease_ms, reply } => {
-            run(tx, reply, |tx| Ok((take(tx, &plugins, max, now, now.saturating_add(lease_ms))?, 0)))
+            run(tx, reply, |tx, tally| take(tx, &plugins, max, now, now.saturating_add(lease_ms), tally))
         }
         Write::Finish { delivery, attempt, outcome, sha256, emitted, reply } => {
-            run(tx, reply, |tx| finish(tx, delivery, attempt, &outcome, &sha256, &emitted, now))
+            run(tx, reply, |tx, tally| finish(tx, delivery, attempt, &outcome, &sha256, &emitted, now, tally))
         }
-        Write::ReplayDead { selector, reply } => run(tx, reply, |tx| {
-            let made_due = replay_dead(tx, &selector, now)?;
-            Ok((made_due, i64::try_from(made_due).unwrap_or(i64::MAX)))
-        }),
-        Write::PurgeDead { selector, reply } => run(tx, reply, |tx| Ok((purge_dead(tx, &selector)?, 0))),
-        Write::Redeliver { items, reply } => run(tx, reply, |tx| {
-            let made_due = redeliver(tx, &items, now)?;
-            Ok((made_due, i64::try_from(made_due).unwrap_or(i64::MAX)))
-        }),
-        Write::Expire { retention_ms, reply } => run(tx, reply, |tx| Ok((expire(tx, now, retention_ms)?, 0))),
-        Write::Ping { reply } => run(tx, reply, |_| Ok(((), 0))),
-        Write::Release { delivery, attempt, reply } => run(tx, reply, |tx| {
-            tx.prepare_cached(
-                "UPDATE deliveries SET attempts = attempts - 1, due_ms = ?3,
-                        status = CASE WHEN attempts = 1 THEN 'pending' ELSE 'retrying' END
-                 WHERE seq = ?1 AND attempts = ?2 AND status = 'running'",
-            )
-            .and_then(|mut update| update.execute(params![delivery, attempt, sql_ms(now)]))
-            .map_err(storage)?;
-            Ok(((), 0))
-        }),
+        Write::ReplayDead { selector, reply } => run(tx, reply, |tx, tally| replay_dead(tx, &selector, now, tally)),
+        Write::PurgeDead { selector, reply } => run(tx, reply, |tx, tally| purge_dead(tx, &selector, tally)),
+        Write::Redeliver { items, reply } => run(tx, reply, |tx, tally| redeliver(tx, &items, now, tally)),
+        Write::Expire { retention_ms, reply } => run(tx, reply, |tx, tally| expire(tx, now, retention_ms, tally)),
+        Write::Ping { reply } => run(tx, reply, |_, _| Ok(())),
+        Write::Release { delivery, attempt, reply } => {
+            run(tx, reply, |tx, tally| release(tx, delivery, attempt, now, tally))
+        }
     }
 }
 
-/// Stores the event unless its key is within its dedup window. Returns the result and the
-/// number of deliveries it adds.
-fn accept(tx: &Connection, new: &NewEvent, now: u64) -> Result<(Accepted, i64), JournalError> {
+/// Stores the event unless its key is within its dedup window.
+fn accept(tx: &Connection, new: &NewEvent, now: u64, tally: &mut Tally) -> Result<Accepted, JournalError> {
     let event = &new.event;
     let expires = now.saturating_add(millis(new.dedup_window));
     let fresh = tx
@@ -626,7 +645,7 @@ fn accept(tx: &Connection, new: &NewEvent, now: u64) -> Result<(Accepted, i64), 
         .and_then(|mut upsert| upsert.execute(params![event.source, event.id, sql_ms(expires), sql_ms(now)]))
         .map_err(storage)?;
     if fresh == 0 {
-        return Ok((Accepted::Duplicate, 0));
+        return Ok(Accepted::Duplicate);
     }
     let attributes = serde_json::to_string(&event.attributes).map_err(json_error)?;
     tx.prepare_cached(
@@ -652,15 +671,23 @@ fn accept(tx: &Connection, new: &NewEvent, now: u64) -> Result<(Accepted, i64), 
     for plugin in &new.plugins {
         insert.execute(params![event_seq, plugin, sql_ms(now)]).map_err(storage)?;
     }
-    Ok((Accepted::New, i64::try_from(new.plugins.len()).unwrap_or(i64::MAX)))
+    tally.event_stored(new.plugins.len());
+    Ok(Accepted::New)
 }
 
-fn take(tx: &Connection, plugins: &str, max: usize, now: u64, lease_until: u64) -> Result<Vec<Lease>, JournalError> {
+fn take(
+    tx: &Connection,
+    plugins: &str,
+    max: usize,
+    now: u64,
+    lease_until: u64,
+    tally: &mut Tally,
+) -> Result<Vec<Lease>, JournalError> {
     let mut leases = Vec::new();
     {
         let mut select = tx
             .prepare_cached(
-                "SELECT d.seq, d.plugin, d.attempts, e.source, e.id, e.event_type, e.time_ms,
+                "SELECT d.seq, d.plugin, d.attempts, d.status, e.source, e.id, e.event_type, e.time_ms,
                         e.content_type, e.data, e.attributes
                  FROM deliveries d JOIN events e ON e.seq = d.event_seq
                  WHERE d.due_ms <= ?1 AND d.plugin IN (SELECT value FROM json_each(?2))
@@ -670,19 +697,25 @@ fn take(tx: &Connection, plugins: &str, max: usize, now: u64, lease_until: u64) 
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let mut rows = select.query(params![sql_ms(now), plugins, limit]).map_err(storage)?;
         while let Some(row) = rows.next().map_err(storage)? {
-            let attributes: String = row.get(9).map_err(storage)?;
+            let attributes: String = row.get(10).map_err(storage)?;
             let previous_attempts: u32 = row.get(2).map_err(storage)?;
+            let plugin: String = row.get(1).map_err(storage)?;
+            tally.moved(
+                &plugin,
+                DeliveryStatus::parse(&row.get::<_, String>(3).map_err(storage)?),
+                DeliveryStatus::Running,
+            );
             leases.push(Lease {
                 delivery: row.get(0).map_err(storage)?,
-                plugin: row.get(1).map_err(storage)?,
+                plugin,
                 attempt: previous_attempts + 1,
                 event: Arc::new(Event {
-                    source: row.get(3).map_err(storage)?,
-                    id: row.get(4).map_err(storage)?,
-                    event_type: row.get(5).map_err(storage)?,
-                    time_ms: from_sql_ms(row.get(6).map_err(storage)?),
-                    content_type: row.get(7).map_err(storage)?,
-                    data: Bytes::from(row.get::<_, Vec<u8>>(8).map_err(storage)?),
+                    source: row.get(4).map_err(storage)?,
+                    id: row.get(5).map_err(storage)?,
+                    event_type: row.get(6).map_err(storage)?,
+                    time_ms: from_sql_ms(row.get(7).map_err(storage)?),
+                    content_type: row.get(8).map_err(storage)?,
+                    data: Bytes::from(row.get::<_, Vec<u8>>(9).map_err(storage)?),
                     attributes: serde_json::from_str(&attributes).map_err(json_error)?,
                 }),
             });
@@ -697,6 +730,7 @@ fn take(tx: &Connection, plugins: &str, max: usize, now: u64, lease_until: u64) 
     Ok(leases)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn finish(
     tx: &Connection,
     delivery: i64,
@@ -705,7 +739,8 @@ fn finish(
     sha256: &str,
     emitted: &[NewEvent],
     now: u64,
-) -> Result<(bool, i64), JournalError> {
+    tally: &mut Tally,
+) -> Result<bool, JournalError> {
     let (status, due, error, finished) = match outcome {
         Outcome::Done => (DeliveryStatus::Done, None, None, Some(now)),
         Outcome::Retry { error, delay } => {
@@ -713,28 +748,27 @@ fn finish(
         }
         Outcome::Dead { error } => (DeliveryStatus::Dead, None, Some(error.as_str()), Some(now)),
     };
-    let settled = tx
+    let settled: Option<String> = tx
         .prepare_cached(
             "UPDATE deliveries SET status = ?3, due_ms = ?4, last_error = COALESCE(?5, last_error), finished_ms = ?6,
                     sha256 = ?7
-             WHERE seq = ?1 AND attempts = ?2 AND status = 'running'",
+             WHERE seq = ?1 AND attempts = ?2 AND status = 'running'
+             RETURNING plugin",
         )
         .and_then(|mut update| {
-            update.execute(params![
-                delivery,
-                attempt,
-                status.as_str(),
-                due.map(sql_ms),
-                error,
-                finished.map(sql_ms),
-                sha256
-            ])
+            update
+                .query_row(
+                    params![delivery, attempt, status.as_str(), due.map(sql_ms), error, finished.map(sql_ms), sha256],
+                    |row| row.get(0),
+                )
+                .optional()
         })
         .map_err(storage)?;
-    if settled == 0 {
+    let Some(plugin) = settled else {
         tracing::warn!(delivery, attempt, "lease ran out before the attempt finished; its result is dropped");
-        return Ok((false, 0));
-    }
+        return Ok(false);
+    };
+    tally.moved(&plugin, DeliveryStatus::Running, status);
     if let Some(error) = error {
         tx.prepare_cached(
             "INSERT INTO delivery_errors (delivery_seq, attempt, time_ms, error) VALUES (?1, ?2, ?3, ?4)",
@@ -742,11 +776,29 @@ fn finish(
         .and_then(|mut insert| insert.execute(params![delivery, attempt, sql_ms(now), error]))
         .map_err(storage)?;
     }
-    let mut delta = if status == DeliveryStatus::Retrying { 0 } else { -1 };
     for new in emitted {
-        delta += accept(tx, new, now)?.1;
+        accept(tx, new, now, tally)?;
     }
-    Ok((true, delta))
+    Ok(true)
+}
+
+/// Gives a lease back: due now, its attempt not counted.
+fn release(tx: &Connection, delivery: i64, attempt: u32, now: u64, tally: &mut Tally) -> Result<(), JournalError> {
+    let released: Option<(String, String)> = tx
+        .prepare_cached(
+            "UPDATE deliveries SET attempts = attempts - 1, due_ms = ?3,
+                    status = CASE WHEN attempts = 1 THEN 'pending' ELSE 'retrying' END
+             WHERE seq = ?1 AND attempts = ?2 AND status = 'running'
+             RETURNING plugin, status",
+        )
+        .and_then(|mut update| {
+            update.query_row(params![delivery, attempt, sql_ms(now)], |row| Ok((row.get(0)?, row.get(1)?))).optional()
+        })
+        .map_err(storage)?;
+    if let Some((plugin, status)) = released {
+        tally.moved(&plugin, DeliveryStatus::Running, DeliveryStatus::parse(&status));
+    }
+    Ok(())
 }
 
 /// The SQL condition choosing dead letters, and its one parameter.
@@ -760,28 +812,55 @@ fn dead_filter(selector: &DeadSelector) -> Result<(&'static str, String), Journa
     })
 }
 
-fn replay_dead(tx: &Connection, selector: &DeadSelector, now: u64) -> Result<u64, JournalError> {
+fn replay_dead(tx: &Connection, selector: &DeadSelector, now: u64, tally: &mut Tally) -> Result<u64, JournalError> {
     let (filter, value) = dead_filter(selector)?;
     let sql = format!(
         "UPDATE deliveries SET status = 'pending', attempts = 0, due_ms = ?2, finished_ms = NULL
-         WHERE status = 'dead' AND {filter}"
+         WHERE status = 'dead' AND {filter} RETURNING plugin"
     );
-    let changed = tx.execute(&sql, params![value, sql_ms(now)]).map_err(storage)?;
-    Ok(changed as u64)
+    let plugins: Vec<String> = tx
+        .prepare(&sql)
+        .and_then(|mut update| update.query_map(params![value, sql_ms(now)], |row| row.get(0))?.collect())
+        .map_err(storage)?;
+    for plugin in &plugins {
+        tally.moved(plugin, DeliveryStatus::Dead, DeliveryStatus::Pending);
+    }
+    Ok(plugins.len() as u64)
 }
 
-fn purge_dead(tx: &Connection, selector: &DeadSelector) -> Result<u64, JournalError> {
+fn purge_dead(tx: &Connection, selector: &DeadSelector, tally: &mut Tally) -> Result<u64, JournalError> {
     let (filter, value) = dead_filter(selector)?;
     let errors = format!(
         "DELETE FROM delivery_errors WHERE delivery_seq IN (SELECT seq FROM deliveries WHERE status = 'dead' AND {filter})"
     );
     tx.execute(&errors, [&value]).map_err(storage)?;
-    let deliveries = format!("DELETE FROM deliveries WHERE status = 'dead' AND {filter}");
-    let purged = tx.execute(&deliveries, [&value]).map_err(storage)?;
-    Ok(purged as u64)
+    let deliveries = format!("DELETE FROM deliveries WHERE status = 'dead' AND {filter} RETURNING plugin, event_seq");
+    let purged: Vec<(String, i64)> = tx
+        .prepare(&deliveries)
+        .and_then(|mut delete| delete.query_map([&value], |row| Ok((row.get(0)?, row.get(1)?)))?.collect())
+        .map_err(storage)?;
+    // An event whose every delivery was purged is left with none, as if unrouted.
+    let mut events: Vec<i64> = purged.iter().map(|(_, event_seq)| *event_seq).collect();
+    events.sort_unstable();
+    events.dedup();
+    let mut any =
+        tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM deliveries WHERE event_seq = ?1)").map_err(storage)?;
+    for event_seq in events {
+        if !any.query_row([event_seq], |row| row.get::<_, bool>(0)).map_err(storage)? {
+            tally.unrouted();
+        }
+    }
+    for (plugin, _) in &purged {
+        tally.removed(plugin, DeliveryStatus::Dead);
+    }
+    Ok(purged.len() as u64)
 }
 
-fn redeliver(tx: &Connection, items: &[(i64, Vec<String>)], now: u64) -> Result<u64, JournalError> {
+fn redeliver(tx: &Connection, items: &[(i64, Vec<String>)], now: u64, tally: &mut Tally) -> Result<u64, JournalError> {
+    let mut before =
+        tx.prepare_cached("SELECT status FROM deliveries WHERE event_seq = ?1 AND plugin = ?2").map_err(storage)?;
+    let mut any =
+        tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM deliveries WHERE event_seq = ?1)").map_err(storage)?;
     let mut upsert = tx
         .prepare_cached(
             "INSERT INTO deliveries (event_seq, plugin, status, attempts, due_ms)
@@ -794,13 +873,29 @@ fn redeliver(tx: &Connection, items: &[(i64, Vec<String>)], now: u64) -> Result<
     let mut made_due = 0;
     for (event_seq, plugins) in items {
         for plugin in plugins {
-            made_due += upsert.execute(params![event_seq, plugin, sql_ms(now)]).map_err(storage)? as u64;
+            let status: Option<String> =
+                before.query_row(params![event_seq, plugin], |row| row.get(0)).optional().map_err(storage)?;
+            let routed =
+                status.is_some() || any.query_row([event_seq], |row| row.get::<_, bool>(0)).map_err(storage)?;
+            if upsert.execute(params![event_seq, plugin, sql_ms(now)]).map_err(storage)? == 0 {
+                continue;
+            }
+            made_due += 1;
+            match status {
+                Some(status) => tally.moved(plugin, DeliveryStatus::parse(&status), DeliveryStatus::Pending),
+                None => {
+                    tally.added(plugin, DeliveryStatus::Pending);
+                    if !routed {
+                        tally.routed();
+                    }
+                }
+            }
         }
     }
     Ok(made_due)
 }
 
-fn expire(tx: &Connection, now: u64, retention_ms: u64) -> Result<Expired, JournalError> {
+fn expire(tx: &Connection, now: u64, retention_ms: u64, tally: &mut Tally) -> Result<Expired, JournalError> {
     let limit = i64::try_from(PAGE * 10).unwrap_or(i64::MAX);
     let dedup_keys = tx
         .execute(
@@ -822,6 +917,13 @@ fn expire(tx: &Connection, now: u64, retention_ms: u64) -> Result<Expired, Journ
         tx.execute_batch("CREATE TEMP TABLE IF NOT EXISTS expiring (seq INTEGER PRIMARY KEY); DELETE FROM expiring;")
             .map_err(storage)?;
         tx.execute("INSERT INTO expiring SELECT value FROM json_each(?1)", [&seqs]).map_err(storage)?;
+        let count = |sql: &str| {
+            tx.query_row(sql, [], |row| row.get::<_, i64>(0)).map(|n| u64::try_from(n).unwrap_or(0)).map_err(storage)
+        };
+        let unrouted = count(
+            "SELECT COUNT(*) FROM expiring x WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = x.seq)",
+        )?;
+        let done = count("SELECT COUNT(*) FROM deliveries WHERE event_seq IN (SELECT seq FROM expiring)")?;
         tx.execute_batch(
             "DELETE FROM delivery_errors WHERE delivery_seq IN
                  (SELECT seq FROM deliveries WHERE event_seq IN (SELECT seq FROM expiring));
@@ -829,6 +931,8 @@ fn expire(tx: &Connection, now: u64, retention_ms: u64) -> Result<Expired, Journ
              DELETE FROM events WHERE seq IN (SELECT seq FROM expiring);",
         )
         .map_err(storage)?;
+        tally.events_removed(handled.len() as u64, unrouted);
+        tally.done_removed(done);
     }
     Ok(Expired { dedup_keys, events: handled.len() as u64 })
 }
@@ -934,43 +1038,6 @@ fn read_replay_page(connection: &Connection, since_ms: u64, after: i64) -> rusql
         .prepare_cached("SELECT seq, event_type FROM events WHERE time_ms >= ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")?
         .query_map(params![sql_ms(since_ms), after, limit], |row| Ok((row.get(0)?, row.get(1)?)))?
         .collect()
-}
-
-fn read_stats(connection: &Connection, max_pending: u64) -> rusqlite::Result<Stats> {
-    let count =
-        |sql: &str| connection.query_row(sql, [], |row| row.get::<_, i64>(0)).map(|n| u64::try_from(n).unwrap_or(0));
-    let mut stats = Stats {
-        events: count("SELECT COUNT(*) FROM events")?,
-        unrouted: count(
-            "SELECT COUNT(*) FROM events e WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq)",
-        )?,
-        max_pending,
-        ..Stats::default()
-    };
-    let minute_ago = sql_ms(crate::event::now_ms().saturating_sub(60_000));
-    let since = |sql: &str| {
-        connection.query_row(sql, [minute_ago], |row| row.get::<_, i64>(0)).map(|n| u64::try_from(n).unwrap_or(0))
-    };
-    stats.accepted_last_minute = since("SELECT COUNT(*) FROM events WHERE time_ms >= ?1")?;
-    stats.done_last_minute = since("SELECT COUNT(*) FROM deliveries WHERE status = 'done' AND finished_ms >= ?1")?;
-    stats.dead_by_plugin = connection
-        .prepare_cached("SELECT plugin, COUNT(*) FROM deliveries WHERE status = 'dead' GROUP BY plugin")?
-        .query_map([], |row| Ok((row.get::<_, String>(0)?, u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0))))?
-        .collect::<rusqlite::Result<_>>()?;
-    let mut by_status = connection.prepare_cached("SELECT status, COUNT(*) FROM deliveries GROUP BY status")?;
-    let rows = by_status.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?;
-    for row in rows {
-        let (status, n) = row?;
-        let n = u64::try_from(n).unwrap_or(0);
-        match DeliveryStatus::parse(&status) {
-            DeliveryStatus::Pending => stats.pending = n,
-            DeliveryStatus::Running => stats.running = n,
-            DeliveryStatus::Retrying => stats.retrying = n,
-            DeliveryStatus::Done => stats.done = n,
-            DeliveryStatus::Dead => stats.dead = n,
-        }
-    }
-    Ok(stats)
 }
 
 #[cfg(test)]
@@ -1257,5 +1324,108 @@ mod tests {
         let stats = f.journal.stats().await.expect("stats");
         assert_eq!((stats.events, stats.done, stats.pending, stats.max_pending), (2, 2, 1, 2));
         f.journal.ping().await.expect("writable");
+    }
+
+    /// One step of the sequences the counting property runs.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Accept { id: u8, plugins: u8 },
+        Take { plugins: u8 },
+        Finish { lease: usize, outcome: u8, emit: bool },
+        Release { lease: usize },
+        Advance { seconds: u32 },
+        ReplayDead { all: bool },
+        PurgeDead { all: bool },
+        Replay,
+        Expire,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (0..12_u8, 0..4_u8).prop_map(|(id, plugins)| Step::Accept { id, plugins }),
+            3 => (1..4_u8).prop_map(|plugins| Step::Take { plugins }),
+            3 => (0..8_usize, 0..3_u8, any::<bool>()).prop_map(|(lease, outcome, emit)| Step::Finish { lease, outcome, emit }),
+            1 => (0..8_usize).prop_map(|lease| Step::Release { lease }),
+            1 => prop_oneof![Just(1_u32), Just(61), Just(4000)].prop_map(|seconds| Step::Advance { seconds }),
+            1 => any::<bool>().prop_map(|all| Step::ReplayDead { all }),
+            1 => any::<bool>().prop_map(|all| Step::PurgeDead { all }),
+            1 => Just(Step::Replay),
+            1 => Just(Step::Expire),
+        ]
+    }
+
+    fn named(mask: u8) -> Vec<&'static str> {
+        [(1, "a"), (2, "b")].into_iter().filter(|(bit, _)| mask & bit != 0).map(|(_, name)| name).collect()
+    }
+
+    impl Fixture {
+        /// The counts the writer kept, and the same counted afresh from the tables.
+        fn kept_and_recounted(&self) -> (Stats, Stats) {
+            let recounted = Counts::load(&lock(&self.journal.reader)).expect("recount").stored();
+            (lock(&self.journal.counts).stored(), recounted)
+        }
+
+        async fn run(&self, step: Step, held: &mut Vec<Lease>, n: &mut u32) {
+            let retention = Options::default().retention;
+            match step {
+                Step::Accept { id, plugins } => {
+                    self.journal.accept(new("github", &id.to_string(), &named(plugins))).await.expect("accept");
+                }
+                Step::Take { plugins } => held.extend(self.take(&named(plugins)).await),
+                Step::Finish { lease, outcome, emit } if !held.is_empty() => {
+                    let lease = held.remove(lease % held.len());
+                    let outcome = match outcome {
+                        0 => Outcome::Done,
+                        1 => Outcome::Retry { error: "busy".into(), delay: Duration::from_secs(30) },
+                        _ => Outcome::Dead { error: "no".into() },
+                    };
+                    *n += 1;
+                    let emitted = if emit { vec![new("plugin.a", &format!("child-{n}"), &["b"])] } else { Vec::new() };
+                    self.journal.finish(&lease, outcome, "v1", emitted).await.expect("finish");
+                }
+                Step::Release { lease } if !held.is_empty() => {
+                    self.journal.release(&held.remove(lease % held.len())).await.expect("release");
+                }
+                Step::Finish { .. } | Step::Release { .. } => {}
+                Step::Advance { seconds } => self.clock.advance(u64::from(seconds) * 1000),
+                Step::ReplayDead { all } => {
+                    let selector = if all { DeadSelector::All } else { DeadSelector::Plugin("a".into()) };
+                    self.journal.replay_dead(selector).await.expect("replay dead");
+                }
+                Step::PurgeDead { all } => {
+                    let selector = if all { DeadSelector::All } else { DeadSelector::Plugin("b".into()) };
+                    self.journal.purge_dead(selector).await.expect("purge");
+                }
+                Step::Replay => {
+                    let route = |_: &str| vec!["a".to_owned()];
+                    self.journal.replay(0, &route).await.expect("replay");
+                }
+                Step::Expire => {
+                    self.clock.advance(millis(retention));
+                    self.journal.expire().await.expect("expire");
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Whatever the writes, the counts the writer keeps equal a recount of the tables.
+        #[test]
+        fn the_counts_kept_while_writing_equal_a_recount(steps in proptest::collection::vec(step(), 1..60)) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async {
+                let f = open(Options::default());
+                let (mut held, mut n) = (Vec::new(), 0);
+                for step in steps {
+                    let shown = format!("{step:?}");
+                    f.run(step, &mut held, &mut n).await;
+                    let (kept, recounted) = f.kept_and_recounted();
+                    assert_eq!(kept, recounted, "after {shown}");
+                }
+            });
+        }
     }
 }

@@ -84,8 +84,8 @@ pub async fn run(
             };
             let (journal, registry) = (Arc::clone(&journal), Arc::clone(&registry));
             calls.spawn(async move {
-                deliver(journal.as_ref(), &registry, &plugin, lease).await;
-                drop((permit, slot));
+                deliver(journal.as_ref(), &registry, &plugin, permit, lease).await;
+                drop(slot);
             });
         }
     }
@@ -99,13 +99,22 @@ pub async fn run(
     }
 }
 
-/// Runs one leased delivery on `plugin` (its permit already held) and records how it ended.
-async fn deliver(journal: &dyn Journal, registry: &Registry, plugin: &Plugin, lease: Lease) {
+/// Runs one leased delivery on `plugin` and records how it ended. The plugin's `permit` is
+/// given back as soon as the call returns: recording the outcome waits for the journal (an
+/// fsync when it shares a commit with accepted events), not for the plugin, so the plugin's
+/// next call need not wait for it. The worker slot stays held until the outcome is recorded.
+async fn deliver(
+    journal: &dyn Journal,
+    registry: &Registry,
+    plugin: &Plugin,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    lease: Lease,
+) {
     let event = &lease.event;
     let started = Instant::now();
     let in_flight = metrics::InFlight::start();
     let result = plugin.component.invoke(event, lease.attempt).await;
-    drop(in_flight);
+    drop((in_flight, permit));
     let took = started.elapsed();
     let duration_ms = crate::event::millis(took);
     let (outcome, emitted) = settle(&plugin.name, &plugin.retry, &lease, result);

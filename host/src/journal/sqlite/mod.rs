@@ -9,17 +9,19 @@
 //! runs in its own savepoint, so a failing one leaves nothing half-done. Reads for the
 //! admin API use a second connection, which WAL lets run beside the writer.
 //!
-//! A delivery's `due_ms` is when it next needs attention: its first attempt, its next retry,
-//! or the end of its lease while it runs (a lease that runs out makes it due again).
-//! Finished deliveries (done, dead) have none, which keeps the index of due work small.
+//! A delivery's `due_ms` is when it next needs attention: its first attempt or its next
+//! retry. Finished deliveries (done, dead) have none, which keeps the index of due work small.
+//! Leases are held in memory ([`leases`]): taking a delivery writes nothing, and its outcome
+//! is its one write.
 //! Dedup keys live in their own table with an expiry, apart from the events they guard.
 //! The writer keeps the counts `/v1/stats` shows as it commits ([`counts`]): stats never
 //! scan the tables.
 //!
-//! One host owns the file: it holds an exclusive lock on the data folder, so at start every
-//! delivery still marked running was cut short by a crash and is made due at once.
+//! One host owns the file: it holds an exclusive lock on the data folder, so the leases it
+//! forgets in a crash belong to nobody else, and their deliveries are due at the next start.
 
 mod counts;
+mod leases;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -37,6 +39,7 @@ use super::{
 use crate::clock::{Clock, SystemClock};
 use crate::event::{Event, millis};
 use counts::{Counts, Tally};
+use leases::Leases;
 
 /// The journal's file name inside the data folder.
 pub const FILE_NAME: &str = "journal.sqlite3";
@@ -141,7 +144,7 @@ pub struct SqliteJournal {
     writes: mpsc::Sender<Write>,
     reader: Arc<Mutex<Connection>>,
     work: Arc<Notify>,
-    counts: Arc<Mutex<Counts>>,
+    tracked: Arc<Mutex<Tracked>>,
     clock: Arc<dyn Clock>,
     options: Options,
     writer: Option<JoinHandle<()>>,
@@ -167,11 +170,34 @@ enum Write {
     Redeliver { items: Vec<(i64, Vec<String>)>, reply: Reply<u64> },
     Expire { retention_ms: u64, reply: Reply<Expired> },
     Ping { reply: Reply<()> },
-    Release { delivery: i64, attempt: u32, reply: Reply<()> },
 }
 
 /// A write's answer, sent once its transaction's fate is known.
 type Answer = Box<dyn FnOnce(&Result<(), JournalError>) + Send>;
+
+/// What the writer keeps in memory beside the file: the counts and the leases, under one lock
+/// so that stats see both at the same moment.
+#[derive(Debug)]
+struct Tracked {
+    counts: Counts,
+    leases: Leases,
+}
+
+impl Tracked {
+    /// Adds a committed write's changes.
+    fn apply(&mut self, tally: Tally, now_ms: u64) {
+        if let Some((delivery, attempt)) = tally.settled {
+            self.leases.settled(delivery, attempt);
+        }
+        self.counts.apply(tally, now_ms);
+    }
+
+    fn stats(&self, max_pending: u64, now_ms: u64) -> Stats {
+        let mut stats = self.counts.stats(max_pending, now_ms);
+        self.leases.overlay_stats(&mut stats);
+        stats
+    }
+}
 
 /// A write's result, and how it changes the counts once committed.
 struct Applied {
@@ -230,8 +256,13 @@ impl SqliteJournal {
             .and_then(|()| writer.pragma_update(None, "synchronous", synchronous))
             .map_err(open_err)?;
         migrate(&mut writer, &path)?;
+        // Earlier versions marked leased deliveries as running on disk.
         let interrupted = writer
-            .execute("UPDATE deliveries SET due_ms = ?1 WHERE status = 'running'", [sql_ms(clock.now_ms())])
+            .execute(
+                "UPDATE deliveries SET due_ms = ?1, status = CASE WHEN attempts = 0 THEN 'pending' ELSE 'retrying' END
+                 WHERE status = 'running'",
+                [sql_ms(clock.now_ms())],
+            )
             .map_err(open_err)?;
         if interrupted > 0 {
             tracing::warn!(
@@ -239,24 +270,25 @@ impl SqliteJournal {
                 "deliveries were running when the host last stopped; they run again now"
             );
         }
-        let counts = Arc::new(Mutex::new(Counts::load(&writer).map_err(open_err)?));
+        let counts = Counts::load(&writer).map_err(open_err)?;
+        let tracked = Arc::new(Mutex::new(Tracked { counts, leases: Leases::default() }));
         let reader = Connection::open(&path).map_err(open_err)?;
         reader.busy_timeout(READ_BUSY_TIMEOUT).map_err(open_err)?;
 
         let work = Arc::new(Notify::new());
         let (writes, queue) = mpsc::channel(QUEUE_DEPTH);
         let thread = {
-            let (counts, work, clock) = (Arc::clone(&counts), Arc::clone(&work), Arc::clone(&clock));
+            let (tracked, work, clock) = (Arc::clone(&tracked), Arc::clone(&work), Arc::clone(&clock));
             std::thread::Builder::new()
                 .name("journal-writer".into())
-                .spawn(move || write_loop(writer, queue, clock.as_ref(), options.synchronous, &counts, &work))
+                .spawn(move || write_loop(writer, queue, clock.as_ref(), options.synchronous, &tracked, &work))
                 .map_err(|err| JournalError::Storage(format!("cannot start the journal writer: {err}")))?
         };
         Ok(SqliteJournal {
             writes,
             reader: Arc::new(Mutex::new(reader)),
             work,
-            counts,
+            tracked,
             clock,
             options,
             writer: Some(thread),
@@ -351,7 +383,7 @@ impl Drop for SqliteJournal {
 #[async_trait::async_trait]
 impl Journal for SqliteJournal {
     async fn accept(&self, new: NewEvent) -> Result<Accepted, JournalError> {
-        let pending = lock(&self.counts).unfinished();
+        let pending = lock(&self.tracked).counts.unfinished();
         if pending >= self.options.max_pending {
             return Err(JournalError::Full { pending, max: self.options.max_pending });
         }
@@ -397,8 +429,10 @@ impl Journal for SqliteJournal {
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), JournalError> {
-        let (delivery, attempt) = (lease.delivery, lease.attempt);
-        self.call(|reply| Write::Release { delivery, attempt, reply }).await
+        if lock(&self.tracked).leases.release(lease.delivery, lease.attempt) {
+            self.work.notify_one();
+        }
+        Ok(())
     }
 
     async fn pending_by_plugin(&self) -> Result<std::collections::BTreeMap<String, u64>, JournalError> {
@@ -413,7 +447,15 @@ impl Journal for SqliteJournal {
 
     async fn event(&self, id: &str) -> Result<Option<EventRecord>, JournalError> {
         let id = id.to_owned();
-        self.read(move |connection| read_event(connection, &id)).await
+        let mut found = self.read(move |connection| read_event(connection, &id)).await?;
+        if let Some(record) = &mut found {
+            let tracked = lock(&self.tracked);
+            for delivery in &mut record.deliveries {
+                tracked.leases.overlay_delivery(delivery);
+            }
+            record.status = EventStatus::of(&record.deliveries);
+        }
+        Ok(found)
     }
 
     async fn dead_letters(&self, plugin: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, JournalError> {
@@ -452,7 +494,7 @@ impl Journal for SqliteJournal {
     }
 
     async fn stats(&self) -> Result<Stats, JournalError> {
-        Ok(lock(&self.counts).stats(self.options.max_pending, self.clock.now_ms()))
+        Ok(lock(&self.tracked).stats(self.options.max_pending, self.clock.now_ms()))
     }
 
     async fn ping(&self) -> Result<(), JournalError> {
@@ -475,7 +517,7 @@ fn write_loop(
     mut queue: mpsc::Receiver<Write>,
     clock: &dyn Clock,
     synchronous: Synchronous,
-    counts: &Mutex<Counts>,
+    tracked: &Mutex<Tracked>,
     work: &Notify,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -496,7 +538,7 @@ fn write_loop(
                 Err(err) => tracing::warn!(error = %err, "cannot change the journal's synchronous level"),
             }
         }
-        commit_batch(&mut connection, batch.drain(..), clock.now_ms(), counts, work);
+        commit_batch(&mut connection, batch.drain(..), clock.now_ms(), tracked, work);
     }
 }
 
@@ -505,7 +547,7 @@ impl Write {
     /// operator's changes. A lease or an outcome lost to a power cut only runs a delivery
     /// again (emitted events included: they are emitted again), which at-least-once allows.
     fn must_reach_disk(&self) -> bool {
-        !matches!(self, Write::Take { .. } | Write::Finish { .. } | Write::Release { .. } | Write::Ping { .. })
+        !matches!(self, Write::Take { .. } | Write::Finish { .. } | Write::Ping { .. })
     }
 }
 
@@ -516,7 +558,7 @@ fn commit_batch(
     connection: &mut Connection,
     batch: impl Iterator<Item = Write>,
     now: u64,
-    counts: &Mutex<Counts>,
+    tracked: &Mutex<Tracked>,
     work: &Notify,
 ) {
     let mut applied = Vec::new();
@@ -525,7 +567,7 @@ fn commit_batch(
         Ok(tx) => {
             let mut broken = None;
             for write in batch {
-                let (done, undo_failed) = apply(&tx, write, now);
+                let (done, undo_failed) = apply(&tx, write, now, tracked);
                 applied.push(done);
                 broken = broken.or(undo_failed);
             }
@@ -547,11 +589,11 @@ fn commit_batch(
             crate::metrics::journal_commit(applied.len(), started.elapsed());
             // Wake `take` when any write added work, even if another finished some.
             let adds_work = applied.iter().any(|applied| applied.tally.adds_work());
-            let mut counts = lock(counts);
+            let mut tracked = lock(tracked);
             for applied in &mut applied {
-                counts.apply(std::mem::take(&mut applied.tally), now);
+                tracked.apply(std::mem::take(&mut applied.tally), now);
             }
-            drop(counts);
+            drop(tracked);
             if adds_work {
                 work.notify_one();
             }
@@ -573,7 +615,7 @@ fn refuse(write: Write, err: &JournalError) -> Applied {
             answer(reply, Err(failed()))
         }
         Write::Expire { reply, .. } => answer(reply, Err(failed())),
-        Write::Ping { reply } | Write::Release { reply, .. } => answer(reply, Err(failed())),
+        Write::Ping { reply } => answer(reply, Err(failed())),
     };
     Applied { answer, tally: Tally::default() }
 }
@@ -603,7 +645,7 @@ fn in_savepoint<T>(
 
 /// Runs one write in a savepoint; returns its answer and tally, and the error that makes the
 /// whole transaction fail if the write could not be undone.
-fn apply(tx: &Connection, write: Write, now: u64) -> (Applied, Option<JournalError>) {
+fn apply(tx: &Connection, write: Write, now: u64, tracked: &Mutex<Tracked>) -> (Applied, Option<JournalError>) {
     fn run<T: Send + 'static>(
         tx: &Connection,
         reply: Reply<T>,
@@ -617,19 +659,28 @@ fn apply(tx: &Connection, write: Write, now: u64) -> (Applied, Option<JournalErr
     match write {
         Write::Accept { new, reply } => run(tx, reply, |tx, tally| accept(tx, &new, now, tally)),
         Write::Take { plugins, max, lease_ms, reply } => {
-            run(tx, reply, |tx, tally| take(tx, &plugins, max, now, now.saturating_add(lease_ms), tally))
+            let mut tracked = lock(tracked);
+            run(tx, reply, |tx, _| take(tx, &mut tracked.leases, &plugins, max, now, now.saturating_add(lease_ms)))
         }
         Write::Finish { delivery, attempt, outcome, sha256, emitted, reply } => {
-            run(tx, reply, |tx, tally| finish(tx, delivery, attempt, &outcome, &sha256, &emitted, now, tally))
+            let held = lock(tracked).leases.current(delivery, attempt).cloned();
+            let Some(held) = held else {
+                tracing::warn!(delivery, attempt, "lease ran out before the attempt finished; its result is dropped");
+                return (Applied { answer: answer(reply, Ok(false)), tally: Tally::default() }, None);
+            };
+            run(tx, reply, |tx, tally| {
+                finish(tx, delivery, attempt, &held, &outcome, &sha256, now, tally)?;
+                for new in &emitted {
+                    accept(tx, new, now, tally)?;
+                }
+                Ok(true)
+            })
         }
         Write::ReplayDead { selector, reply } => run(tx, reply, |tx, tally| replay_dead(tx, &selector, now, tally)),
         Write::PurgeDead { selector, reply } => run(tx, reply, |tx, tally| purge_dead(tx, &selector, tally)),
         Write::Redeliver { items, reply } => run(tx, reply, |tx, tally| redeliver(tx, &items, now, tally)),
         Write::Expire { retention_ms, reply } => run(tx, reply, |tx, tally| expire(tx, now, retention_ms, tally)),
         Write::Ping { reply } => run(tx, reply, |_, _| Ok(())),
-        Write::Release { delivery, attempt, reply } => {
-            run(tx, reply, |tx, tally| release(tx, delivery, attempt, now, tally))
-        }
     }
 }
 
@@ -675,72 +726,65 @@ fn accept(tx: &Connection, new: &NewEvent, now: u64, tally: &mut Tally) -> Resul
     Ok(Accepted::New)
 }
 
+/// Leases up to `max` due deliveries of `plugins` (a JSON array) that no running lease holds.
 fn take(
     tx: &Connection,
+    leases: &mut Leases,
     plugins: &str,
     max: usize,
     now: u64,
     lease_until: u64,
-    tally: &mut Tally,
 ) -> Result<Vec<Lease>, JournalError> {
-    let mut leases = Vec::new();
-    {
-        let mut select = tx
-            .prepare_cached(
-                "SELECT d.seq, d.plugin, d.attempts, d.status, e.source, e.id, e.event_type, e.time_ms,
-                        e.content_type, e.data, e.attributes
-                 FROM deliveries d JOIN events e ON e.seq = d.event_seq
-                 WHERE d.due_ms <= ?1 AND d.plugin IN (SELECT value FROM json_each(?2))
-                 ORDER BY d.due_ms LIMIT ?3",
-            )
-            .map_err(storage)?;
-        let limit = i64::try_from(max).unwrap_or(i64::MAX);
-        let mut rows = select.query(params![sql_ms(now), plugins, limit]).map_err(storage)?;
-        while let Some(row) = rows.next().map_err(storage)? {
-            let attributes: String = row.get(10).map_err(storage)?;
-            let previous_attempts: u32 = row.get(2).map_err(storage)?;
-            let plugin: String = row.get(1).map_err(storage)?;
-            tally.moved(
-                &plugin,
-                DeliveryStatus::parse(&row.get::<_, String>(3).map_err(storage)?),
-                DeliveryStatus::Running,
-            );
-            leases.push(Lease {
-                delivery: row.get(0).map_err(storage)?,
-                plugin,
-                attempt: previous_attempts + 1,
-                event: Arc::new(Event {
-                    source: row.get(4).map_err(storage)?,
-                    id: row.get(5).map_err(storage)?,
-                    event_type: row.get(6).map_err(storage)?,
-                    time_ms: from_sql_ms(row.get(7).map_err(storage)?),
-                    content_type: row.get(8).map_err(storage)?,
-                    data: Bytes::from(row.get::<_, Vec<u8>>(9).map_err(storage)?),
-                    attributes: serde_json::from_str(&attributes).map_err(json_error)?,
-                }),
-            });
-        }
-    }
-    let mut lease = tx
-        .prepare_cached("UPDATE deliveries SET status = 'running', attempts = attempts + 1, due_ms = ?2 WHERE seq = ?1")
+    let running = serde_json::to_string(&leases.running(now)).map_err(json_error)?;
+    let mut select = tx
+        .prepare_cached(
+            "SELECT d.seq, d.plugin, d.attempts, d.status, e.source, e.id, e.event_type, e.time_ms,
+                    e.content_type, e.data, e.attributes
+             FROM deliveries d JOIN events e ON e.seq = d.event_seq
+             WHERE d.due_ms <= ?1 AND d.plugin IN (SELECT value FROM json_each(?2))
+               AND d.seq NOT IN (SELECT value FROM json_each(?4))
+             ORDER BY d.due_ms LIMIT ?3",
+        )
         .map_err(storage)?;
-    for taken in &leases {
-        lease.execute(params![taken.delivery, sql_ms(lease_until)]).map_err(storage)?;
+    let limit = i64::try_from(max).unwrap_or(i64::MAX);
+    let mut rows = select.query(params![sql_ms(now), plugins, limit, running]).map_err(storage)?;
+    let mut taken = Vec::new();
+    while let Some(row) = rows.next().map_err(storage)? {
+        let attributes: String = row.get(10).map_err(storage)?;
+        let delivery: i64 = row.get(0).map_err(storage)?;
+        let plugin: String = row.get(1).map_err(storage)?;
+        let stored = DeliveryStatus::parse(&row.get::<_, String>(3).map_err(storage)?);
+        let attempt = leases.hold(delivery, plugin.clone(), row.get(2).map_err(storage)?, stored, lease_until);
+        taken.push(Lease {
+            delivery,
+            plugin,
+            attempt,
+            event: Arc::new(Event {
+                source: row.get(4).map_err(storage)?,
+                id: row.get(5).map_err(storage)?,
+                event_type: row.get(6).map_err(storage)?,
+                time_ms: from_sql_ms(row.get(7).map_err(storage)?),
+                content_type: row.get(8).map_err(storage)?,
+                data: Bytes::from(row.get::<_, Vec<u8>>(9).map_err(storage)?),
+                attributes: serde_json::from_str(&attributes).map_err(json_error)?,
+            }),
+        });
     }
-    Ok(leases)
+    Ok(taken)
 }
 
+/// Records the outcome of the `held` lease's attempt; the lease is forgotten once it commits.
 #[allow(clippy::too_many_arguments)]
 fn finish(
     tx: &Connection,
     delivery: i64,
     attempt: u32,
+    held: &leases::Held,
     outcome: &Outcome,
     sha256: &str,
-    emitted: &[NewEvent],
     now: u64,
     tally: &mut Tally,
-) -> Result<bool, JournalError> {
+) -> Result<(), JournalError> {
     let (status, due, error, finished) = match outcome {
         Outcome::Done => (DeliveryStatus::Done, None, None, Some(now)),
         Outcome::Retry { error, delay } => {
@@ -748,27 +792,23 @@ fn finish(
         }
         Outcome::Dead { error } => (DeliveryStatus::Dead, None, Some(error.as_str()), Some(now)),
     };
-    let settled: Option<String> = tx
-        .prepare_cached(
-            "UPDATE deliveries SET status = ?3, due_ms = ?4, last_error = COALESCE(?5, last_error), finished_ms = ?6,
-                    sha256 = ?7
-             WHERE seq = ?1 AND attempts = ?2 AND status = 'running'
-             RETURNING plugin",
-        )
-        .and_then(|mut update| {
-            update
-                .query_row(
-                    params![delivery, attempt, status.as_str(), due.map(sql_ms), error, finished.map(sql_ms), sha256],
-                    |row| row.get(0),
-                )
-                .optional()
-        })
-        .map_err(storage)?;
-    let Some(plugin) = settled else {
-        tracing::warn!(delivery, attempt, "lease ran out before the attempt finished; its result is dropped");
-        return Ok(false);
-    };
-    tally.moved(&plugin, DeliveryStatus::Running, status);
+    tx.prepare_cached(
+        "UPDATE deliveries SET status = ?3, attempts = ?2, due_ms = ?4, last_error = COALESCE(?5, last_error),
+                finished_ms = ?6, sha256 = ?7
+         WHERE seq = ?1",
+    )
+    .and_then(|mut update| {
+        update.execute(params![
+            delivery,
+            attempt,
+            status.as_str(),
+            due.map(sql_ms),
+            error,
+            finished.map(sql_ms),
+            sha256
+        ])
+    })
+    .map_err(storage)?;
     if let Some(error) = error {
         tx.prepare_cached(
             "INSERT INTO delivery_errors (delivery_seq, attempt, time_ms, error) VALUES (?1, ?2, ?3, ?4)",
@@ -776,28 +816,8 @@ fn finish(
         .and_then(|mut insert| insert.execute(params![delivery, attempt, sql_ms(now), error]))
         .map_err(storage)?;
     }
-    for new in emitted {
-        accept(tx, new, now, tally)?;
-    }
-    Ok(true)
-}
-
-/// Gives a lease back: due now, its attempt not counted.
-fn release(tx: &Connection, delivery: i64, attempt: u32, now: u64, tally: &mut Tally) -> Result<(), JournalError> {
-    let released: Option<(String, String)> = tx
-        .prepare_cached(
-            "UPDATE deliveries SET attempts = attempts - 1, due_ms = ?3,
-                    status = CASE WHEN attempts = 1 THEN 'pending' ELSE 'retrying' END
-             WHERE seq = ?1 AND attempts = ?2 AND status = 'running'
-             RETURNING plugin, status",
-        )
-        .and_then(|mut update| {
-            update.query_row(params![delivery, attempt, sql_ms(now)], |row| Ok((row.get(0)?, row.get(1)?))).optional()
-        })
-        .map_err(storage)?;
-    if let Some((plugin, status)) = released {
-        tally.moved(&plugin, DeliveryStatus::Running, DeliveryStatus::parse(&status));
-    }
+    tally.moved(&held.plugin, held.stored, status);
+    tally.settled = Some((delivery, attempt));
     Ok(())
 }
 
@@ -1150,7 +1170,7 @@ mod tests {
         }
         let journal = SqliteJournal::open(dir.path(), Options::default()).expect("reopen");
         let again = journal.take(&wants(&["echo"]), 10, NO_WAIT).await.expect("take");
-        assert_eq!((again.len(), again[0].attempt), (1, 2), "due at once, not after the lease");
+        assert_eq!((again.len(), again[0].attempt), (1, 1), "due at once, as the same attempt");
     }
 
     #[tokio::test]
@@ -1355,6 +1375,14 @@ mod tests {
         ]
     }
 
+    /// Takes the `index`th lease from `held`, with any older copy of it: a lease is known by
+    /// its delivery and attempt, and a replay restarts a delivery's attempts.
+    fn settle(held: &mut Vec<Lease>, index: usize) -> Lease {
+        let lease = held.remove(index % held.len());
+        held.retain(|other| (other.delivery, other.attempt) != (lease.delivery, lease.attempt));
+        lease
+    }
+
     fn named(mask: u8) -> Vec<&'static str> {
         [(1, "a"), (2, "b")].into_iter().filter(|(bit, _)| mask & bit != 0).map(|(_, name)| name).collect()
     }
@@ -1363,7 +1391,7 @@ mod tests {
         /// The counts the writer kept, and the same counted afresh from the tables.
         fn kept_and_recounted(&self) -> (Stats, Stats) {
             let recounted = Counts::load(&lock(&self.journal.reader)).expect("recount").stored();
-            (lock(&self.journal.counts).stored(), recounted)
+            (lock(&self.journal.tracked).counts.stored(), recounted)
         }
 
         async fn run(&self, step: Step, held: &mut Vec<Lease>, n: &mut u32) {
@@ -1374,7 +1402,7 @@ mod tests {
                 }
                 Step::Take { plugins } => held.extend(self.take(&named(plugins)).await),
                 Step::Finish { lease, outcome, emit } if !held.is_empty() => {
-                    let lease = held.remove(lease % held.len());
+                    let lease = settle(held, lease);
                     let outcome = match outcome {
                         0 => Outcome::Done,
                         1 => Outcome::Retry { error: "busy".into(), delay: Duration::from_secs(30) },
@@ -1385,7 +1413,7 @@ mod tests {
                     self.journal.finish(&lease, outcome, "v1", emitted).await.expect("finish");
                 }
                 Step::Release { lease } if !held.is_empty() => {
-                    self.journal.release(&held.remove(lease % held.len())).await.expect("release");
+                    self.journal.release(&settle(held, lease)).await.expect("release");
                 }
                 Step::Finish { .. } | Step::Release { .. } => {}
                 Step::Advance { seconds } => self.clock.advance(u64::from(seconds) * 1000),
@@ -1418,12 +1446,23 @@ mod tests {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             runtime.block_on(async {
                 let f = open(Options::default());
-                let (mut held, mut n) = (Vec::new(), 0);
+                let (mut held, mut n, mut latest) = (Vec::new(), 0, std::collections::HashMap::new());
                 for step in steps {
                     let shown = format!("{step:?}");
+                    let before = if matches!(step, Step::Take { .. }) { held.len() } else { usize::MAX };
                     f.run(step, &mut held, &mut n).await;
                     let (kept, recounted) = f.kept_and_recounted();
                     assert_eq!(kept, recounted, "after {shown}");
+                    // Running: the deliveries whose newest lease the test still holds.
+                    for lease in held.iter().skip(before) {
+                        latest.insert(lease.delivery, lease.attempt);
+                    }
+                    let current: std::collections::HashSet<i64> = held
+                        .iter()
+                        .filter(|lease| latest.get(&lease.delivery) == Some(&lease.attempt))
+                        .map(|lease| lease.delivery)
+                        .collect();
+                    assert_eq!(f.journal.stats().await.expect("stats").running, current.len() as u64, "running after {shown}");
                 }
             });
         }

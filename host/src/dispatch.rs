@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::event::{Event, now_ms};
-use crate::journal::{DEFAULT_DEDUP_WINDOW, Journal, Lease, NewEvent, Outcome};
+use crate::journal::{DEFAULT_DEDUP_WINDOW, Journal, Lease, NewEvent, Outcome, Want};
 use crate::metrics;
 use crate::registry::{Plugin, Registry};
 use crate::retry::RetryPolicy;
@@ -24,6 +24,9 @@ pub const DEAD_LETTER_TYPE: &str = "wasmhook.dead_letter";
 pub const HOST_SOURCE: &str = "wasmhook";
 /// How long one `take` waits for work before looking at the shutdown signal again.
 const TAKE_WAIT: Duration = Duration::from_millis(200);
+/// How long a `take` waits for work while some plugin is at its concurrency: the take cannot
+/// see that plugin's calls end, so it looks again soon for the capacity they free.
+const BUSY_TAKE_WAIT: Duration = Duration::from_millis(10);
 /// Pause after the journal fails, before asking again.
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -42,6 +45,8 @@ pub async fn run(
 ) {
     let slots = Arc::new(Semaphore::new(workers));
     let calls = TaskTracker::new();
+    // Signalled whenever a call ends, freeing its plugin's permit.
+    let call_ended = Arc::new(Notify::new());
     while !shutdown.is_cancelled() {
         // Wait for a free worker before leasing anything, so nothing sits leased but idle.
         let first = tokio::select! {
@@ -50,9 +55,20 @@ pub async fn run(
         };
         let Ok(first) = first else { break };
         let free = slots.available_permits() + 1;
+        let wants = registry.wants(lease_margin);
+        let Some(wait) = take_wait(&wants) else {
+            // Every plugin is at its concurrency: wait for a call to end rather than for work.
+            drop(first);
+            tokio::select! {
+                () = call_ended.notified() => {}
+                () = tokio::time::sleep(TAKE_WAIT) => {}
+                () = shutdown.cancelled() => break,
+            }
+            continue;
+        };
         // A take returns within TAKE_WAIT (or the backend's request timeout): no need to cut
         // it short at shutdown, which would leave its leases to run out.
-        let leases = match journal.take(&registry.wants(lease_margin), free, TAKE_WAIT).await {
+        let leases = match journal.take(&wants, free, wait).await {
             Ok(leases) => leases,
             Err(err) => {
                 tracing::error!(error = %err, "cannot take deliveries from the journal");
@@ -82,9 +98,10 @@ pub async fn run(
                 }
                 continue;
             };
-            let (journal, registry) = (Arc::clone(&journal), Arc::clone(&registry));
+            let (journal, registry, call_ended) =
+                (Arc::clone(&journal), Arc::clone(&registry), Arc::clone(&call_ended));
             calls.spawn(async move {
-                deliver(journal.as_ref(), &registry, &plugin, permit, lease).await;
+                deliver(journal.as_ref(), &registry, &plugin, (permit, &call_ended), lease).await;
                 drop(slot);
             });
         }
@@ -99,15 +116,27 @@ pub async fn run(
     }
 }
 
+/// How long a take for `wants` may wait for work; `None` when every plugin is at its
+/// concurrency, so that only a call ending can make a take worth it.
+fn take_wait(wants: &[Want]) -> Option<Duration> {
+    if !wants.is_empty() && wants.iter().all(|want| want.free == 0) {
+        None
+    } else if wants.iter().any(|want| want.free == 0) {
+        Some(BUSY_TAKE_WAIT)
+    } else {
+        Some(TAKE_WAIT)
+    }
+}
+
 /// Runs one leased delivery on `plugin` and records how it ended. The plugin's `permit` is
-/// given back as soon as the call returns: recording the outcome waits for the journal (an
-/// fsync when it shares a commit with accepted events), not for the plugin, so the plugin's
-/// next call need not wait for it. The worker slot stays held until the outcome is recorded.
+/// given back (and `call_ended` signalled) as soon as the call returns: recording the outcome
+/// waits for the journal (an fsync when it shares a commit with accepted events), not for the
+/// plugin. The worker slot stays held until the outcome is recorded.
 async fn deliver(
     journal: &dyn Journal,
     registry: &Registry,
     plugin: &Plugin,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    (permit, call_ended): (tokio::sync::OwnedSemaphorePermit, &Notify),
     lease: Lease,
 ) {
     let event = &lease.event;
@@ -115,6 +144,7 @@ async fn deliver(
     let in_flight = metrics::InFlight::start();
     let result = plugin.component.invoke(event, lease.attempt).await;
     drop((in_flight, permit));
+    call_ended.notify_one();
     let took = started.elapsed();
     let duration_ms = crate::event::millis(took);
     let (outcome, emitted) = settle(&plugin.name, &plugin.retry, &lease, result);
@@ -242,6 +272,21 @@ mod tests {
         multiplier: 2.0,
         max_delay: Duration::from_secs(60),
     };
+
+    #[test]
+    fn a_take_waits_for_work_only_while_it_can_lease_something() {
+        let want = |free| Want {
+            plugin: "p".into(),
+            free,
+            subscriptions: Arc::from([]),
+            lease: Duration::from_secs(1),
+            since_ms: 0,
+        };
+        assert_eq!(take_wait(&[want(0)]), None, "a plugin at its concurrency waits for a call to end");
+        assert_eq!(take_wait(&[want(0), want(3)]), Some(BUSY_TAKE_WAIT), "the busy one's calls end soon");
+        assert_eq!(take_wait(&[want(1), want(3)]), Some(TAKE_WAIT));
+        assert_eq!(take_wait(&[]), Some(TAKE_WAIT), "no plugins: nothing to wait for but work");
+    }
 
     #[test]
     fn success_is_done() {

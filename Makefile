@@ -41,25 +41,12 @@ bench-core: plugins
 bench-reload: plugins
 	$(CARGO) bench --bench reload
 
-## make bench-load: the example host under wasmhook-bench, next to a bare hyper server (closed
-## loop, 32 connections, 10 s), then open loop at 2000 and 5000 requests/s, then 9000/s for
-## 20 s (about twice what it sustains: 503s expected), sampling the host's resident memory.
-BENCH_DATA := target/bench-data
+## make bench-load: the example host under wasmhook-bench next to a bare hyper server (closed
+## loop, then open loop at 2000, 5000 and 9000 requests/s with its memory sampled), then
+## github-push alone with a fresh instance per call and with reuse (tests/load/load.sh).
 bench-load: plugins
 	$(CARGO) build --release -p wasmhook -p wasmhook-bench
-	rm -rf $(BENCH_DATA)
-	GITHUB_WEBHOOK_SECRET=dev-secret STRIPE_WEBHOOK_SECRET=x SLACK_SIGNING_SECRET=x \
-	  STANDARD_WEBHOOKS_SECRET=whsec_ZGV2 GITLAB_WEBHOOK_TOKEN=x CI_WEBHOOK_SECRET=x RUST_LOG=warn \
-	  ./target/release/wasmhook serve --config examples/wasmhook.toml --data $(BENCH_DATA) & \
-	  host=$$!; sleep 2; \
-	  ./target/release/wasmhook-bench --compare --connections 32 --duration 10s --pid $$host \
-	    --json target/bench-closed.json; \
-	  ./target/release/wasmhook-bench --rate 2000 --connections 32 --duration 10s --json target/bench-open.json && \
-	  ./target/release/wasmhook-bench --rate 5000 --connections 32 --duration 10s --pid $$host \
-	    --json target/bench-5000.json && \
-	  ./target/release/wasmhook-bench --rate 9000 --connections 64 --duration 20s --pid $$host \
-	    --json target/bench-overload.json; \
-	  status=$$?; kill $$host; exit $$status
+	tests/load/load.sh
 
 ## make bench-scale: one host, then two, on a shared NATS JetStream journal with Redis dedup
 ## (tests/load/scale-out.sh; servers from `make services`).

@@ -118,8 +118,11 @@ impl Ingest {
             Ok(Received::Batch(results)) => http::json(StatusCode::OK, &serde_json::json!({ "results": results })),
             Ok(Received::Answer(answer)) => http::json(StatusCode::OK, &answer),
             Err(err) => {
-                if err.status().is_server_error() {
+                if matches!(err, IngestError::Internal) {
                     tracing::error!(%path, status = err.status().as_u16(), reason = %err, "request not accepted");
+                } else if err.status().is_server_error() {
+                    // Backpressure or an outage the sender is told to retry: not a host fault.
+                    tracing::warn!(%path, status = err.status().as_u16(), reason = %err, "request not accepted");
                 } else {
                     tracing::info!(%path, status = err.status().as_u16(), reason = %err, "request refused");
                 }

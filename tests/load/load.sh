@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# make bench-load: wasmhook-bench against the host on the embedded journal, each run on a
+# fresh data folder, next to a bare hyper server in the same run (see docs/BENCHMARKS.md).
+#   1. the example host (`echo` and `github-push` both subscribe to pushes): closed loop
+#      beside the baseline, then open loop at 2 000, 5 000 and 9 000 requests/s (9 000: about
+#      twice what it sustains, so 503s are expected), sampling the host's resident memory;
+#   2. `github-push` alone, a fresh instance per call, closed loop;
+#   3. `github-push` alone with `reuse = 1000` in its manifest, closed loop.
+# JSON results go to target/bench-*.json; everything else lives in a temporary folder.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+work=$(mktemp -d)
+host_pid=""
+stop() { if [ -n "$host_pid" ]; then kill "$host_pid" 2>/dev/null || true; wait "$host_pid" 2>/dev/null || true; fi; host_pid=""; }
+trap 'stop; rm -rf "$work"' EXIT
+
+# Polls until `$@` succeeds, for at most 30 s.
+ready() { for _ in $(seq 150); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done; echo "not ready: $*" >&2; exit 1; }
+
+start() { # start PLUGINS_FOLDER: the example host on a fresh data folder
+  stop
+  rm -rf "$work/data"
+  GITHUB_WEBHOOK_SECRET=dev-secret STRIPE_WEBHOOK_SECRET=x SLACK_SIGNING_SECRET=x \
+    STANDARD_WEBHOOKS_SECRET=whsec_ZGV2 GITLAB_WEBHOOK_TOKEN=x CI_WEBHOOK_SECRET=x RUST_LOG=error \
+    ./target/release/wasmhook serve --config examples/wasmhook.toml --data "$work/data" --plugins "$1" &
+  host_pid=$!
+  ready curl -sf http://127.0.0.1:9090/readyz
+}
+
+bench=./target/release/wasmhook-bench
+
+echo "== the example host: echo + github-push"
+start target/plugins
+$bench --compare --connections 32 --duration 10s --pid "$host_pid" --json target/bench-closed.json
+$bench --rate 2000 --connections 32 --duration 10s --json target/bench-open.json
+$bench --rate 5000 --connections 32 --duration 10s --pid "$host_pid" --json target/bench-5000.json
+$bench --rate 9000 --connections 64 --duration 20s --pid "$host_pid" --json target/bench-overload.json
+
+echo "== github-push alone, a fresh instance per call"
+mkdir -p "$work/fresh" "$work/reuse"
+cp target/plugins/github-push.wasm "$work/fresh/"
+start "$work/fresh"
+$bench --connections 32 --duration 10s --json target/bench-push-fresh.json
+
+echo "== github-push alone, reuse = 1000"
+cp target/plugins/github-push.wasm "$work/reuse/"
+echo 'reuse = 1000' >"$work/reuse/github-push.toml"
+start "$work/reuse"
+$bench --connections 32 --duration 10s --json target/bench-push-reuse.json

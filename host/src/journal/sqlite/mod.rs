@@ -5,9 +5,10 @@
 //! by default) before its caller hears back, yet a burst of requests shares one fsync. Only
 //! a group that holds an acceptance or an operator's change waits for the disk: leases and
 //! outcomes commit without an fsync (`synchronous = NORMAL`, still crash-safe for the
-//! process), because losing one to a power cut only runs that delivery again. Each write
-//! runs in its own savepoint, so a failing one leaves nothing half-done. Reads for the
-//! admin API use a second connection, which WAL lets run beside the writer.
+//! process), because losing one to a power cut only runs that delivery again. A write that
+//! fails rolls its group back and the others run again without it, so it leaves nothing
+//! half-done. Reads for the admin API use a second connection, which WAL lets run beside
+//! the writer.
 //!
 //! A delivery's `due_ms` is when it next needs attention: its first attempt or its next
 //! retry. Finished deliveries (done, dead) have none, which keeps the index of due work small.
@@ -173,9 +174,6 @@ enum Write {
     Ping { reply: Reply<()> },
 }
 
-/// A write's answer, sent once its transaction's fate is known.
-type Answer = Box<dyn FnOnce(&Result<(), JournalError>) + Send>;
-
 /// What the writer keeps in memory beside the file: the counts and the leases, under one lock
 /// so that stats see both at the same moment.
 #[derive(Debug)]
@@ -198,23 +196,6 @@ impl Tracked {
         self.leases.overlay_stats(&mut stats);
         stats
     }
-}
-
-/// A write's result, and how it changes the counts once committed.
-struct Applied {
-    answer: Answer,
-    tally: Tally,
-}
-
-fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, JournalError>) -> Answer {
-    Box::new(move |commit| {
-        let result = match commit {
-            Ok(()) => result,
-            Err(err) => Err(JournalError::Storage(err.to_string())),
-        };
-        // A caller that stopped waiting no longer listens; nothing to do about it.
-        let _ = reply.send(result);
-    })
 }
 
 fn storage(err: rusqlite::Error) -> JournalError {
@@ -555,9 +536,12 @@ impl Write {
     }
 }
 
-/// Runs `batch` in one transaction, each write in its own savepoint. Once the commit's fate
-/// is known, updates the counts (and wakes `take` if work was added) before answering any
-/// caller, so that an answer never runs ahead of the counts.
+/// Runs `batch`: takes first (they only read, and each is answered with what it read), then
+/// every other write in one transaction. A write that fails rolls the transaction back, is
+/// answered with its error, and the others run again without it: each write is all or
+/// nothing, without a savepoint per write. Once the commit's fate is known, updates the
+/// counts and leases (and wakes `take` if work was added) before answering any caller, so
+/// that an answer never runs ahead of the counts.
 fn commit_batch(
     connection: &mut Connection,
     batch: impl Iterator<Item = Write>,
@@ -565,127 +549,146 @@ fn commit_batch(
     tracked: &Mutex<Tracked>,
     work: &Notify,
 ) {
-    let mut applied = Vec::new();
+    let (takes, mut writes): (Vec<Write>, Vec<Write>) = batch.partition(|write| matches!(write, Write::Take { .. }));
+    for take in takes {
+        let result = apply(connection, &take, now, tracked).map(|(done, _)| done);
+        respond(take, result);
+    }
     let started = Instant::now();
-    let commit = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(tx) => {
-            let mut broken = None;
-            for write in batch {
-                let (done, undo_failed) = apply(&tx, write, now, tracked);
-                applied.push(done);
-                broken = broken.or(undo_failed);
-            }
-            // A write that could not be undone leaves the transaction in doubt: none of it
-            // commits (dropping `tx` rolls it back).
-            match broken {
-                None => tx.commit().map_err(storage),
-                Some(err) => Err(err),
+    while !writes.is_empty() {
+        let tx = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(err) => return refuse_all(writes, &storage(err)),
+        };
+        let mut done = Vec::with_capacity(writes.len());
+        let mut failed = None;
+        for (i, write) in writes.iter().enumerate() {
+            match apply(&tx, write, now, tracked) {
+                Ok(applied) => done.push(applied),
+                Err(err) => {
+                    failed = Some((i, err));
+                    break;
+                }
             }
         }
-        Err(err) => {
-            let err = storage(err);
-            applied.extend(batch.map(|write| refuse(write, &err)));
-            Err(err)
+        if let Some((i, err)) = failed {
+            drop(tx); // rolls back what the writes before it did
+            respond(writes.remove(i), Err(err));
+            continue;
         }
-    };
-    match &commit {
-        Ok(()) => {
-            crate::metrics::journal_commit(applied.len(), started.elapsed());
-            // Wake `take` when any write added work, even if another finished some.
-            let adds_work = applied.iter().any(|applied| applied.tally.adds_work());
+        if let Err(err) = tx.commit() {
+            return refuse_all(writes, &storage(err));
+        }
+        crate::metrics::journal_commit(writes.len(), started.elapsed());
+        // Wake `take` when any write added work, even if another finished some.
+        let adds_work = done.iter().any(|(_, tally)| tally.adds_work());
+        let mut answers = Vec::with_capacity(done.len());
+        {
             let mut tracked = lock(tracked);
-            for applied in &mut applied {
-                tracked.apply(std::mem::take(&mut applied.tally), now);
-            }
-            drop(tracked);
-            if adds_work {
-                work.notify_one();
+            for (value, tally) in done {
+                tracked.apply(tally, now);
+                answers.push(value);
             }
         }
-        Err(err) => tracing::error!(error = %err, writes = applied.len(), "journal commit failed"),
-    }
-    for Applied { answer, .. } in applied {
-        answer(&commit);
-    }
-}
-
-fn refuse(write: Write, err: &JournalError) -> Applied {
-    let failed = || JournalError::Storage(err.to_string());
-    let answer = match write {
-        Write::Accept { reply, .. } => answer(reply, Err(failed())),
-        Write::Take { reply, .. } => answer(reply, Err(failed())),
-        Write::Finish { reply, .. } => answer(reply, Err(failed())),
-        Write::ReplayDead { reply, .. } | Write::PurgeDead { reply, .. } | Write::Redeliver { reply, .. } => {
-            answer(reply, Err(failed()))
+        if adds_work {
+            work.notify_one();
         }
-        Write::Expire { reply, .. } => answer(reply, Err(failed())),
-        Write::Ping { reply } => answer(reply, Err(failed())),
-    };
-    Applied { answer, tally: Tally::default() }
-}
-
-/// Runs `body` in a savepoint, whose statements are prepared once: all of it or none of it.
-/// The error beside the result is set when a failed write could not be undone.
-fn in_savepoint<T>(
-    connection: &Connection,
-    body: impl FnOnce(&Connection) -> Result<T, JournalError>,
-) -> (Result<T, JournalError>, Option<JournalError>) {
-    let step =
-        |sql: &str| connection.prepare_cached(sql).and_then(|mut statement| statement.execute([])).map_err(storage);
-    if let Err(err) = step("SAVEPOINT write") {
-        return (Err(err), None);
-    }
-    match body(connection) {
-        Ok(value) => match step("RELEASE write") {
-            Ok(_) => (Ok(value), None),
-            Err(err) => (Err(JournalError::Storage(err.to_string())), Some(err)),
-        },
-        Err(err) => match step("ROLLBACK TO write").and_then(|_| step("RELEASE write")) {
-            Ok(_) => (Err(err), None),
-            Err(undo) => (Err(err), Some(undo)),
-        },
+        for (write, value) in writes.into_iter().zip(answers) {
+            respond(write, Ok(value));
+        }
+        return;
     }
 }
 
-/// Runs one write in a savepoint; returns its answer and tally, and the error that makes the
-/// whole transaction fail if the write could not be undone.
-fn apply(tx: &Connection, write: Write, now: u64, tracked: &Mutex<Tracked>) -> (Applied, Option<JournalError>) {
-    fn run<T: Send + 'static>(
-        tx: &Connection,
-        reply: Reply<T>,
-        body: impl FnOnce(&Connection, &mut Tally) -> Result<T, JournalError>,
-    ) -> (Applied, Option<JournalError>) {
-        let mut tally = Tally::default();
-        let (result, broken) = in_savepoint(tx, |tx| body(tx, &mut tally));
-        let tally = if result.is_ok() { tally } else { Tally::default() };
-        (Applied { answer: answer(reply, result), tally }, broken)
+fn refuse_all(writes: Vec<Write>, err: &JournalError) {
+    tracing::error!(error = %err, writes = writes.len(), "journal commit failed");
+    for write in writes {
+        respond(write, Err(JournalError::Storage(err.to_string())));
+    }
+}
+
+/// What a write produced, for its caller.
+enum Done {
+    Accepted(Accepted),
+    Leases(Vec<Lease>),
+    Settled(bool),
+    Count(u64),
+    Expired(Expired),
+    Nothing,
+}
+
+/// Sends `write`'s caller its result.
+fn respond(write: Write, result: Result<Done, JournalError>) {
+    fn send<T>(reply: Reply<T>, result: Result<Done, JournalError>, pick: fn(Done) -> Option<T>) {
+        let result = result.and_then(|done| {
+            pick(done).ok_or_else(|| JournalError::Storage("the journal answered the wrong kind of write".into()))
+        });
+        // A caller that stopped waiting no longer listens; nothing to do about it.
+        let _ = reply.send(result);
     }
     match write {
-        Write::Accept { new, reply } => run(tx, reply, |tx, tally| accept(tx, &new, now, tally)),
-        Write::Take { plugins, max, lease_ms, reply } => {
-            let mut tracked = lock(tracked);
-            run(tx, reply, |tx, _| take(tx, &mut tracked.leases, &plugins, max, now, now.saturating_add(lease_ms)))
-        }
-        Write::Finish { delivery, attempt, outcome, sha256, emitted, reply } => {
-            let held = lock(tracked).leases.current(delivery, attempt).cloned();
-            let Some(held) = held else {
-                tracing::warn!(delivery, attempt, "lease ran out before the attempt finished; its result is dropped");
-                return (Applied { answer: answer(reply, Ok(false)), tally: Tally::default() }, None);
-            };
-            run(tx, reply, |tx, tally| {
-                finish(tx, delivery, attempt, &held, &outcome, &sha256, now, tally)?;
-                for new in &emitted {
-                    accept(tx, new, now, tally)?;
-                }
-                Ok(true)
+        Write::Accept { reply, .. } => send(reply, result, |done| match done {
+            Done::Accepted(accepted) => Some(accepted),
+            _ => None,
+        }),
+        Write::Take { reply, .. } => send(reply, result, |done| match done {
+            Done::Leases(leases) => Some(leases),
+            _ => None,
+        }),
+        Write::Finish { reply, .. } => send(reply, result, |done| match done {
+            Done::Settled(held) => Some(held),
+            _ => None,
+        }),
+        Write::ReplayDead { reply, .. } | Write::PurgeDead { reply, .. } | Write::Redeliver { reply, .. } => {
+            send(reply, result, |done| match done {
+                Done::Count(n) => Some(n),
+                _ => None,
             })
         }
-        Write::ReplayDead { selector, reply } => run(tx, reply, |tx, tally| replay_dead(tx, &selector, now, tally)),
-        Write::PurgeDead { selector, reply } => run(tx, reply, |tx, tally| purge_dead(tx, &selector, tally)),
-        Write::Redeliver { items, reply } => run(tx, reply, |tx, tally| redeliver(tx, &items, now, tally)),
-        Write::Expire { retention_ms, reply } => run(tx, reply, |tx, tally| expire(tx, now, retention_ms, tally)),
-        Write::Ping { reply } => run(tx, reply, |_, _| Ok(())),
+        Write::Expire { reply, .. } => send(reply, result, |done| match done {
+            Done::Expired(expired) => Some(expired),
+            _ => None,
+        }),
+        Write::Ping { reply } => send(reply, result, |done| matches!(done, Done::Nothing).then_some(())),
     }
+}
+
+/// Runs one write; returns what it produced and how it changes the counts once committed.
+fn apply(tx: &Connection, write: &Write, now: u64, tracked: &Mutex<Tracked>) -> Result<(Done, Tally), JournalError> {
+    let mut tally = Tally::default();
+    let done = match write {
+        Write::Accept { new, .. } => Done::Accepted(accept(tx, new, now, &mut tally)?),
+        Write::Take { plugins, max, lease_ms, .. } => {
+            let mut tracked = lock(tracked);
+            Done::Leases(take(tx, &mut tracked.leases, plugins, *max, now, now.saturating_add(*lease_ms))?)
+        }
+        Write::Finish { delivery, attempt, outcome, sha256, emitted, .. } => {
+            let held = lock(tracked).leases.current(*delivery, *attempt).cloned();
+            match held {
+                None => {
+                    tracing::warn!(
+                        delivery,
+                        attempt,
+                        "lease ran out before the attempt finished; its result is dropped"
+                    );
+                    Done::Settled(false)
+                }
+                Some(held) => {
+                    finish(tx, *delivery, *attempt, &held, outcome, sha256, now, &mut tally)?;
+                    for new in emitted {
+                        accept(tx, new, now, &mut tally)?;
+                    }
+                    Done::Settled(true)
+                }
+            }
+        }
+        Write::ReplayDead { selector, .. } => Done::Count(replay_dead(tx, selector, now, &mut tally)?),
+        Write::PurgeDead { selector, .. } => Done::Count(purge_dead(tx, selector, &mut tally)?),
+        Write::Redeliver { items, .. } => Done::Count(redeliver(tx, items, now, &mut tally)?),
+        Write::Expire { retention_ms, .. } => Done::Expired(expire(tx, now, *retention_ms, &mut tally)?),
+        Write::Ping { .. } => Done::Nothing,
+    };
+    Ok((done, tally))
 }
 
 /// Stores the event unless its key is within its dedup window.
@@ -1108,6 +1111,45 @@ mod tests {
         };
         assert!(accept.must_reach_disk() && purge.must_reach_disk());
         assert!(!take.must_reach_disk() && !finish.must_reach_disk());
+    }
+
+    #[test]
+    fn a_failing_write_is_answered_with_its_error_and_the_rest_of_its_group_commits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut connection = Connection::open(dir.path().join(FILE_NAME)).expect("open");
+        migrate(&mut connection, dir.path()).expect("schema");
+        connection
+            .execute_batch(
+                "CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.id = 'poison'
+                 BEGIN SELECT RAISE(ABORT, 'poisoned'); END;",
+            )
+            .expect("trigger");
+        let tracked = Mutex::new(Tracked { counts: Counts::default(), leases: Leases::default() });
+        let mut answers = Vec::new();
+        let batch: Vec<Write> = ["a", "poison", "b"]
+            .into_iter()
+            .map(|id| {
+                let (reply, answer) = oneshot::channel();
+                answers.push(answer);
+                Write::Accept { new: new("github", id, &["echo"]), reply }
+            })
+            .collect();
+        commit_batch(&mut connection, batch.into_iter(), START_MS, &tracked, &Notify::new());
+        let results: Vec<_> = answers.into_iter().map(|mut answer| answer.try_recv().expect("answered")).collect();
+        assert!(matches!(results[0], Ok(Accepted::New)) && matches!(results[2], Ok(Accepted::New)), "{results:?}");
+        assert!(results[1].as_ref().is_err_and(|err| err.to_string().contains("poisoned")), "{results:?}");
+        let stored: Vec<String> = connection
+            .prepare("SELECT id FROM events ORDER BY seq")
+            .and_then(|mut select| select.query_map([], |row| row.get(0))?.collect())
+            .expect("read");
+        assert_eq!(stored, ["a", "b"]);
+        let deliveries: i64 =
+            connection.query_row("SELECT COUNT(*) FROM deliveries", [], |row| row.get(0)).expect("count");
+        let poisoned: i64 = connection
+            .query_row("SELECT COUNT(*) FROM dedup WHERE id = 'poison'", [], |row| row.get(0))
+            .expect("count");
+        assert_eq!((deliveries, poisoned), (2, 0), "nothing of the poisoned write is left, not even its dedup key");
+        assert_eq!(lock(&tracked).counts.unfinished(), 2, "only committed writes are counted");
     }
 
     fn wants(plugins: &[&str]) -> Vec<Want> {

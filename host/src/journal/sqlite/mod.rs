@@ -293,7 +293,7 @@ impl SqliteJournal {
     ) -> Result<T, JournalError> {
         let reader = Arc::clone(&self.reader);
         tokio::task::spawn_blocking(move || {
-            let connection = reader.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let connection = lock(&reader);
             query(&connection).map_err(storage)
         })
         .await

@@ -659,8 +659,7 @@ fn apply(tx: &Connection, write: &Write, now: u64, tracked: &Mutex<Tracked>) -> 
     let done = match write {
         Write::Accept { new, .. } => Done::Accepted(accept(tx, new, now, &mut tally)?),
         Write::Take { plugins, max, lease_ms, .. } => {
-            let mut tracked = lock(tracked);
-            Done::Leases(take(tx, &mut tracked.leases, plugins, *max, now, now.saturating_add(*lease_ms))?)
+            Done::Leases(take(tx, tracked, plugins, *max, now, now.saturating_add(*lease_ms))?)
         }
         Write::Finish { delivery, attempt, outcome, sha256, emitted, .. } => {
             let held = lock(tracked).leases.current(*delivery, *attempt).cloned();
@@ -734,15 +733,19 @@ fn accept(tx: &Connection, new: &NewEvent, now: u64, tally: &mut Tally) -> Resul
 }
 
 /// Leases up to `max` due deliveries of `plugins` (a JSON array) that no running lease holds.
+/// The lock on `tracked` is not held while the query runs (it may scan past many deliveries of
+/// busy plugins), so that ingest and stats never wait for it. Only the writer thread takes,
+/// so no other take can lease what this one reads; a lease given back meanwhile is only
+/// skipped this time.
 fn take(
     tx: &Connection,
-    leases: &mut Leases,
+    tracked: &Mutex<Tracked>,
     plugins: &str,
     max: usize,
     now: u64,
     lease_until: u64,
 ) -> Result<Vec<Lease>, JournalError> {
-    let running = serde_json::to_string(&leases.running(now)).map_err(json_error)?;
+    let running = serde_json::to_string(&lock(tracked).leases.running(now)).map_err(json_error)?;
     let mut select = tx
         .prepare_cached(
             "SELECT d.seq, d.plugin, d.attempts, d.status, e.source, e.id, e.event_type, e.time_ms,
@@ -755,17 +758,15 @@ fn take(
         .map_err(storage)?;
     let limit = i64::try_from(max).unwrap_or(i64::MAX);
     let mut rows = select.query(params![sql_ms(now), plugins, limit, running]).map_err(storage)?;
-    let mut taken = Vec::new();
+    let mut read = Vec::new();
     while let Some(row) = rows.next().map_err(storage)? {
         let attributes: String = row.get(10).map_err(storage)?;
-        let delivery: i64 = row.get(0).map_err(storage)?;
-        let plugin: String = row.get(1).map_err(storage)?;
+        let recorded: u32 = row.get(2).map_err(storage)?;
         let stored = DeliveryStatus::parse(&row.get::<_, String>(3).map_err(storage)?);
-        let attempt = leases.hold(delivery, plugin.clone(), row.get(2).map_err(storage)?, stored, lease_until);
-        taken.push(Lease {
-            delivery,
-            plugin,
-            attempt,
+        let lease = Lease {
+            delivery: row.get(0).map_err(storage)?,
+            plugin: row.get(1).map_err(storage)?,
+            attempt: 0,
             event: Arc::new(Event {
                 source: row.get(4).map_err(storage)?,
                 id: row.get(5).map_err(storage)?,
@@ -775,9 +776,17 @@ fn take(
                 data: Bytes::from(row.get::<_, Vec<u8>>(9).map_err(storage)?),
                 attributes: serde_json::from_str(&attributes).map_err(json_error)?,
             }),
-        });
+        };
+        read.push((lease, recorded, stored));
     }
-    Ok(taken)
+    let mut tracked = lock(tracked);
+    Ok(read
+        .into_iter()
+        .map(|(mut lease, recorded, stored)| {
+            lease.attempt = tracked.leases.hold(lease.delivery, lease.plugin.clone(), recorded, stored, lease_until);
+            lease
+        })
+        .collect())
 }
 
 /// Records the outcome of the `held` lease's attempt; the lease is forgotten once it commits.

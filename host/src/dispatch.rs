@@ -66,8 +66,10 @@ pub async fn run(
             }
             continue;
         };
-        // A take returns within TAKE_WAIT (or the backend's request timeout): no need to cut
-        // it short at shutdown, which would leave its leases to run out.
+        // No more than the plugins can start now: the rest would only be given back.
+        let free = free.min(wants.iter().map(|want| want.free).sum::<usize>().max(1));
+        // A take returns within `wait` (or the backend's request timeout): no need to cut it
+        // short at shutdown, which would leave its leases to run out.
         let leases = match journal.take(&wants, free, wait).await {
             Ok(leases) => leases,
             Err(err) => {
@@ -117,7 +119,8 @@ pub async fn run(
 }
 
 /// How long a take for `wants` may wait for work; `None` when every plugin is at its
-/// concurrency, so that only a call ending can make a take worth it.
+/// concurrency, so that only a call ending (or a plugin loaded, seen within `TAKE_WAIT`) can
+/// make a take worth it.
 fn take_wait(wants: &[Want]) -> Option<Duration> {
     if !wants.is_empty() && wants.iter().all(|want| want.free == 0) {
         None

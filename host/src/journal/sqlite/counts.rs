@@ -34,6 +34,8 @@ pub(super) struct Tally {
     dead_by_plugin: Vec<(String, i64)>,
     accepted: u64,
     done: u64,
+    /// Deliveries that became due now (new, replayed or redelivered).
+    made_due: u64,
 }
 
 impl Tally {
@@ -45,6 +47,7 @@ impl Tally {
             self.unrouted += 1;
         }
         self.by_status[slot(DeliveryStatus::Pending)] += i64::try_from(deliveries).unwrap_or(i64::MAX);
+        self.made_due += deliveries as u64;
     }
 
     /// Events were removed, `unrouted` of them without deliveries.
@@ -73,6 +76,7 @@ impl Tally {
     pub(super) fn added(&mut self, plugin: &str, status: DeliveryStatus) {
         self.by_status[slot(status)] += 1;
         match status {
+            DeliveryStatus::Pending => self.made_due += 1,
             DeliveryStatus::Done => self.done += 1,
             DeliveryStatus::Dead => self.dead_by_plugin.push((plugin.to_owned(), 1)),
             _ => {}
@@ -92,9 +96,10 @@ impl Tally {
         self.by_status[slot(DeliveryStatus::Done)] -= i64::try_from(n).unwrap_or(i64::MAX);
     }
 
-    /// Whether deliveries became due to run (pending or retrying went up).
+    /// Whether some delivery became due now, even if the write finished others (a finish
+    /// that emits an event): a waiting take should look.
     pub(super) fn adds_work(&self) -> bool {
-        self.by_status[slot(DeliveryStatus::Pending)] > 0 || self.by_status[slot(DeliveryStatus::Retrying)] > 0
+        self.made_due > 0
     }
 }
 
@@ -253,6 +258,10 @@ mod tests {
         tally.moved("a", DeliveryStatus::Running, DeliveryStatus::Dead);
         tally.moved("b", DeliveryStatus::Pending, DeliveryStatus::Done);
         assert!(!tally.adds_work());
+        let mut finish_and_emit = Tally::default();
+        finish_and_emit.moved("a", DeliveryStatus::Pending, DeliveryStatus::Done);
+        finish_and_emit.event_stored(1);
+        assert!(finish_and_emit.adds_work(), "the emitted event's delivery is due, though pending did not grow");
         counts.apply(tally, 0);
         let stats = counts.stats(10, 0);
         assert_eq!((stats.events, stats.unrouted, stats.pending, stats.done, stats.dead), (2, 1, 0, 1, 1));

@@ -3,9 +3,9 @@
 //! One writer thread owns the write connection and runs every write that arrives while it is
 //! busy in one transaction (group commit): an accepted event is on disk (`synchronous = FULL`
 //! by default) before its caller hears back, yet a burst of requests shares one fsync. Only
-//! a group that holds an acceptance or an operator's change waits for the disk: leases and
-//! outcomes commit without an fsync (`synchronous = NORMAL`, still crash-safe for the
-//! process), because losing one to a power cut only runs that delivery again. A write that
+//! a group that holds an acceptance or an operator's change waits for the disk: outcomes
+//! commit without an fsync (`synchronous = NORMAL`, still crash-safe for the process),
+//! because losing one to a power cut only runs that delivery again. A write that
 //! fails rolls its group back and the others run again without it, so it leaves nothing
 //! half-done. Reads for the admin API use a second connection, which WAL lets run beside
 //! the writer.
@@ -162,7 +162,8 @@ impl std::fmt::Debug for SqliteJournal {
 
 type Reply<T> = oneshot::Sender<Result<T, JournalError>>;
 
-/// A write for the writer thread; each carries where to send its result after the commit.
+/// A write for the writer thread; each carries where to send its result (after the commit,
+/// except a take's, which only reads).
 enum Write {
     Accept { new: NewEvent, reply: Reply<Accepted> },
     Take { plugins: String, max: usize, lease_ms: u64, reply: Reply<Vec<Lease>> },
@@ -529,8 +530,8 @@ fn write_loop(
 
 impl Write {
     /// Whether the caller is promised the write is on disk: an accepted event, and the
-    /// operator's changes. A lease or an outcome lost to a power cut only runs a delivery
-    /// again (emitted events included: they are emitted again), which at-least-once allows.
+    /// operator's changes. An outcome lost to a power cut only runs a delivery again
+    /// (emitted events included: they are emitted again), which at-least-once allows.
     fn must_reach_disk(&self) -> bool {
         !matches!(self, Write::Take { .. } | Write::Finish { .. } | Write::Ping { .. })
     }

@@ -27,7 +27,7 @@ fn slot(status: DeliveryStatus) -> usize {
 pub(super) struct Tally {
     /// The lease (delivery, attempt) whose outcome the write recorded: forgotten once the
     /// write commits, so that a failed commit leaves the lease to run out instead.
-    pub(super) settled: Option<(i64, u32)>,
+    pub(super) lease_done: Option<(i64, u32)>,
     events: i64,
     unrouted: i64,
     by_status: [i64; 5],

@@ -64,7 +64,7 @@ impl Leases {
     }
 
     /// Forgets the lease of `delivery` once its outcome is on disk.
-    pub(super) fn settled(&mut self, delivery: i64, attempt: u32) {
+    pub(super) fn forget(&mut self, delivery: i64, attempt: u32) {
         if self.current(delivery, attempt).is_some() {
             self.held.remove(&delivery);
         }
@@ -119,9 +119,9 @@ mod tests {
         assert!(leases.running(100).is_empty(), "ran out");
         assert_eq!(leases.hold(7, "a".into(), 0, DeliveryStatus::Pending, 200), 2);
         assert!(leases.current(7, 1).is_none(), "the first lease is stale");
-        leases.settled(7, 1);
+        leases.forget(7, 1);
         assert!(leases.current(7, 2).is_some(), "a stale outcome leaves the new lease alone");
-        leases.settled(7, 2);
+        leases.forget(7, 2);
         assert!(leases.current(7, 2).is_none());
     }
 

@@ -186,8 +186,8 @@ struct Tracked {
 impl Tracked {
     /// Adds a committed write's changes.
     fn apply(&mut self, tally: Tally, now_ms: u64) {
-        if let Some((delivery, attempt)) = tally.settled {
-            self.leases.settled(delivery, attempt);
+        if let Some((delivery, attempt)) = tally.lease_done {
+            self.leases.forget(delivery, attempt);
         }
         self.counts.apply(tally, now_ms);
     }
@@ -834,7 +834,7 @@ fn finish(
         .map_err(storage)?;
     }
     tally.moved(&held.plugin, held.stored, status);
-    tally.settled = Some((delivery, attempt));
+    tally.lease_done = Some((delivery, attempt));
     Ok(())
 }
 

@@ -166,8 +166,7 @@ impl Ingest {
         })?;
         match mode {
             None => {
-                let json = parse_json(&body)?;
-                match verify::identify(&source.verify, &source.identity, &name, &parts.headers, &body, &json)? {
+                match verify::identify(&source.verify, &source.identity, &name, &parts.headers, &body)? {
                     Identified::Answer(answer) => Ok(Received::Answer(answer)),
                     Identified::Event(identity) => {
                         let event = Event {
@@ -190,13 +189,13 @@ impl Ingest {
                 Ok(Received::One(event, accepted))
             }
             Some(Mode::Structured) => {
-                let event = cloud_event(&name, cloudevents::from_structured(&parse_json(&body)?)?)?;
+                let event = cloud_event(&name, cloudevents::from_structured(&verify::parse_json(&body)?)?)?;
                 let accepted = self.accept(source, event.clone()).await?;
                 Ok(Received::One(event, accepted))
             }
             Some(Mode::Batch) => {
                 let mut results = Vec::new();
-                for (index, parsed) in cloudevents::from_batch(&parse_json(&body)?)?.into_iter().enumerate() {
+                for (index, parsed) in cloudevents::from_batch(&verify::parse_json(&body)?)?.into_iter().enumerate() {
                     let outcome = match parsed.and_then(|cloud| cloud_event(&name, cloud)) {
                         Ok(event) => self.accept(source, event.clone()).await.map(|accepted| (event, accepted)),
                         Err(err) => Err(err),
@@ -296,10 +295,6 @@ fn content_type(headers: &HeaderMap) -> String {
 /// Whether a media type is JSON (`application/json` or any `application/…+json`).
 fn is_json(essence: &str) -> bool {
     essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
-}
-
-fn parse_json(body: &[u8]) -> Result<serde_json::Value, IngestError> {
-    serde_json::from_slice(body).map_err(|err| IngestError::BadRequest(format!("body is not valid JSON: {err}")))
 }
 
 /// Reads the body, refusing it as soon as it passes `limit` bytes (a declared length over the

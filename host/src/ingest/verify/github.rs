@@ -3,7 +3,7 @@
 
 use hyper::HeaderMap;
 
-use super::{Identity, header_str, id_from_body, mac, require_match};
+use super::{Identity, header_str, id_from_body, mac, not_json, require_match};
 use crate::config::{Algorithm, Secret};
 use crate::ingest::IngestError;
 
@@ -42,14 +42,14 @@ pub fn verify(secrets: &[Secret], headers: &HeaderMap, body: &[u8]) -> Result<()
 }
 
 /// The event's id, type and attributes from GitHub's headers and the body's `action`.
-pub fn identify(headers: &HeaderMap, body: &[u8], json: &serde_json::Value) -> Result<Identity, IngestError> {
+pub fn identify(headers: &HeaderMap, body: &[u8]) -> Result<Identity, IngestError> {
     let event = header_str(headers, EVENT_HEADER)?
         .filter(|event| !event.is_empty())
         .ok_or_else(|| IngestError::BadRequest("missing X-GitHub-Event header".to_owned()))?;
     let mut event_type = format!("github.{event}");
-    if let Some(action) = json.get("action").and_then(serde_json::Value::as_str) {
+    if let Some(action) = action(body)? {
         event_type.push('.');
-        event_type.push_str(action);
+        event_type.push_str(&action);
     }
     let id = match header_str(headers, DELIVERY_HEADER)? {
         Some(id) if !id.is_empty() => id.to_owned(),
@@ -60,6 +60,25 @@ pub fn identify(headers: &HeaderMap, body: &[u8], json: &serde_json::Value) -> R
         attributes.push(("hook-id".to_owned(), hook_id.to_owned()));
     }
     Ok(Identity { id, event_type, attributes })
+}
+
+/// The body's top-level `action` when it is a string. The whole body must be JSON; the rest
+/// of it is checked but not kept.
+fn action(body: &[u8]) -> Result<Option<String>, IngestError> {
+    #[derive(serde::Deserialize)]
+    struct Top {
+        #[serde(default)]
+        action: Option<serde_json::Value>,
+    }
+    if body.iter().find(|byte| !byte.is_ascii_whitespace()) != Some(&b'{') {
+        serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(not_json)?;
+        return Ok(None);
+    }
+    let top: Top = serde_json::from_slice(body).map_err(not_json)?;
+    Ok(match top.action {
+        Some(serde_json::Value::String(action)) => Some(action),
+        _ => None,
+    })
 }
 
 #[cfg(test)]
@@ -110,13 +129,29 @@ mod tests {
 
     #[test]
     fn type_gets_the_action_and_id_falls_back_to_the_body_hash() {
-        let json = serde_json::json!({"action": "opened"});
-        let identity = identify(&headers(&[(EVENT_HEADER, "pull_request")]), b"{}", &json).expect("identified");
+        let body = br#"{"zen": "x", "action": "opened", "n": [1, {"action": "nested"}]}"#;
+        let identity = identify(&headers(&[(EVENT_HEADER, "pull_request")]), body).expect("identified");
         assert_eq!(identity.event_type, "github.pull_request.opened");
-        assert_eq!(identity.id, id_from_body(b"{}"));
+        assert_eq!(identity.id, id_from_body(body));
         let identity =
-            identify(&headers(&[(EVENT_HEADER, "push"), (DELIVERY_HEADER, "d-1")]), b"{}", &serde_json::json!({}))
-                .expect("identified");
+            identify(&headers(&[(EVENT_HEADER, "push"), (DELIVERY_HEADER, "d-1")]), b"{}").expect("identified");
         assert_eq!((identity.event_type.as_str(), identity.id.as_str()), ("github.push", "d-1"));
+    }
+
+    #[test]
+    fn an_action_that_is_not_text_is_ignored_and_a_body_that_is_not_json_refused() {
+        let push = headers(&[(EVENT_HEADER, "push")]);
+        for body in [&br#"{"action": 5}"#[..], br#" [1, 2]"#, b"\"text\"", br#"{"action": null}"#] {
+            let identity = identify(&push, body).expect("identified");
+            assert_eq!(identity.event_type, "github.push", "{}", String::from_utf8_lossy(body));
+        }
+        for body in [&br#"{"action": "a""#[..], b"[1,", b"", br#"{"a": 1} x"#, b"nope"] {
+            let refused = identify(&push, body);
+            assert!(
+                matches!(&refused, Err(IngestError::BadRequest(m)) if m.starts_with("body is not valid JSON")),
+                "{}: {refused:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 }

@@ -72,6 +72,9 @@ impl Runtime {
             .max_memory_size(MAX_MEMORY_BYTES)
             .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
             .async_stack_keep_resident(KEEP_RESIDENT_BYTES)
+            // Without this a fresh instance's first table write faults on a zero page and
+            // flushes the TLB of every core (IPIs): 8% of the host's CPU with fresh instances.
+            .table_keep_resident(KEEP_RESIDENT_BYTES)
             // Zero only the pages a call dirtied (Linux 6.7+; elsewhere the whole kept part):
             // this halved the cost of a fresh instance (make bench-core).
             .pagemap_scan(wasmtime::Enabled::Auto)

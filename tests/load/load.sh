@@ -2,8 +2,8 @@
 # make bench-load: wasmhook-bench against the host on the embedded journal, each run on a
 # fresh data folder, next to a bare hyper server in the same run (see docs/BENCHMARKS.md).
 #   1. the example host (`echo` and `github-push` both subscribe to pushes): closed loop
-#      beside the baseline, then open loop at 2 000, 5 000 and 9 000 requests/s (9 000: about
-#      twice what it sustains, so 503s are expected), sampling the host's resident memory;
+#      beside the baseline, then open loop at 2 000, 5 000 and 18 000 requests/s (18 000:
+#      about twice what it sustains, so 503s are expected), sampling the host's resident memory;
 #   2. `github-push` alone, a fresh instance per call, closed loop;
 #   3. `github-push` alone with `reuse = 1000` in its manifest, closed loop.
 # JSON results go to target/bench-*.json; everything else lives in a temporary folder.
@@ -34,7 +34,7 @@ start target/plugins
 $bench --compare --connections 32 --duration 10s --pid "$host_pid" --json target/bench-closed.json
 $bench --rate 2000 --connections 32 --duration 10s --json target/bench-open.json
 $bench --rate 5000 --connections 32 --duration 10s --pid "$host_pid" --json target/bench-5000.json
-$bench --rate 9000 --connections 64 --duration 20s --pid "$host_pid" --json target/bench-overload.json
+$bench --rate 18000 --connections 128 --duration 20s --pid "$host_pid" --json target/bench-overload.json
 
 echo "== github-push alone, a fresh instance per call"
 mkdir -p "$work/fresh" "$work/reuse"

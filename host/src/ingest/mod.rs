@@ -165,24 +165,22 @@ impl Ingest {
             metrics::verification_failure(&name, failure_reason(&err.to_string()));
         })?;
         match mode {
-            None => {
-                match verify::identify(&source.verify, &source.identity, &name, &parts.headers, &body)? {
-                    Identified::Answer(answer) => Ok(Received::Answer(answer)),
-                    Identified::Event(identity) => {
-                        let event = Event {
-                            id: checked_name("event id", identity.id)?,
-                            event_type: checked_name("event type", normalise_type(&identity.event_type))?,
-                            source: name,
-                            time_ms: now_ms(),
-                            content_type,
-                            data: body,
-                            attributes: identity.attributes,
-                        };
-                        let accepted = self.accept(source, event.clone()).await?;
-                        Ok(Received::One(event, accepted))
-                    }
+            None => match verify::identify(&source.verify, &source.identity, &name, &parts.headers, &body)? {
+                Identified::Answer(answer) => Ok(Received::Answer(answer)),
+                Identified::Event(identity) => {
+                    let event = Event {
+                        id: checked_name("event id", identity.id)?,
+                        event_type: checked_name("event type", normalise_type(&identity.event_type))?,
+                        source: name,
+                        time_ms: now_ms(),
+                        content_type,
+                        data: body,
+                        attributes: identity.attributes,
+                    };
+                    let accepted = self.accept(source, event.clone()).await?;
+                    Ok(Received::One(event, accepted))
                 }
-            }
+            },
             Some(Mode::Binary) => {
                 let event = cloud_event(&name, cloudevents::from_binary(&parts.headers, body)?)?;
                 let accepted = self.accept(source, event.clone()).await?;

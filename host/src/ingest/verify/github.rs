@@ -3,7 +3,7 @@
 
 use hyper::HeaderMap;
 
-use super::{Identity, header_str, id_from_body, mac, not_json, require_match};
+use super::{Identity, header_str, id_from_body, mac, parse_json, require_match};
 use crate::config::{Algorithm, Secret};
 use crate::ingest::IngestError;
 
@@ -62,20 +62,21 @@ pub fn identify(headers: &HeaderMap, body: &[u8]) -> Result<Identity, IngestErro
     Ok(Identity { id, event_type, attributes })
 }
 
-/// The body's top-level `action` when it is a string. The whole body must be JSON; the rest
-/// of it is checked but not kept.
+/// The body's top-level `action` when it is a string; the body must be JSON. The usual body,
+/// an object, is read without building a tree of it; anything the one-field read cannot take
+/// (another JSON value, `action` twice, not JSON) goes through the full parse, which answers
+/// exactly as before and names what is wrong.
 fn action(body: &[u8]) -> Result<Option<String>, IngestError> {
     #[derive(serde::Deserialize)]
     struct Top {
         #[serde(default)]
         action: Option<serde_json::Value>,
     }
-    if body.iter().find(|byte| !byte.is_ascii_whitespace()) != Some(&b'{') {
-        serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(not_json)?;
-        return Ok(None);
-    }
-    let top: Top = serde_json::from_slice(body).map_err(not_json)?;
-    Ok(match top.action {
+    let action = match serde_json::from_slice::<Top>(body) {
+        Ok(top) => top.action,
+        Err(_) => parse_json(body)?.get_mut("action").map(serde_json::Value::take),
+    };
+    Ok(match action {
         Some(serde_json::Value::String(action)) => Some(action),
         _ => None,
     })
@@ -145,6 +146,9 @@ mod tests {
             let identity = identify(&push, body).expect("identified");
             assert_eq!(identity.event_type, "github.push", "{}", String::from_utf8_lossy(body));
         }
+        // A key given twice: the last one counts, as with any JSON tree.
+        let twice = identify(&push, br#"{"action": "a", "action": "b"}"#).expect("identified");
+        assert_eq!(twice.event_type, "github.push.b");
         for body in [&br#"{"action": "a""#[..], b"[1,", b"", br#"{"a": 1} x"#, b"nope"] {
             let refused = identify(&push, body);
             assert!(

@@ -78,12 +78,7 @@ pub fn identify(
 
 /// The body as a JSON tree, or a bad request saying why it is not JSON.
 pub fn parse_json(body: &[u8]) -> Result<serde_json::Value, IngestError> {
-    serde_json::from_slice(body).map_err(not_json)
-}
-
-/// The bad request for a body that is not JSON.
-pub fn not_json(err: serde_json::Error) -> IngestError {
-    IngestError::BadRequest(format!("body is not valid JSON: {err}"))
+    serde_json::from_slice(body).map_err(|err| IngestError::BadRequest(format!("body is not valid JSON: {err}")))
 }
 
 /// The generic schemes' identity: id from a header or a JSON pointer (else the body's hash),

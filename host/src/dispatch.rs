@@ -103,7 +103,7 @@ pub async fn run(
             let (journal, registry, call_ended) =
                 (Arc::clone(&journal), Arc::clone(&registry), Arc::clone(&call_ended));
             calls.spawn(async move {
-                deliver(journal.as_ref(), &registry, &plugin, (permit, &call_ended), lease).await;
+                deliver(journal.as_ref(), &registry, &plugin, permit, &call_ended, lease).await;
                 drop(slot);
             });
         }
@@ -139,7 +139,8 @@ async fn deliver(
     journal: &dyn Journal,
     registry: &Registry,
     plugin: &Plugin,
-    (permit, call_ended): (tokio::sync::OwnedSemaphorePermit, &Notify),
+    permit: tokio::sync::OwnedSemaphorePermit,
+    call_ended: &Notify,
     lease: Lease,
 ) {
     let event = &lease.event;

@@ -28,6 +28,11 @@ start() { # start PLUGINS_FOLDER: the example host on a fresh data folder
 }
 
 bench=./target/release/wasmhook-bench
+# A host left running on the same ports would be measured instead of the ones started here.
+if curl -sf http://127.0.0.1:9090/readyz >/dev/null 2>&1; then
+  echo "a wasmhook already answers on 127.0.0.1:9090; stop it before benchmarking" >&2
+  exit 1
+fi
 
 echo "== the example host: echo + github-push"
 start target/plugins

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use rusqlite::Connection;
 
+use super::ready::Fresh;
 use crate::journal::{DeliveryStatus, Stats};
 
 fn slot(status: DeliveryStatus) -> usize {
@@ -22,12 +23,14 @@ fn slot(status: DeliveryStatus) -> usize {
     }
 }
 
-/// How one write changed the counts, and the lease it settled.
+/// How one write changed the counts, the lease it settled and the deliveries it created.
 #[derive(Debug, Default)]
 pub(super) struct Tally {
     /// The lease (delivery, attempt) whose outcome the write recorded: forgotten once the
     /// write commits, so that a failed commit leaves the lease to run out instead.
     pub(super) lease_done: Option<(i64, u32)>,
+    /// The deliveries acceptances created: offered to the queues once the write commits.
+    pub(super) fresh: Vec<Fresh>,
     events: i64,
     unrouted: i64,
     by_status: [i64; 5],
@@ -100,6 +103,12 @@ impl Tally {
     /// that emits an event): a waiting take should look.
     pub(super) fn adds_work(&self) -> bool {
         self.made_due > 0
+    }
+
+    /// Whether some delivery became due now that no acceptance created (the operator's
+    /// changes): no queue holds it.
+    pub(super) fn made_due_on_disk(&self) -> bool {
+        self.made_due > self.fresh.len() as u64
     }
 }
 

@@ -13,7 +13,8 @@
 //! A delivery's `due_ms` is when it next needs attention: its first attempt or its next
 //! retry. Finished deliveries (done, dead) have none, which keeps the index of due work small.
 //! Leases are held in memory ([`leases`]): taking a delivery writes nothing, and its outcome
-//! is its one write.
+//! is its one write. New deliveries wait in memory too ([`ready`]), so that a take of fresh
+//! work reads neither the file nor waits for the writer.
 //! Dedup keys live in their own table with an expiry, apart from the events they guard.
 //! The writer keeps the counts `/v1/stats` shows as it commits ([`counts`]): stats never
 //! scan the tables.
@@ -23,6 +24,7 @@
 
 mod counts;
 mod leases;
+mod ready;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -42,6 +44,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::event::{Event, millis};
 use counts::{Counts, Tally};
 use leases::Leases;
+use ready::{Fresh, Ready};
 
 /// The journal's file name inside the data folder.
 pub const FILE_NAME: &str = "journal.sqlite3";
@@ -166,7 +169,7 @@ type Reply<T> = oneshot::Sender<Result<T, JournalError>>;
 /// except a take's, which only reads).
 enum Write {
     Accept { new: NewEvent, reply: Reply<Accepted> },
-    Take { plugins: String, max: usize, lease_ms: u64, reply: Reply<Vec<Lease>> },
+    Take { plugins: Vec<String>, max: usize, lease_ms: u64, reply: Reply<Vec<Lease>> },
     Finish { delivery: i64, attempt: u32, outcome: Outcome, sha256: String, emitted: Vec<NewEvent>, reply: Reply<bool> },
     ReplayDead { selector: DeadSelector, reply: Reply<u64> },
     PurgeDead { selector: DeadSelector, reply: Reply<u64> },
@@ -175,21 +178,46 @@ enum Write {
     Ping { reply: Reply<()> },
 }
 
-/// What the writer keeps in memory beside the file: the counts and the leases, under one lock
-/// so that stats see both at the same moment.
+/// What the writer keeps in memory beside the file: the counts, the leases and the queues of
+/// fresh deliveries, under one lock so that stats see the first two at the same moment and a
+/// delivery leaves its queue as its lease is taken.
 #[derive(Debug)]
 struct Tracked {
     counts: Counts,
     leases: Leases,
+    ready: Ready,
 }
 
 impl Tracked {
     /// Adds a committed write's changes.
-    fn apply(&mut self, tally: Tally, now_ms: u64) {
+    fn apply(&mut self, mut tally: Tally, now_ms: u64) {
         if let Some((delivery, attempt)) = tally.lease_done {
             self.leases.forget(delivery, attempt);
         }
+        if tally.made_due_on_disk() {
+            self.ready.all_on_disk();
+        }
+        for fresh in tally.fresh.drain(..) {
+            self.ready.offer(fresh, now_ms);
+        }
         self.counts.apply(tally, now_ms);
+    }
+
+    /// Leases up to `max` queued deliveries of the `wants`' plugins until `until_ms`, within
+    /// each plugin's free calls less the leases `already` taken for it.
+    fn take_fresh(&mut self, wants: &[&Want], already: &[Lease], max: usize, until_ms: u64) -> Vec<Lease> {
+        let mut taken = std::collections::HashMap::new();
+        for lease in already {
+            *taken.entry(lease.plugin.as_str()).or_insert(0) += 1;
+        }
+        let fresh = self.ready.take(wants, &taken, max);
+        fresh
+            .into_iter()
+            .map(|Fresh { delivery, plugin, event }| {
+                let attempt = self.leases.hold(delivery, plugin.clone(), 0, DeliveryStatus::Pending, until_ms);
+                Lease { delivery, plugin, attempt, event }
+            })
+            .collect()
     }
 
     fn stats(&self, max_pending: u64, now_ms: u64) -> Stats {
@@ -257,7 +285,7 @@ impl SqliteJournal {
             );
         }
         let counts = Counts::load(&writer).map_err(open_err)?;
-        let tracked = Arc::new(Mutex::new(Tracked { counts, leases: Leases::default() }));
+        let tracked = Arc::new(Mutex::new(Tracked { counts, leases: Leases::default(), ready: Ready::default() }));
         let reader = Connection::open(&path).map_err(open_err)?;
         reader.busy_timeout(READ_BUSY_TIMEOUT).map_err(open_err)?;
 
@@ -280,6 +308,40 @@ impl SqliteJournal {
             writer: Some(thread),
             _lock: lock,
         })
+    }
+
+    /// Leases what is due now: from the file first when it has not been read for a while,
+    /// then from the queues, then from the file for plugins whose queue ran dry while it may
+    /// hold some of their work.
+    async fn take_now(
+        &self,
+        wants: &[&Want],
+        plugins: &[String],
+        max: usize,
+        lease_ms: u64,
+    ) -> Result<Vec<Lease>, JournalError> {
+        let mut leases = Vec::new();
+        let look_first = lock(&self.tracked).ready.look_due(self.clock.now_ms());
+        if look_first {
+            let plugins = plugins.to_vec();
+            leases = self.call(|reply| Write::Take { plugins, max, lease_ms, reply }).await?;
+        }
+        if leases.len() >= max {
+            return Ok(leases);
+        }
+        let until = self.clock.now_ms().saturating_add(lease_ms);
+        let (fresh, dry) = {
+            let mut tracked = lock(&self.tracked);
+            let fresh = tracked.take_fresh(wants, &leases, max - leases.len(), until);
+            let dry: Vec<String> = plugins.iter().filter(|plugin| tracked.ready.ran_dry(plugin)).cloned().collect();
+            (fresh, dry)
+        };
+        leases.extend(fresh);
+        if !look_first && !dry.is_empty() && leases.len() < max {
+            let want = max - leases.len();
+            leases.extend(self.call(|reply| Write::Take { plugins: dry, max: want, lease_ms, reply }).await?);
+        }
+        Ok(leases)
     }
 
     async fn call<T>(&self, write: impl FnOnce(Reply<T>) -> Write) -> Result<T, JournalError> {
@@ -379,15 +441,13 @@ impl Journal for SqliteJournal {
     async fn take(&self, wants: &[Want], max: usize, wait: Duration) -> Result<Vec<Lease>, JournalError> {
         // Plugins at their concurrency take nothing; every lease lasts the longest plugin's.
         let ready: Vec<&Want> = wants.iter().filter(|want| want.free > 0).collect();
-        let plugins: Vec<&str> = ready.iter().map(|want| want.plugin.as_str()).collect();
+        let plugins: Vec<String> = ready.iter().map(|want| want.plugin.clone()).collect();
         let lease = ready.iter().map(|want| want.lease).max().unwrap_or_default();
         let deadline = Instant::now() + wait;
-        let names = serde_json::to_string(&plugins).map_err(json_error)?;
         let lease_ms = millis(lease);
         loop {
             if !plugins.is_empty() && max > 0 {
-                let plugins = names.clone();
-                let leases = self.call(|reply| Write::Take { plugins, max, lease_ms, reply }).await?;
+                let leases = self.take_now(&ready, &plugins, max, lease_ms).await?;
                 if !leases.is_empty() {
                     return Ok(leases);
                 }
@@ -415,7 +475,10 @@ impl Journal for SqliteJournal {
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), JournalError> {
-        if lock(&self.tracked).leases.release(lease.delivery, lease.attempt) {
+        let mut tracked = lock(&self.tracked);
+        if tracked.leases.release(lease.delivery, lease.attempt) {
+            tracked.ready.on_disk(&lease.plugin);
+            drop(tracked);
             self.work.notify_one();
         }
         Ok(())
@@ -726,27 +789,37 @@ fn accept(tx: &Connection, new: &NewEvent, now: u64, tally: &mut Tally) -> Resul
     let mut insert = tx
         .prepare_cached("INSERT INTO deliveries (event_seq, plugin, status, due_ms) VALUES (?1, ?2, 'pending', ?3)")
         .map_err(storage)?;
+    let shared = Arc::new(event.clone());
     for plugin in &new.plugins {
         insert.execute(params![event_seq, plugin, sql_ms(now)]).map_err(storage)?;
+        let delivery = tx.last_insert_rowid();
+        tally.fresh.push(Fresh { delivery, plugin: plugin.clone(), event: Arc::clone(&shared) });
     }
     tally.event_stored(new.plugins.len());
     Ok(Accepted::New)
 }
 
-/// Leases up to `max` due deliveries of `plugins` (a JSON array) that no running lease holds.
-/// The lock on `tracked` is not held while the query runs (it may scan past many deliveries of
-/// busy plugins), so that ingest and stats never wait for it. Only the writer thread takes,
-/// so no other take can lease what this one reads; a lease given back meanwhile is only
-/// skipped this time.
+/// Leases up to `max` due deliveries of `plugins` from the file, skipping those a running
+/// lease holds and those queued in memory. The lock on `tracked` is not held while the query
+/// runs (it may scan past many deliveries of busy plugins), so that ingest and stats never
+/// wait for it. Only the writer thread reads takes from the file and queues deliveries, so
+/// nothing can lease what this one reads meanwhile: takes from the queues lease only what
+/// is skipped here. A lease given back meanwhile is only skipped this time.
 fn take(
     tx: &Connection,
     tracked: &Mutex<Tracked>,
-    plugins: &str,
+    plugins: &[String],
     max: usize,
     now: u64,
     lease_until: u64,
 ) -> Result<Vec<Lease>, JournalError> {
-    let running = serde_json::to_string(&lock(tracked).leases.running(now)).map_err(json_error)?;
+    let skipped = {
+        let mut tracked = lock(tracked);
+        let mut skipped = tracked.ready.before_look(plugins, now);
+        skipped.extend(tracked.leases.running(now));
+        serde_json::to_string(&skipped).map_err(json_error)?
+    };
+    let plugins_json = serde_json::to_string(plugins).map_err(json_error)?;
     let mut select = tx
         .prepare_cached(
             "SELECT d.seq, d.plugin, d.attempts, d.status, e.source, e.id, e.event_type, e.time_ms,
@@ -758,7 +831,7 @@ fn take(
         )
         .map_err(storage)?;
     let limit = i64::try_from(max).unwrap_or(i64::MAX);
-    let mut rows = select.query(params![sql_ms(now), plugins, limit, running]).map_err(storage)?;
+    let mut rows = select.query(params![sql_ms(now), plugins_json, limit, skipped]).map_err(storage)?;
     let mut read = Vec::new();
     while let Some(row) = rows.next().map_err(storage)? {
         let attributes: String = row.get(10).map_err(storage)?;
@@ -781,6 +854,7 @@ fn take(
         read.push((lease, recorded, stored));
     }
     let mut tracked = lock(tracked);
+    tracked.ready.looked(plugins, read.len() < max, now);
     Ok(read
         .into_iter()
         .map(|(mut lease, recorded, stored)| {
@@ -1110,7 +1184,7 @@ mod tests {
     fn only_acceptances_and_operator_changes_wait_for_the_disk() {
         let accept = Write::Accept { new: new("github", "a", &["echo"]), reply: oneshot::channel().0 };
         let purge = Write::PurgeDead { selector: DeadSelector::All, reply: oneshot::channel().0 };
-        let take = Write::Take { plugins: "[]".into(), max: 1, lease_ms: 1, reply: oneshot::channel().0 };
+        let take = Write::Take { plugins: Vec::new(), max: 1, lease_ms: 1, reply: oneshot::channel().0 };
         let finish = Write::Finish {
             delivery: 1,
             attempt: 1,
@@ -1134,7 +1208,8 @@ mod tests {
                  BEGIN SELECT RAISE(ABORT, 'poisoned'); END;",
             )
             .expect("trigger");
-        let tracked = Mutex::new(Tracked { counts: Counts::default(), leases: Leases::default() });
+        let tracked =
+            Mutex::new(Tracked { counts: Counts::default(), leases: Leases::default(), ready: Ready::default() });
         let mut answers = Vec::new();
         let batch: Vec<Write> = ["a", "poison", "b"]
             .into_iter()
@@ -1503,6 +1578,7 @@ mod tests {
             runtime.block_on(async {
                 let f = open(Options::default());
                 let (mut held, mut n, mut latest) = (Vec::new(), 0, std::collections::HashMap::new());
+                let mut taken_at = std::collections::HashMap::new();
                 for step in steps {
                     let shown = format!("{step:?}");
                     let before = if matches!(step, Step::Take { .. }) { held.len() } else { usize::MAX };
@@ -1510,8 +1586,15 @@ mod tests {
                     let (kept, recounted) = f.kept_and_recounted();
                     assert_eq!(kept, recounted, "after {shown}");
                     // Running: the deliveries whose newest lease the test still holds.
-                    for lease in held.iter().skip(before) {
+                    let now = f.clock.now_ms();
+                    for (i, lease) in held.iter().enumerate().skip(before) {
+                        // From the file or from the queues, never one whose lease still runs.
+                        let clash = held[..i].iter().find(|other| {
+                            other.delivery == lease.delivery && taken_at[&(other.delivery, other.attempt)] + millis(LEASE) > now
+                        });
+                        assert!(clash.is_none(), "delivery {} leased twice after {shown}", lease.delivery);
                         latest.insert(lease.delivery, lease.attempt);
+                        taken_at.insert((lease.delivery, lease.attempt), now);
                     }
                     let current: std::collections::HashSet<i64> = held
                         .iter()

@@ -1,0 +1,244 @@
+//! The embedded journal's fresh deliveries, handed from acceptance to `take` in memory. A
+//! delivery an acceptance creates waits, with its event, in its plugin's queue until a take
+//! leases it: new work taken soon after it arrives neither waits for the writer thread nor
+//! reads the file. The file stays the truth: a queued delivery is on disk as pending, and a
+//! crash forgets the queues. Whatever no queue holds (deliveries from before the start,
+//! retries, leases that ran out or were given back, the operator's replays, and deliveries
+//! that found their queue full or stale) is found by a take that reads the file: when a
+//! plugin's queue runs dry while the file may hold some of its work, and every
+//! [`LOOK_EVERY_MS`] in any case. So under a backlog, deliveries that found their queue full
+//! may run after newer ones that found room.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use crate::event::Event;
+use crate::journal::Want;
+
+/// Deliveries one plugin's queue holds; more wait on disk only.
+pub(super) const QUEUE_CAPACITY: usize = 1024;
+/// How long a delivery may wait in a queue (its plugin gone or stuck) before it is left to
+/// the file, so that the queue's memory is given back.
+pub(super) const STALE_MS: u64 = 30_000;
+/// How often a take reads the file even while the queues have work: retries and leases
+/// that ran out come due there.
+pub(super) const LOOK_EVERY_MS: u64 = 100;
+
+/// A delivery just created by an acceptance.
+#[derive(Debug)]
+pub(super) struct Fresh {
+    /// The journal's key of the delivery.
+    pub delivery: i64,
+    /// The plugin it is for.
+    pub plugin: String,
+    /// The event to hand it.
+    pub event: Arc<Event>,
+}
+
+/// One plugin's queue.
+#[derive(Debug)]
+struct Queue {
+    /// Deliveries in the order they were created, each with when it was queued.
+    waiting: VecDeque<(i64, Arc<Event>, u64)>,
+    /// Some due delivery of the plugin may be on disk only: once the queue runs dry, take
+    /// from the file, until a take from it comes up short.
+    on_disk: bool,
+}
+
+impl Queue {
+    /// A plugin not seen since the start may have work on disk.
+    fn new() -> Queue {
+        Queue { waiting: VecDeque::new(), on_disk: true }
+    }
+}
+
+/// The queues of fresh deliveries, by plugin.
+#[derive(Debug, Default)]
+pub(super) struct Ready {
+    queues: HashMap<String, Queue>,
+    /// When a take last read the file.
+    last_look_ms: u64,
+}
+
+impl Ready {
+    /// Queues a delivery just committed, unless its queue is full: then it is left to the file.
+    pub(super) fn offer(&mut self, fresh: Fresh, now_ms: u64) {
+        let queue = self.queues.entry(fresh.plugin).or_insert_with(Queue::new);
+        if queue.waiting.len() >= QUEUE_CAPACITY {
+            queue.on_disk = true;
+            return;
+        }
+        queue.waiting.push_back((fresh.delivery, fresh.event, now_ms));
+    }
+
+    /// Some deliveries became due on disk only, of any plugin (the operator's changes).
+    pub(super) fn all_on_disk(&mut self) {
+        for queue in self.queues.values_mut() {
+            queue.on_disk = true;
+        }
+    }
+
+    /// A delivery of `plugin` became due on disk only (a lease given back).
+    pub(super) fn on_disk(&mut self, plugin: &str) {
+        if let Some(queue) = self.queues.get_mut(plugin) {
+            queue.on_disk = true;
+        }
+    }
+
+    /// Whether a take should read the file before the queues: it has not for a while.
+    pub(super) fn look_due(&self, now_ms: u64) -> bool {
+        now_ms >= self.last_look_ms.saturating_add(LOOK_EVERY_MS)
+    }
+
+    /// Whether `plugin`'s queue is empty while the file may hold due work of it.
+    pub(super) fn ran_dry(&self, plugin: &str) -> bool {
+        self.queues.get(plugin).is_none_or(|queue| queue.on_disk && queue.waiting.is_empty())
+    }
+
+    /// Before a take reads the file: leaves deliveries queued for longer than [`STALE_MS`] to
+    /// the file, and returns the deliveries of `plugins` still queued, which it must skip.
+    pub(super) fn before_look(&mut self, plugins: &[String], now_ms: u64) -> Vec<i64> {
+        for queue in self.queues.values_mut() {
+            while queue.waiting.front().is_some_and(|(_, _, queued)| queued.saturating_add(STALE_MS) <= now_ms) {
+                queue.waiting.pop_front();
+                queue.on_disk = true;
+            }
+        }
+        self.queues.retain(|_, queue| !queue.waiting.is_empty() || !queue.on_disk);
+        plugins
+            .iter()
+            .filter_map(|plugin| self.queues.get(plugin))
+            .flat_map(|queue| queue.waiting.iter().map(|(delivery, _, _)| *delivery))
+            .collect()
+    }
+
+    /// After a take read the file for `plugins`: when it found fewer than it could take, no
+    /// due delivery of theirs is on disk only any more.
+    pub(super) fn looked(&mut self, plugins: &[String], came_up_short: bool, now_ms: u64) {
+        self.last_look_ms = now_ms;
+        if came_up_short {
+            for plugin in plugins {
+                self.queues.entry(plugin.clone()).or_insert_with(Queue::new).on_disk = false;
+            }
+        }
+    }
+
+    /// Up to `max` queued deliveries, oldest first, at most `want.free` of each wanted
+    /// plugin (less the `taken` it already got).
+    pub(super) fn take(&mut self, wants: &[&Want], taken: &HashMap<&str, usize>, max: usize) -> Vec<Fresh> {
+        let mut budget: Vec<(&str, usize)> = wants
+            .iter()
+            .map(|want| {
+                (want.plugin.as_str(), want.free.saturating_sub(taken.get(want.plugin.as_str()).copied().unwrap_or(0)))
+            })
+            .collect();
+        let mut out = Vec::new();
+        while out.len() < max {
+            let oldest = budget
+                .iter_mut()
+                .filter(|(_, free)| *free > 0)
+                .filter_map(|entry| {
+                    let front = self.queues.get(entry.0)?.waiting.front()?.0;
+                    Some((front, entry))
+                })
+                .min_by_key(|(front, _)| *front);
+            let Some((_, (plugin, free))) = oldest else { break };
+            *free -= 1;
+            let Some((delivery, event, _)) = self.queues.get_mut(*plugin).and_then(|queue| queue.waiting.pop_front())
+            else {
+                break;
+            };
+            out.push(Fresh { delivery, plugin: (*plugin).to_owned(), event });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn fresh(delivery: i64, plugin: &str) -> Fresh {
+        let event = Event {
+            source: "s".into(),
+            id: delivery.to_string(),
+            event_type: "t".into(),
+            time_ms: 0,
+            content_type: "application/json".into(),
+            data: bytes::Bytes::new(),
+            attributes: Vec::new(),
+        };
+        Fresh { delivery, plugin: plugin.into(), event: Arc::new(event) }
+    }
+
+    fn want(plugin: &str, free: usize) -> Want {
+        Want { plugin: plugin.into(), free, subscriptions: Arc::from([]), lease: Duration::from_secs(1), since_ms: 0 }
+    }
+
+    fn names(plugins: &[&str]) -> Vec<String> {
+        plugins.iter().map(|plugin| (*plugin).to_owned()).collect()
+    }
+
+    fn taken(fresh: &[Fresh]) -> Vec<(i64, &str)> {
+        fresh.iter().map(|fresh| (fresh.delivery, fresh.plugin.as_str())).collect()
+    }
+
+    #[test]
+    fn the_file_is_read_for_a_dry_queue_until_a_look_at_it_comes_up_short() {
+        let mut ready = Ready::default();
+        assert!(ready.ran_dry("a"), "after the start the file may hold work of any plugin");
+        ready.offer(fresh(1, "a"), 0);
+        assert!(!ready.ran_dry("a"), "queued work comes first");
+        assert_eq!(taken(&ready.take(&[&want("a", 9)], &HashMap::new(), 9)), [(1, "a")]);
+        assert!(ready.ran_dry("a"));
+        ready.looked(&names(&["a"]), false, 50);
+        assert!(ready.ran_dry("a"), "the look took all it could: there may be more");
+        assert!(!ready.look_due(149) && ready.look_due(150), "and again every {LOOK_EVERY_MS} ms");
+        ready.looked(&names(&["a"]), true, 60);
+        assert!(!ready.ran_dry("a"), "the file holds nothing more that is due");
+        ready.on_disk("a");
+        assert!(ready.ran_dry("a"), "a lease given back is on disk only");
+        ready.looked(&names(&["a"]), true, 70);
+        ready.all_on_disk();
+        assert!(ready.ran_dry("a"), "so are the operator's replays");
+    }
+
+    #[test]
+    fn takes_are_oldest_first_within_each_plugins_free_calls() {
+        let mut ready = Ready::default();
+        for (delivery, plugin) in [(1, "a"), (2, "b"), (3, "a"), (4, "a"), (5, "b")] {
+            ready.offer(fresh(delivery, plugin), 0);
+        }
+        let (a, b) = (want("a", 2), want("b", 5));
+        let got = ready.take(&[&a, &b], &HashMap::new(), 10);
+        assert_eq!(taken(&got), [(1, "a"), (2, "b"), (3, "a"), (5, "b")], "a has two free calls");
+        let got = ready.take(&[&a, &b], &HashMap::from([("a", 1)]), 10);
+        assert_eq!(taken(&got), [(4, "a")], "one of a's free calls went to a delivery from the file");
+        assert!(ready.take(&[&a, &b], &HashMap::new(), 10).is_empty());
+        ready.offer(fresh(6, "a"), 0);
+        ready.offer(fresh(7, "a"), 0);
+        assert_eq!(taken(&ready.take(&[&a], &HashMap::new(), 1)), [(6, "a")], "no more than asked");
+    }
+
+    #[test]
+    fn a_full_or_stale_queue_leaves_its_deliveries_to_the_file() {
+        let mut ready = Ready::default();
+        ready.looked(&names(&["a", "b"]), true, 0);
+        for delivery in 0..QUEUE_CAPACITY as i64 {
+            ready.offer(fresh(delivery, "a"), 0);
+        }
+        assert!(!ready.ran_dry("a"));
+        ready.offer(fresh(-1, "a"), 0);
+        let everything = ready.take(&[&want("a", usize::MAX)], &HashMap::new(), usize::MAX);
+        assert_eq!(everything.len(), QUEUE_CAPACITY, "the one that found the queue full is on disk only");
+        assert!(ready.ran_dry("a"));
+
+        ready.offer(fresh(1, "a"), 0);
+        ready.offer(fresh(2, "b"), STALE_MS);
+        assert_eq!(ready.before_look(&names(&["a", "b"]), STALE_MS), [2], "queued deliveries are skipped by the look");
+        assert!(ready.ran_dry("a"), "a's waited too long: left to the file");
+        assert!(!ready.ran_dry("b"));
+        assert!(ready.take(&[&want("a", 9)], &HashMap::new(), 9).is_empty());
+    }
+}

@@ -4,10 +4,11 @@
 //! reads the file. The file stays the truth: a queued delivery is on disk as pending, and a
 //! crash forgets the queues. Whatever no queue holds (deliveries from before the start,
 //! retries, leases that ran out or were given back, the operator's replays, and deliveries
-//! that found their queue full or stale) is found by a take that reads the file: when a
-//! plugin's queue runs dry while the file may hold some of its work, and every
-//! [`LOOK_EVERY_MS`] in any case. So under a backlog, deliveries that found their queue full
-//! may run after newer ones that found room.
+//! that found their queue full or stale) is found by a take that reads the file: every
+//! [`LOOK_EVERY_MS`], and whenever a plugin's queue is empty while the file may hold some of
+//! its work. Until a look at the file finds no more of that work, the plugin's new
+//! deliveries are left to the file too, so that they run in order: under a backlog, takes
+//! work as if there were no queues.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -40,8 +41,8 @@ pub(super) struct Fresh {
 struct Queue {
     /// Deliveries in the order they were created, each with when it was queued.
     waiting: VecDeque<(i64, Arc<Event>, u64)>,
-    /// Some due delivery of the plugin may be on disk only: once the queue runs dry, take
-    /// from the file, until a take from it comes up short.
+    /// Some due delivery of the plugin may be on disk only: queue nothing more, and once the
+    /// queue is empty take from the file, until a take from it comes up short.
     on_disk: bool,
 }
 
@@ -61,10 +62,11 @@ pub(super) struct Ready {
 }
 
 impl Ready {
-    /// Queues a delivery just committed, unless its queue is full: then it is left to the file.
+    /// Queues a delivery just committed, unless older work of its plugin may be on disk or
+    /// its queue is full: then it is left to the file.
     pub(super) fn offer(&mut self, fresh: Fresh, now_ms: u64) {
         let queue = self.queues.entry(fresh.plugin).or_insert_with(Queue::new);
-        if queue.waiting.len() >= QUEUE_CAPACITY {
+        if queue.on_disk || queue.waiting.len() >= QUEUE_CAPACITY {
             queue.on_disk = true;
             return;
         }
@@ -187,26 +189,32 @@ mod tests {
     #[test]
     fn the_file_is_read_for_a_dry_queue_until_a_look_at_it_comes_up_short() {
         let mut ready = Ready::default();
+        let a = want("a", 9);
         assert!(ready.ran_dry("a"), "after the start the file may hold work of any plugin");
         ready.offer(fresh(1, "a"), 0);
-        assert!(!ready.ran_dry("a"), "queued work comes first");
-        assert_eq!(taken(&ready.take(&[&want("a", 9)], &HashMap::new(), 9)), [(1, "a")]);
-        assert!(ready.ran_dry("a"));
+        assert!(ready.take(&[&a], &HashMap::new(), 9).is_empty(), "so new work waits behind it, on disk");
         ready.looked(&names(&["a"]), false, 50);
         assert!(ready.ran_dry("a"), "the look took all it could: there may be more");
         assert!(!ready.look_due(149) && ready.look_due(150), "and again every {LOOK_EVERY_MS} ms");
         ready.looked(&names(&["a"]), true, 60);
         assert!(!ready.ran_dry("a"), "the file holds nothing more that is due");
+        ready.offer(fresh(2, "a"), 60);
+        ready.offer(fresh(3, "a"), 60);
+        assert_eq!(taken(&ready.take(&[&a], &HashMap::new(), 1)), [(2, "a")]);
         ready.on_disk("a");
-        assert!(ready.ran_dry("a"), "a lease given back is on disk only");
+        assert!(!ready.ran_dry("a"), "queued work first");
+        ready.offer(fresh(4, "a"), 60);
+        assert_eq!(taken(&ready.take(&[&a], &HashMap::new(), 9)), [(3, "a")], "4 waits behind the lease given back");
+        assert!(ready.ran_dry("a"));
         ready.looked(&names(&["a"]), true, 70);
         ready.all_on_disk();
-        assert!(ready.ran_dry("a"), "so are the operator's replays");
+        assert!(ready.ran_dry("a"), "so do the operator's replays");
     }
 
     #[test]
     fn takes_are_oldest_first_within_each_plugins_free_calls() {
         let mut ready = Ready::default();
+        ready.looked(&names(&["a", "b"]), true, 0);
         for (delivery, plugin) in [(1, "a"), (2, "b"), (3, "a"), (4, "a"), (5, "b")] {
             ready.offer(fresh(delivery, plugin), 0);
         }
@@ -234,6 +242,7 @@ mod tests {
         assert_eq!(everything.len(), QUEUE_CAPACITY, "the one that found the queue full is on disk only");
         assert!(ready.ran_dry("a"));
 
+        ready.looked(&names(&["a"]), true, 0);
         ready.offer(fresh(1, "a"), 0);
         ready.offer(fresh(2, "b"), STALE_MS);
         assert_eq!(ready.before_look(&names(&["a", "b"]), STALE_MS), [2], "queued deliveries are skipped by the look");

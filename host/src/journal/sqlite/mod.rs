@@ -789,11 +789,12 @@ fn accept(tx: &Connection, new: &NewEvent, now: u64, tally: &mut Tally) -> Resul
     let mut insert = tx
         .prepare_cached("INSERT INTO deliveries (event_seq, plugin, status, due_ms) VALUES (?1, ?2, 'pending', ?3)")
         .map_err(storage)?;
-    let shared = Arc::new(event.clone());
+    let mut shared = None; // the event for the queues, copied only if some plugin gets it
     for plugin in &new.plugins {
         insert.execute(params![event_seq, plugin, sql_ms(now)]).map_err(storage)?;
         let delivery = tx.last_insert_rowid();
-        tally.fresh.push(Fresh { delivery, plugin: plugin.clone(), event: Arc::clone(&shared) });
+        let event = Arc::clone(shared.get_or_insert_with(|| Arc::new(event.clone())));
+        tally.fresh.push(Fresh { delivery, plugin: plugin.clone(), event });
     }
     tally.event_stored(new.plugins.len());
     Ok(Accepted::New)

@@ -330,14 +330,16 @@ impl SqliteJournal {
             return Ok(leases);
         }
         let until = self.clock.now_ms().saturating_add(lease_ms);
-        let (fresh, dry) = {
+        let dry: Vec<String> = {
             let mut tracked = lock(&self.tracked);
             let fresh = tracked.take_fresh(wants, &leases, max - leases.len(), until);
-            let dry: Vec<String> = plugins.iter().filter(|plugin| tracked.ready.ran_dry(plugin)).cloned().collect();
-            (fresh, dry)
+            leases.extend(fresh);
+            if look_first || leases.len() >= max {
+                return Ok(leases);
+            }
+            plugins.iter().filter(|plugin| tracked.ready.ran_dry(plugin)).cloned().collect()
         };
-        leases.extend(fresh);
-        if !look_first && !dry.is_empty() && leases.len() < max {
+        if !dry.is_empty() {
             let want = max - leases.len();
             leases.extend(self.call(|reply| Write::Take { plugins: dry, max: want, lease_ms, reply }).await?);
         }

@@ -321,7 +321,7 @@ impl SqliteJournal {
         lease_ms: u64,
     ) -> Result<Vec<Lease>, JournalError> {
         let mut leases = Vec::new();
-        let look_first = lock(&self.tracked).ready.look_due(self.clock.now_ms());
+        let look_first = lock(&self.tracked).ready.look_due(plugins, self.clock.now_ms());
         if look_first {
             let plugins = plugins.to_vec();
             leases = self.call(|reply| Write::Take { plugins, max, lease_ms, reply }).await?;
@@ -606,7 +606,7 @@ impl Write {
 /// every other write in one transaction. A write that fails rolls the transaction back, is
 /// answered with its error, and the others run again without it: each write is all or
 /// nothing, without a savepoint per write. Once the commit's fate is known, updates the
-/// counts and leases (and wakes `take` if work was added) before answering any caller, so
+/// counts, leases and queues (and wakes `take` if work was added) before answering any caller, so
 /// that an answer never runs ahead of the counts.
 fn commit_batch(
     connection: &mut Connection,
@@ -803,11 +803,12 @@ fn accept(tx: &Connection, new: &NewEvent, now: u64, tally: &mut Tally) -> Resul
 }
 
 /// Leases up to `max` due deliveries of `plugins` from the file, skipping those a running
-/// lease holds and those queued in memory. The lock on `tracked` is not held while the query
+/// lease holds, those queued in memory, and those newer than a plugin's oldest queued one
+/// (they run after the queue, in order). The lock on `tracked` is not held while the query
 /// runs (it may scan past many deliveries of busy plugins), so that ingest and stats never
 /// wait for it. Only the writer thread reads takes from the file and queues deliveries, so
 /// nothing can lease what this one reads meanwhile: takes from the queues lease only what
-/// is skipped here. A lease given back meanwhile is only skipped this time.
+/// is skipped here. A lease given back meanwhile is skipped until the plugin's next look.
 fn take(
     tx: &Connection,
     tracked: &Mutex<Tracked>,
@@ -816,11 +817,12 @@ fn take(
     now: u64,
     lease_until: u64,
 ) -> Result<Vec<Lease>, JournalError> {
-    let skipped = {
+    let (queued, skipped) = {
         let mut tracked = lock(tracked);
-        let mut skipped = tracked.ready.before_look(plugins, now);
-        skipped.extend(tracked.leases.running(now));
-        serde_json::to_string(&skipped).map_err(json_error)?
+        let queued = tracked.ready.before_look(plugins, now);
+        let mut skipped = tracked.leases.running(now);
+        skipped.extend_from_slice(&queued.deliveries);
+        (queued, serde_json::to_string(&skipped).map_err(json_error)?)
     };
     let plugins_json = serde_json::to_string(plugins).map_err(json_error)?;
     let mut select = tx
@@ -856,8 +858,18 @@ fn take(
         };
         read.push((lease, recorded, stored));
     }
+    let came_up_short = read.len() < max;
+    let mut held_back = Vec::new();
+    read.retain(|(lease, _, _)| {
+        let allowed = queued.allows(&lease.plugin, lease.delivery);
+        if !allowed {
+            held_back.push(lease.plugin.clone());
+        }
+        allowed
+    });
+    let held_back: Vec<&str> = held_back.iter().map(String::as_str).collect();
     let mut tracked = lock(tracked);
-    tracked.ready.looked(plugins, read.len() < max, now);
+    tracked.ready.looked(plugins, came_up_short, &held_back, now);
     Ok(read
         .into_iter()
         .map(|(mut lease, recorded, stored)| {

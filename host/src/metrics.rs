@@ -12,7 +12,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use crate::journal::Stats;
 
 /// Every metric: name, kind, unit, and what it counts. The README's table is this list.
-pub const CATALOGUE: [(&str, &str, &str); 17] = [
+pub const CATALOGUE: [(&str, &str, &str); 18] = [
     ("wasmhook_requests_total", "counter", "webhook requests answered, by `source` and HTTP `status`"),
     (
         "wasmhook_verification_failures_total",
@@ -35,7 +35,12 @@ pub const CATALOGUE: [(&str, &str, &str); 17] = [
     ("wasmhook_plugin_load_failures_total", "counter", "plugin files that failed to load, by `plugin`"),
     ("wasmhook_plugin_compile_seconds", "histogram", "time to compile and prepare a plugin version, by `plugin`"),
     ("wasmhook_journal_commit_batch_size", "histogram", "writes committed in one journal transaction"),
-    ("wasmhook_journal_commit_seconds", "histogram", "time of one journal transaction, fsync included"),
+    ("wasmhook_journal_commit_seconds", "histogram", "time of one journal transaction, without the fsync"),
+    (
+        "wasmhook_journal_sync_seconds",
+        "histogram",
+        "time of one fsync of the journal, which every acceptance waits for (`synchronous = \"full\"`)",
+    ),
     ("wasmhook_journal_max_pending", "gauge", "unfinished deliveries above which ingest answers 503"),
     ("wasmhook_plugins_loaded", "gauge", "plugins serving now"),
 ];
@@ -137,6 +142,11 @@ pub fn plugins_loaded(count: usize) {
 pub fn journal_commit(writes: usize, took: Duration) {
     histogram!("wasmhook_journal_commit_batch_size").record(writes as f64);
     histogram!("wasmhook_journal_commit_seconds").record(took.as_secs_f64());
+}
+
+/// One fsync of the journal took `took`.
+pub fn journal_sync(took: Duration) {
+    histogram!("wasmhook_journal_sync_seconds").record(took.as_secs_f64());
 }
 
 /// The journal's counts, read at scrape time.

@@ -1,10 +1,11 @@
 //! The embedded journal: one SQLite file in WAL mode in the data folder.
 //!
 //! One writer thread owns the write connection and runs every write that arrives while it is
-//! busy in one transaction (group commit): an accepted event is on disk (`synchronous = FULL`
-//! by default) before its caller hears back, yet a burst of requests shares one fsync. Only
-//! a group that holds an acceptance or an operator's change waits for the disk: outcomes
-//! commit without an fsync (`synchronous = NORMAL`, still crash-safe for the process),
+//! busy in one transaction (group commit). It never waits for the disk itself: an accepted
+//! event is on disk before its caller hears back (`synchronous = "full"`, the default), but the
+//! fsync runs on a second thread ([`sync`]) while the writer commits the next group, and one
+//! fsync covers every group committed before it started. Only acceptances and an operator's
+//! changes wait for it: outcomes are answered once committed (crash-safe for the process),
 //! because losing one to a power cut only runs that delivery again. A write that
 //! fails rolls its group back and the others run again without it, so it leaves nothing
 //! half-done. Reads for the admin API use a second connection, which WAL lets run beside
@@ -25,6 +26,7 @@
 mod counts;
 mod leases;
 mod ready;
+mod sync;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -45,6 +47,7 @@ use crate::event::{Event, millis};
 use counts::{Counts, Tally};
 use leases::Leases;
 use ready::{Fresh, Ready};
+use sync::Syncer;
 
 /// The journal's file name inside the data folder.
 pub const FILE_NAME: &str = "journal.sqlite3";
@@ -258,13 +261,10 @@ impl SqliteJournal {
         let path = data_dir.join(FILE_NAME);
         let open_err = |err: rusqlite::Error| JournalError::Storage(format!("cannot open {}: {err}", path.display()));
         let mut writer = Connection::open(&path).map_err(open_err)?;
-        let synchronous = match options.synchronous {
-            Synchronous::Full => "FULL",
-            Synchronous::Normal => "NORMAL",
-        };
         writer
             .pragma_update(None, "journal_mode", "WAL")
-            .and_then(|()| writer.pragma_update(None, "synchronous", synchronous))
+            // Commits never wait for the disk on the writer thread; the syncer makes them durable.
+            .and_then(|()| writer.pragma_update(None, "synchronous", "NORMAL"))
             // Plans chosen without peeking at bound values: otherwise a take whose LIMIT differs
             // from the last one re-prepares its statement (a fifth of the writer's time).
             .and_then(|()| writer.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map(drop))
@@ -288,6 +288,10 @@ impl SqliteJournal {
         let tracked = Arc::new(Mutex::new(Tracked { counts, leases: Leases::default(), ready: Ready::default() }));
         let reader = Connection::open(&path).map_err(open_err)?;
         reader.busy_timeout(READ_BUSY_TIMEOUT).map_err(open_err)?;
+        let syncer = match options.synchronous {
+            Synchronous::Full => Some(start_syncer(&path)?),
+            Synchronous::Normal => None,
+        };
 
         let work = Arc::new(Notify::new());
         let (writes, queue) = mpsc::channel(QUEUE_DEPTH);
@@ -295,7 +299,7 @@ impl SqliteJournal {
             let (tracked, work, clock) = (Arc::clone(&tracked), Arc::clone(&work), Arc::clone(&clock));
             std::thread::Builder::new()
                 .name("journal-writer".into())
-                .spawn(move || write_loop(writer, queue, clock.as_ref(), options.synchronous, &tracked, &work))
+                .spawn(move || write_loop(writer, queue, clock.as_ref(), syncer.as_ref(), &tracked, &work))
                 .map_err(|err| JournalError::Storage(format!("cannot start the journal writer: {err}")))?
         };
         Ok(SqliteJournal {
@@ -364,6 +368,24 @@ impl SqliteJournal {
         .await
         .map_err(|err| JournalError::Storage(err.to_string()))?
     }
+}
+
+/// The syncer of the journal at `path`: it syncs the write-ahead log, which exists once the
+/// writer's connection has read the file, and answers each write once synced.
+fn start_syncer(path: &Path) -> Result<Syncer<(Write, Done)>, JournalError> {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let wal = std::path::PathBuf::from(wal);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&wal)
+        .map_err(|err| JournalError::Storage(format!("cannot open {}: {err}", wal.display())))?;
+    Syncer::start(file, |(write, done), synced: Result<(), &std::io::Error>| {
+        let result =
+            synced.map(|()| done).map_err(|err| JournalError::Storage(format!("cannot sync the journal: {err}")));
+        respond(write, result);
+    })
+    .map_err(|err| JournalError::Storage(format!("cannot start the journal's syncer: {err}")))
 }
 
 /// Takes the data folder's lock, or says which folder another host holds.
@@ -563,16 +585,17 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Commits what arrives, in groups, until the queue closes; with a `syncer`, the writes
+/// promised the disk are answered once it has synced them.
 fn write_loop(
     mut connection: Connection,
     mut queue: mpsc::Receiver<Write>,
     clock: &dyn Clock,
-    synchronous: Synchronous,
+    syncer: Option<&Syncer<(Write, Done)>>,
     tracked: &Mutex<Tracked>,
     work: &Notify,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut current = synchronous;
     while let Some(first) = queue.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -581,15 +604,7 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        let wanted = if batch.iter().any(Write::must_reach_disk) { synchronous } else { Synchronous::Normal };
-        if wanted != current {
-            let level = if wanted == Synchronous::Full { "FULL" } else { "NORMAL" };
-            match connection.pragma_update(None, "synchronous", level) {
-                Ok(()) => current = wanted,
-                Err(err) => tracing::warn!(error = %err, "cannot change the journal's synchronous level"),
-            }
-        }
-        commit_batch(&mut connection, batch.drain(..), clock.now_ms(), tracked, work);
+        commit_batch(&mut connection, batch.drain(..), clock.now_ms(), tracked, work, syncer);
     }
 }
 
@@ -607,13 +622,15 @@ impl Write {
 /// answered with its error, and the others run again without it: each write is all or
 /// nothing, without a savepoint per write. Once the commit's fate is known, updates the
 /// counts, leases and queues (and wakes `take` if work was added) before answering any caller, so
-/// that an answer never runs ahead of the counts.
+/// that an answer never runs ahead of the counts. With a `syncer`, the writes promised the
+/// disk are answered once it has synced the commit.
 fn commit_batch(
     connection: &mut Connection,
     batch: impl Iterator<Item = Write>,
     now: u64,
     tracked: &Mutex<Tracked>,
     work: &Notify,
+    syncer: Option<&Syncer<(Write, Done)>>,
 ) {
     let (takes, mut writes): (Vec<Write>, Vec<Write>) = batch.partition(|write| matches!(write, Write::Take { .. }));
     for take in takes {
@@ -659,8 +676,15 @@ fn commit_batch(
         if adds_work {
             work.notify_one();
         }
+        let mut after_sync = Vec::new();
         for (write, value) in writes.into_iter().zip(answers) {
-            respond(write, Ok(value));
+            match syncer {
+                Some(_) if write.must_reach_disk() => after_sync.push((write, value)),
+                _ => respond(write, Ok(value)),
+            }
+        }
+        if let (Some(syncer), false) = (syncer, after_sync.is_empty()) {
+            syncer.after_sync(after_sync);
         }
         return;
     }
@@ -1234,7 +1258,7 @@ mod tests {
                 Write::Accept { new: new("github", id, &["echo"]), reply }
             })
             .collect();
-        commit_batch(&mut connection, batch.into_iter(), START_MS, &tracked, &Notify::new());
+        commit_batch(&mut connection, batch.into_iter(), START_MS, &tracked, &Notify::new(), None);
         let results: Vec<_> = answers.into_iter().map(|mut answer| answer.try_recv().expect("answered")).collect();
         assert!(matches!(results[0], Ok(Accepted::New)) && matches!(results[2], Ok(Accepted::New)), "{results:?}");
         assert!(results[1].as_ref().is_err_and(|err| err.to_string().contains("poisoned")), "{results:?}");

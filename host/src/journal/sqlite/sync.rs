@@ -1,0 +1,120 @@
+//! The embedded journal's syncer: a thread that makes committed writes durable with an
+//! `fdatasync` of the write-ahead log, and only then answers the callers promised the disk.
+//! The writer commits every group without waiting for the disk (`synchronous = NORMAL`) and
+//! hands the durable ones here, so that it goes on committing (outcomes, the next group)
+//! while the disk works. Each sync covers every commit handed over before it started: while
+//! one runs, the next groups gather for the one after it.
+//!
+//! Why this is as durable as SQLite's `synchronous = FULL` in WAL mode: a commit is its frames
+//! in the WAL file, written before the commit returns; syncing that file puts them, and every
+//! frame before them, on disk. The WAL's header is synced by SQLite itself when the log is
+//! reused, and a checkpoint syncs the log before copying it and the database after.
+
+use std::fs::File;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// Groups handed over and not yet synced before the writer waits for the syncer.
+const DEPTH: usize = 1024;
+
+/// Syncs the WAL for the groups handed to it; each group's items are answered after.
+pub(super) struct Syncer<T: Send + 'static> {
+    groups: Option<SyncSender<Vec<T>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl<T: Send + 'static> Syncer<T> {
+    /// Starts the thread that syncs `wal` and then calls `answer` with each item handed over
+    /// and whether its commit is on disk (the error of the sync otherwise).
+    pub(super) fn start(
+        wal: File,
+        answer: impl Fn(T, Result<(), &std::io::Error>) + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let (groups, queue) = sync_channel(DEPTH);
+        let thread =
+            std::thread::Builder::new().name("journal-sync".into()).spawn(move || sync_loop(&wal, &queue, &answer))?;
+        Ok(Syncer { groups: Some(groups), thread: Some(thread) })
+    }
+
+    /// Answers `items`, all committed, once a sync that started after now has ended.
+    pub(super) fn after_sync(&self, items: Vec<T>) {
+        let Some(groups) = &self.groups else { return };
+        match groups.try_send(items) {
+            Ok(()) => {}
+            // The disk is behind: the writer waits, so that ingest feels it (backpressure).
+            Err(TrySendError::Full(items)) => {
+                let _ = groups.send(items);
+            }
+            // The thread is gone only if it panicked; the items' callers hear the journal closed.
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+}
+
+impl<T: Send + 'static> Drop for Syncer<T> {
+    /// Syncs and answers everything handed over, then ends the thread.
+    fn drop(&mut self) {
+        drop(self.groups.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn sync_loop<T>(wal: &File, queue: &Receiver<Vec<T>>, answer: &impl Fn(T, Result<(), &std::io::Error>)) {
+    while let Ok(mut items) = queue.recv() {
+        while let Ok(more) = queue.try_recv() {
+            items.extend(more);
+        }
+        let started = Instant::now();
+        let synced = wal.sync_data();
+        crate::metrics::journal_sync(started.elapsed());
+        if let Err(err) = &synced {
+            tracing::error!(error = %err, writes = items.len(), "cannot sync the journal to disk");
+        }
+        for item in items {
+            answer(item, synced.as_ref().map(|_| ()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    fn answers() -> (Arc<Mutex<Vec<(u32, bool)>>>, impl Fn(u32, Result<(), &std::io::Error>) + Send + 'static) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&seen);
+        (seen, move |item, synced: Result<(), &std::io::Error>| {
+            record.lock().expect("lock").push((item, synced.is_ok()));
+        })
+    }
+
+    #[test]
+    fn every_item_is_answered_in_order_after_a_sync_of_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = File::create(dir.path().join("wal")).expect("file");
+        let (seen, answer) = answers();
+        let syncer = Syncer::start(wal, answer).expect("start");
+        for group in [vec![1, 2], vec![3], vec![4, 5, 6]] {
+            syncer.after_sync(group);
+        }
+        drop(syncer);
+        let seen = seen.lock().expect("lock").clone();
+        assert_eq!(seen, [(1, true), (2, true), (3, true), (4, true), (5, true), (6, true)]);
+    }
+
+    #[test]
+    fn a_sync_that_fails_answers_its_items_with_the_error() {
+        // A pipe cannot be synced: fdatasync fails with EINVAL.
+        let (reader, _writer) = std::io::pipe().expect("pipe");
+        let not_a_file = File::from(std::os::fd::OwnedFd::from(reader));
+        let (seen, answer) = answers();
+        let syncer = Syncer::start(not_a_file, answer).expect("start");
+        syncer.after_sync(vec![7]);
+        drop(syncer);
+        assert_eq!(*seen.lock().expect("lock"), [(7, false)]);
+    }
+}

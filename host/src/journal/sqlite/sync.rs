@@ -84,7 +84,10 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
 
-    fn answers() -> (Arc<Mutex<Vec<(u32, bool)>>>, impl Fn(u32, Result<(), &std::io::Error>) + Send + 'static) {
+    /// Each item answered, and whether it was synced.
+    type Seen = Arc<Mutex<Vec<(u32, bool)>>>;
+
+    fn answers() -> (Seen, impl Fn(u32, Result<(), &std::io::Error>) + Send + 'static) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let record = Arc::clone(&seen);
         (seen, move |item, synced: Result<(), &std::io::Error>| {

@@ -1,10 +1,11 @@
 //! The embedded journal: one SQLite file in WAL mode in the data folder.
 //!
 //! One writer thread owns the write connection and runs every write that arrives while it is
-//! busy in one transaction (group commit). It never waits for the disk itself: an accepted
-//! event is on disk before its caller hears back (`synchronous = "full"`, the default), but the
-//! fsync runs on a second thread ([`sync`]) while the writer commits the next group, and one
-//! fsync covers every group committed before it started. Only acceptances and an operator's
+//! busy in one transaction (group commit). It does not wait for the fsync of its commits: an
+//! accepted event is on disk before its caller hears back (`synchronous = "full"`, the
+//! default), but the fsync runs on a second thread ([`sync`]) while the writer commits the next
+//! group, and one fsync covers every group committed before it started. (SQLite's automatic
+//! checkpoints, about every 1 000 pages, still sync on the writer thread.) Only acceptances and an operator's
 //! changes wait for it: outcomes are answered once committed (crash-safe for the process),
 //! because losing one to a power cut only runs that delivery again. A write that
 //! fails rolls its group back and the others run again without it, so it leaves nothing
@@ -120,7 +121,8 @@ CREATE INDEX delivery_errors_by_delivery ON delivery_errors (delivery_seq);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Synchronous {
-    /// Every commit is on disk before it returns (the default: 202 means durable).
+    /// Every acceptance and operator change is on disk before it is answered (the default:
+    /// 202 means durable); outcomes are answered once committed.
     Full,
     /// In WAL mode, a power loss may undo the last commits; a process crash loses nothing.
     Normal,

@@ -5,6 +5,11 @@
 //! while the disk works. Each sync covers every commit handed over before it started: while
 //! one runs, the next groups gather for the one after it.
 //!
+//! A sync that fails is final: Linux may drop the pages it could not write and report that
+//! only once, so a later sync that succeeds proves nothing about them. Every write handed over
+//! after it is answered with the same error (ingest answers 500) until the host restarts and
+//! SQLite recovers from what really is on disk.
+//!
 //! Why this is as durable as SQLite's `synchronous = FULL` in WAL mode: a commit is its frames
 //! in the WAL file, written before the commit returns; syncing that file puts them, and every
 //! frame before them, on disk. The WAL's header is synced by SQLite itself when the log is
@@ -63,18 +68,25 @@ impl<T: Send + 'static> Drop for Syncer<T> {
 }
 
 fn sync_loop<T>(wal: &File, queue: &Receiver<Vec<T>>, answer: &impl Fn(T, Result<(), &std::io::Error>)) {
+    let mut failed: Option<std::io::Error> = None;
     while let Ok(mut items) = queue.recv() {
         while let Ok(more) = queue.try_recv() {
             items.extend(more);
         }
-        let started = Instant::now();
-        let synced = wal.sync_data();
-        crate::metrics::journal_sync(started.elapsed());
-        if let Err(err) = &synced {
-            tracing::error!(error = %err, writes = items.len(), "cannot sync the journal to disk");
+        if failed.is_none() {
+            let started = Instant::now();
+            let synced = wal.sync_data();
+            crate::metrics::journal_sync(started.elapsed());
+            if let Err(err) = synced {
+                tracing::error!(
+                    error = %err, writes = items.len(),
+                    "cannot sync the journal to disk; no event is accepted until the host restarts"
+                );
+                failed = Some(err);
+            }
         }
         for item in items {
-            answer(item, synced.as_ref().map(|_| ()));
+            answer(item, failed.as_ref().map_or(Ok(()), Err));
         }
     }
 }
@@ -110,14 +122,18 @@ mod tests {
     }
 
     #[test]
-    fn a_sync_that_fails_answers_its_items_with_the_error() {
+    fn a_sync_that_fails_answers_its_items_and_all_later_ones_with_the_error() {
         // A pipe cannot be synced: fdatasync fails with EINVAL.
         let (reader, _writer) = std::io::pipe().expect("pipe");
         let not_a_file = File::from(std::os::fd::OwnedFd::from(reader));
         let (seen, answer) = answers();
         let syncer = Syncer::start(not_a_file, answer).expect("start");
         syncer.after_sync(vec![7]);
+        while seen.lock().expect("lock").is_empty() {
+            std::thread::yield_now();
+        }
+        syncer.after_sync(vec![8]);
         drop(syncer);
-        assert_eq!(*seen.lock().expect("lock"), [(7, false)]);
+        assert_eq!(*seen.lock().expect("lock"), [(7, false), (8, false)], "and every write after it fails too");
     }
 }

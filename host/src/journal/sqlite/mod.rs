@@ -3,11 +3,12 @@
 //! One writer thread owns the write connection and runs every write that arrives while it is
 //! busy in one transaction (group commit). It does not wait for the fsync of its commits: an
 //! accepted event is on disk before its caller hears back (`synchronous = "full"`, the
-//! default), but the fsync runs on a second thread ([`sync`]) while the writer commits the next
-//! group, and one fsync covers every group committed before it started. (SQLite's automatic
-//! checkpoints, about every 1 000 pages, still sync on the writer thread.) Only acceptances and an operator's
-//! changes wait for it: outcomes are answered once committed (crash-safe for the process),
-//! because losing one to a power cut only runs that delivery again. A write that
+//! default), but the fsync runs on a second thread ([`sync`]) while the writer commits the
+//! next group, and one fsync covers every group committed before it started (SQLite's
+//! automatic checkpoints, about every 1 000 pages, still sync on the writer thread). Only
+//! acceptances and an operator's changes wait for it: outcomes are answered once committed
+//! (crash-safe for the process), because losing one to a power cut only runs that delivery
+//! again. A write that
 //! fails rolls its group back and the others run again without it, so it leaves nothing
 //! half-done. Reads for the admin API use a second connection, which WAL lets run beside
 //! the writer.
@@ -265,7 +266,7 @@ impl SqliteJournal {
         let mut writer = Connection::open(&path).map_err(open_err)?;
         writer
             .pragma_update(None, "journal_mode", "WAL")
-            // Commits never wait for the disk on the writer thread; the syncer makes them durable.
+            // Commits do not wait for the disk; the syncer makes acceptances durable.
             .and_then(|()| writer.pragma_update(None, "synchronous", "NORMAL"))
             // Plans chosen without peeking at bound values: otherwise a take whose LIMIT differs
             // from the last one re-prepares its statement (a fifth of the writer's time).
@@ -678,14 +679,12 @@ fn commit_batch(
         if adds_work {
             work.notify_one();
         }
-        let mut after_sync = Vec::new();
-        for (write, value) in writes.into_iter().zip(answers) {
-            match syncer {
-                Some(_) if write.must_reach_disk() => after_sync.push((write, value)),
-                _ => respond(write, Ok(value)),
-            }
+        let (after_sync, answer_now): (Vec<_>, Vec<_>) =
+            writes.into_iter().zip(answers).partition(|(write, _)| syncer.is_some() && write.must_reach_disk());
+        for (write, value) in answer_now {
+            respond(write, Ok(value));
         }
-        if let (Some(syncer), false) = (syncer, after_sync.is_empty()) {
+        if let Some(syncer) = syncer {
             syncer.after_sync(after_sync);
         }
         return;

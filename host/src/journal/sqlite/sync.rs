@@ -16,7 +16,7 @@
 //! reused, and a checkpoint syncs the log before copying it and the database after.
 
 use std::fs::File;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -44,16 +44,10 @@ impl<T: Send + 'static> Syncer<T> {
 
     /// Answers `items`, all committed, once a sync that started after now has ended.
     pub(super) fn after_sync(&self, items: Vec<T>) {
-        let Some(groups) = &self.groups else { return };
-        match groups.try_send(items) {
-            Ok(()) => {}
-            // The disk is behind: the writer waits, so that ingest feels it (backpressure).
-            Err(TrySendError::Full(items)) => {
-                let _ = groups.send(items);
-            }
-            // The thread is gone only if it panicked; the items' callers hear the journal closed.
-            Err(TrySendError::Disconnected(_)) => {}
-        }
+        let Some(groups) = self.groups.as_ref().filter(|_| !items.is_empty()) else { return };
+        // Blocks while DEPTH groups wait for the disk, and so the writer and ingest with it
+        // (backpressure). Fails only if the thread panicked: the callers hear the journal closed.
+        let _ = groups.send(items);
     }
 }
 

@@ -42,6 +42,8 @@ fn metrics_move_as_events_flow() {
     assert_eq!(moved("wasmhook_deliveries_done_total", &[("plugin", "echo")]), 2.0);
     assert_eq!(moved("wasmhook_call_duration_seconds_count", &[("plugin", "echo"), ("outcome", "done")]), 2.0);
     assert!(moved("wasmhook_journal_commit_seconds_count", &[]) >= 1.0);
+    // Each acceptance waited for an fsync of the journal (two posts: one or two fsyncs).
+    assert!(moved("wasmhook_journal_sync_seconds_count", &[]) >= 1.0, "{after}");
     assert_eq!(metric(&after, "wasmhook_plugins_loaded", &[]), 1.0);
     assert_eq!(metric(&after, "wasmhook_deliveries", &[("status", "pending")]), 0.0);
     assert!(after.contains("# HELP wasmhook_call_duration_seconds"), "metrics are described");

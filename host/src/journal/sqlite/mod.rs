@@ -8,10 +8,9 @@
 //! automatic checkpoints, about every 1 000 pages, still sync on the writer thread). Only
 //! acceptances and an operator's changes wait for it: outcomes are answered once committed
 //! (crash-safe for the process), because losing one to a power cut only runs that delivery
-//! again. A write that
-//! fails rolls its group back and the others run again without it, so it leaves nothing
-//! half-done. Reads for the admin API use a second connection, which WAL lets run beside
-//! the writer.
+//! again. A write that fails rolls its group back and the others run again without it, so it
+//! leaves nothing half-done. Reads for the admin API use a second connection, which WAL lets
+//! run beside the writer.
 //!
 //! A delivery's `due_ms` is when it next needs attention: its first attempt or its next
 //! retry. Finished deliveries (done, dead) have none, which keeps the index of due work small.
@@ -624,9 +623,9 @@ impl Write {
 /// every other write in one transaction. A write that fails rolls the transaction back, is
 /// answered with its error, and the others run again without it: each write is all or
 /// nothing, without a savepoint per write. Once the commit's fate is known, updates the
-/// counts, leases and queues (and wakes `take` if work was added) before answering any caller, so
-/// that an answer never runs ahead of the counts. With a `syncer`, the writes promised the
-/// disk are answered once it has synced the commit.
+/// counts, leases and queues (and wakes `take` if work was added) before answering any
+/// caller, so that an answer never runs ahead of the counts. With a `syncer`, the writes
+/// promised the disk are answered once it has synced the commit.
 fn commit_batch(
     connection: &mut Connection,
     batch: impl Iterator<Item = Write>,
@@ -884,15 +883,9 @@ fn take(
         read.push((lease, recorded, stored));
     }
     let came_up_short = read.len() < max;
-    let mut held_back = Vec::new();
-    read.retain(|(lease, _, _)| {
-        let allowed = queued.allows(&lease.plugin, lease.delivery);
-        if !allowed {
-            held_back.push(lease.plugin.clone());
-        }
-        allowed
-    });
-    let held_back: Vec<&str> = held_back.iter().map(String::as_str).collect();
+    let (read, waiting): (Vec<_>, Vec<_>) =
+        read.into_iter().partition(|(lease, _, _)| queued.allows(&lease.plugin, lease.delivery));
+    let held_back: Vec<&str> = waiting.iter().map(|(lease, _, _)| lease.plugin.as_str()).collect();
     let mut tracked = lock(tracked);
     tracked.ready.looked(plugins, came_up_short, &held_back, now);
     Ok(read

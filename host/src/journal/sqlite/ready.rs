@@ -216,14 +216,14 @@ mod tests {
         sized(delivery, plugin, 0)
     }
 
-    fn sized(delivery: i64, plugin: &str, bytes: usize) -> Fresh {
+    fn sized(delivery: i64, plugin: &str, size: usize) -> Fresh {
         let event = Event {
             source: "s".into(),
             id: delivery.to_string(),
             event_type: "t".into(),
             time_ms: 0,
             content_type: "application/json".into(),
-            data: bytes::Bytes::from(vec![0; bytes]),
+            data: bytes::Bytes::from(vec![0; size]),
             attributes: Vec::new(),
         };
         Fresh { delivery, plugin: plugin.into(), event: Arc::new(event) }

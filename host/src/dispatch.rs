@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{AcquireError, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -29,6 +29,24 @@ const TAKE_WAIT: Duration = Duration::from_millis(200);
 const BUSY_TAKE_WAIT: Duration = Duration::from_millis(10);
 /// Pause after the journal fails, before asking again.
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
+/// Deliveries between their lease and their recorded outcome, per worker. A call holds a
+/// worker only while it runs, so this bounds the outcomes waiting for a slow journal (and
+/// the events they keep in memory).
+const RECORDING_PER_WORKER: usize = 4;
+
+/// What one delivery holds from its lease on: a worker `slot` until its call ends, and a
+/// place among the outcomes `recording` until the journal has its outcome.
+struct Worker {
+    slot: OwnedSemaphorePermit,
+    recording: OwnedSemaphorePermit,
+}
+
+impl Worker {
+    async fn acquire(slots: &Arc<Semaphore>, recording: &Arc<Semaphore>) -> Result<Self, AcquireError> {
+        let recording = Arc::clone(recording).acquire_owned().await?;
+        Ok(Worker { slot: Arc::clone(slots).acquire_owned().await?, recording })
+    }
+}
 
 /// Runs deliveries with at most `workers` calls at once until `shutdown`, then gives the
 /// calls already running up to `grace` to finish. A call still running after that is
@@ -44,17 +62,18 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(workers));
+    let recording = Arc::new(Semaphore::new(workers.saturating_mul(RECORDING_PER_WORKER)));
     let calls = TaskTracker::new();
     // Signalled whenever a call ends, freeing its plugin's permit.
     let call_ended = Arc::new(Notify::new());
     while !shutdown.is_cancelled() {
         // Wait for a free worker before leasing anything, so nothing sits leased but idle.
         let first = tokio::select! {
-            slot = Arc::clone(&slots).acquire_owned() => slot,
+            worker = Worker::acquire(&slots, &recording) => worker,
             () = shutdown.cancelled() => break,
         };
         let Ok(first) = first else { break };
-        let free = slots.available_permits() + 1;
+        let free = slots.available_permits().min(recording.available_permits()) + 1;
         let wants = registry.wants(lease_margin);
         let Some(wait) = take_wait(&wants) else {
             // Every plugin is at its concurrency: wait for a call to end rather than for work.
@@ -80,10 +99,10 @@ pub async fn run(
         };
         let mut first = Some(first);
         for lease in leases {
-            let slot = match first.take() {
-                Some(slot) => slot,
-                None => match Arc::clone(&slots).acquire_owned().await {
-                    Ok(slot) => slot,
+            let worker = match first.take() {
+                Some(worker) => worker,
+                None => match Worker::acquire(&slots, &recording).await {
+                    Ok(worker) => worker,
                     Err(_) => break,
                 },
             };
@@ -103,8 +122,8 @@ pub async fn run(
             let (journal, registry, call_ended) =
                 (Arc::clone(&journal), Arc::clone(&registry), Arc::clone(&call_ended));
             calls.spawn(async move {
-                deliver(journal.as_ref(), &registry, &plugin, permit, &call_ended, lease).await;
-                drop(slot);
+                deliver(journal.as_ref(), &registry, &plugin, [permit, worker.slot], &call_ended, lease).await;
+                drop(worker.recording);
             });
         }
     }
@@ -131,15 +150,15 @@ fn take_wait(wants: &[Want]) -> Option<Duration> {
     }
 }
 
-/// Runs one leased delivery on `plugin` and records how it ended. The plugin's `permit` is
-/// given back (and `call_ended` signalled) as soon as the call returns: recording the outcome
-/// waits for the journal (an fsync when it shares a commit with accepted events), not for the
-/// plugin. The worker slot stays held until the outcome is recorded.
+/// Runs one leased delivery on `plugin` and records how it ended. The `permits` (the
+/// plugin's and the worker slot) are given back (and `call_ended` signalled) as soon as the
+/// call returns: recording the outcome waits for the journal, which may hold it until the
+/// running fsync ends to commit it with others, and the next call need not wait for that.
 async fn deliver(
     journal: &dyn Journal,
     registry: &Registry,
     plugin: &Plugin,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permits: [OwnedSemaphorePermit; 2],
     call_ended: &Notify,
     lease: Lease,
 ) {
@@ -147,7 +166,7 @@ async fn deliver(
     let started = Instant::now();
     let in_flight = metrics::InFlight::start();
     let result = plugin.component.invoke(event, lease.attempt).await;
-    drop((in_flight, permit));
+    drop((in_flight, permits));
     call_ended.notify_one();
     let took = started.elapsed();
     let duration_ms = crate::event::millis(took);

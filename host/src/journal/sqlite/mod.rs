@@ -8,7 +8,8 @@
 //! automatic checkpoints, about every 1 000 pages, still sync on the writer thread). Only
 //! acceptances and an operator's changes wait for it: outcomes are answered once committed
 //! (crash-safe for the process), because losing one to a power cut only runs that delivery
-//! again. A write that fails rolls its group back and the others run again without it, so it
+//! again. Outcomes do wait for a running fsync to end, though, when nothing else is queued:
+//! they then share one commit instead of one each. A write that fails rolls its group back and the others run again without it, so it
 //! leaves nothing half-done. Reads for the admin API use a second connection, which WAL lets
 //! run beside the writer.
 //!
@@ -600,13 +601,28 @@ fn write_loop(
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.blocking_recv() {
         batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(write) => batch.push(write),
-                Err(_) => break,
-            }
+        gather(&mut queue, &mut batch);
+        // Outcomes alone wait for the running fsync, and what arrives meanwhile joins them:
+        // one commit after it rather than one per outcome, as a commit costs the pages it
+        // touches more than its rows (docs/BENCHMARKS.md). Acceptances never wait here.
+        if let Some(syncer) = syncer
+            && batch.len() < MAX_BATCH
+            && !batch.iter().any(Write::must_reach_disk)
+        {
+            syncer.wait_until_synced();
+            gather(&mut queue, &mut batch);
         }
         commit_batch(&mut connection, batch.drain(..), clock.now_ms(), tracked, work, syncer);
+    }
+}
+
+/// Adds the writes waiting in `queue` to `batch`, up to [`MAX_BATCH`].
+fn gather(queue: &mut mpsc::Receiver<Write>, batch: &mut Vec<Write>) {
+    while batch.len() < MAX_BATCH {
+        match queue.try_recv() {
+            Ok(write) => batch.push(write),
+            Err(_) => break,
+        }
     }
 }
 

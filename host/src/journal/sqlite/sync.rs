@@ -17,15 +17,21 @@
 
 use std::fs::File;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Groups handed over and not yet synced before the writer waits for the syncer.
 const DEPTH: usize = 1024;
+/// Longest [`Syncer::wait_until_synced`] waits (a disk that hangs, a syncer that died):
+/// the writer then commits what it holds anyway.
+const LONGEST_WAIT: Duration = Duration::from_millis(100);
 
 /// Syncs the WAL for the groups handed to it; each group's items are answered after.
 pub(super) struct Syncer<T: Send + 'static> {
     groups: Option<SyncSender<Vec<T>>>,
+    /// Groups handed over whose sync has not ended yet.
+    unsynced: Arc<(Mutex<usize>, Condvar)>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -37,18 +43,39 @@ impl<T: Send + 'static> Syncer<T> {
         answer: impl Fn(T, Result<(), &std::io::Error>) + Send + 'static,
     ) -> std::io::Result<Self> {
         let (groups, queue) = sync_channel(DEPTH);
-        let thread =
-            std::thread::Builder::new().name("journal-sync".into()).spawn(move || sync_loop(&wal, &queue, &answer))?;
-        Ok(Syncer { groups: Some(groups), thread: Some(thread) })
+        let unsynced = Arc::new((Mutex::new(0), Condvar::new()));
+        let thread = {
+            let unsynced = Arc::clone(&unsynced);
+            std::thread::Builder::new()
+                .name("journal-sync".into())
+                .spawn(move || sync_loop(&wal, &queue, &unsynced, &answer))?
+        };
+        Ok(Syncer { groups: Some(groups), unsynced, thread: Some(thread) })
     }
 
     /// Answers `items`, all committed, once a sync that started after now has ended.
     pub(super) fn after_sync(&self, items: Vec<T>) {
         let Some(groups) = self.groups.as_ref().filter(|_| !items.is_empty()) else { return };
+        *lock(&self.unsynced.0) += 1;
         // Blocks while DEPTH groups wait for the disk, and so the writer and ingest with it
         // (backpressure). Fails only if the thread panicked: the callers hear the journal closed.
-        let _ = groups.send(items);
+        if groups.send(items).is_err() {
+            *lock(&self.unsynced.0) -= 1;
+        }
     }
+
+    /// Returns once every group handed over is synced and answered (or after
+    /// [`LONGEST_WAIT`]). The writer waits here with writes nobody needs on disk at once
+    /// (outcomes), so that they share the next group's commit rather than each commit alone.
+    pub(super) fn wait_until_synced(&self) {
+        let (unsynced, synced) = &*self.unsynced;
+        let unsynced = lock(unsynced);
+        let _ = synced.wait_timeout_while(unsynced, LONGEST_WAIT, |groups| *groups > 0);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl<T: Send + 'static> Drop for Syncer<T> {
@@ -61,11 +88,18 @@ impl<T: Send + 'static> Drop for Syncer<T> {
     }
 }
 
-fn sync_loop<T>(wal: &File, queue: &Receiver<Vec<T>>, answer: &impl Fn(T, Result<(), &std::io::Error>)) {
+fn sync_loop<T>(
+    wal: &File,
+    queue: &Receiver<Vec<T>>,
+    unsynced: &(Mutex<usize>, Condvar),
+    answer: &impl Fn(T, Result<(), &std::io::Error>),
+) {
     let mut failed: Option<std::io::Error> = None;
     while let Ok(mut items) = queue.recv() {
+        let mut groups = 1;
         while let Ok(more) = queue.try_recv() {
             items.extend(more);
+            groups += 1;
         }
         if failed.is_none() {
             let started = Instant::now();
@@ -82,6 +116,8 @@ fn sync_loop<T>(wal: &File, queue: &Receiver<Vec<T>>, answer: &impl Fn(T, Result
         for item in items {
             answer(item, failed.as_ref().map_or(Ok(()), Err));
         }
+        *lock(&unsynced.0) -= groups;
+        unsynced.1.notify_all();
     }
 }
 
@@ -113,6 +149,20 @@ mod tests {
         drop(syncer);
         let seen = seen.lock().expect("lock").clone();
         assert_eq!(seen, [(1, true), (2, true), (3, true), (4, true), (5, true), (6, true)]);
+    }
+
+    #[test]
+    fn waiting_until_synced_returns_after_every_group_handed_over_is_answered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = File::create(dir.path().join("wal")).expect("file");
+        let (seen, answer) = answers();
+        let syncer = Syncer::start(wal, answer).expect("start");
+        syncer.wait_until_synced(); // nothing handed over: returns at once
+        for item in 1..=50 {
+            syncer.after_sync(vec![item]);
+        }
+        syncer.wait_until_synced();
+        assert_eq!(seen.lock().expect("lock").len(), 50, "every group was synced and answered");
     }
 
     #[test]

@@ -42,6 +42,7 @@ struct Worker {
 }
 
 impl Worker {
+    /// Waits for a place among the outcomes, then for a worker slot.
     async fn acquire(slots: &Arc<Semaphore>, recording: &Arc<Semaphore>) -> Result<Self, AcquireError> {
         let recording = Arc::clone(recording).acquire_owned().await?;
         Ok(Worker { slot: Arc::clone(slots).acquire_owned().await?, recording })
@@ -122,7 +123,7 @@ pub async fn run(
             let (journal, registry, call_ended) =
                 (Arc::clone(&journal), Arc::clone(&registry), Arc::clone(&call_ended));
             calls.spawn(async move {
-                deliver(journal.as_ref(), &registry, &plugin, [permit, worker.slot], &call_ended, lease).await;
+                deliver(journal.as_ref(), &registry, &plugin, (permit, worker.slot), &call_ended, lease).await;
                 drop(worker.recording);
             });
         }
@@ -132,7 +133,7 @@ pub async fn run(
         tracing::warn!(
             running = calls.len(),
             grace_ms = grace.as_millis() as u64,
-            "calls still running after the grace period; they will run again after the next start"
+            "deliveries still running after the grace period; they will run again after the next start"
         );
     }
 }
@@ -151,14 +152,14 @@ fn take_wait(wants: &[Want]) -> Option<Duration> {
 }
 
 /// Runs one leased delivery on `plugin` and records how it ended. The `permits` (the
-/// plugin's and the worker slot) are given back (and `call_ended` signalled) as soon as the
+/// plugin's, then the worker slot) are given back (and `call_ended` signalled) as soon as the
 /// call returns: recording the outcome waits for the journal, which may hold it until the
 /// running fsync ends to commit it with others, and the next call need not wait for that.
 async fn deliver(
     journal: &dyn Journal,
     registry: &Registry,
     plugin: &Plugin,
-    permits: [OwnedSemaphorePermit; 2],
+    permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
     call_ended: &Notify,
     lease: Lease,
 ) {

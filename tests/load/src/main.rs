@@ -163,13 +163,14 @@ async fn main() -> anyhow::Result<()> {
             report["end_to_end"] = json!({"accepted": accepted, "deliveries_done": done, "seconds": seconds,
                 "done_per_second": done as f64 / seconds, "drain_seconds": drained.as_secs_f64()});
         }
-        // After the drain, so that it counts each event's deliveries too.
+        // After the drain, when there is one, so that it counts each event's deliveries too.
         let accepted = run.statuses.get(&202).copied().unwrap_or(0);
         if let (Some(before), Some(after)) = (cpu_before, args.pid.and_then(cpu_seconds))
             && accepted > 0
         {
             let per_event = (after - before) / accepted as f64 * 1e6;
-            println!("host CPU: {per_event:.0} µs per accepted event (user + system, its deliveries included)");
+            let counts = if admins.is_empty() { "" } else { ", deliveries included" };
+            println!("host CPU: {per_event:.0} µs per accepted event (user + system{counts})");
             report["host_cpu_us_per_event"] = json!(per_event);
         }
     }
@@ -322,15 +323,18 @@ async fn sample_rss(pid: u32, duration: Duration) -> Vec<f64> {
     samples
 }
 
+/// The unit of the CPU times in `/proc/PID/stat`: Linux reports them to user space at 100
+/// ticks per second (USER_HZ) whatever the kernel's own tick rate.
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+
 /// The CPU time process `pid` has used so far (user + system), in seconds.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
-    // utime and stime: fields 14 and 15 of the line, and this list starts at field 3. In
-    // clock ticks, which Linux reports at 100 per second to user space (USER_HZ).
-    Some((ticks(11)? + ticks(12)?) / 100.0)
+    // utime and stime: fields 14 and 15 of the line, and this list starts at field 3.
+    Some((ticks(11)? + ticks(12)?) / CLOCK_TICKS_PER_SECOND)
 }
 
 /// A bare hyper server that reads each body and answers 202: the same HTTP stack, no work.

@@ -3,13 +3,13 @@
 //! One writer thread owns the write connection and runs every write that arrives while it is
 //! busy in one transaction (group commit). It does not wait for the fsync of its commits: an
 //! accepted event is on disk before its caller hears back (`synchronous = "full"`, the
-//! default), but the fsync runs on a second thread ([`sync`]) while the writer commits the
-//! next group, and one fsync covers every group committed before it started (SQLite's
-//! automatic checkpoints, about every 1 000 pages, still sync on the writer thread). Only
-//! acceptances and an operator's changes wait for it: outcomes are answered once committed
-//! (crash-safe for the process), because losing one to a power cut only runs that delivery
-//! again. Outcomes do wait for a running fsync to end, though, when nothing else is queued:
-//! they then share one commit instead of one each. A write that fails rolls its group back and the others run again without it, so it
+//! default), but the fsync runs on a second thread ([`sync`]) while the writer commits the next
+//! group, and one fsync covers every group committed before it started (SQLite's automatic
+//! checkpoints, about every 1 000 pages, still sync on the writer thread). Only acceptances and
+//! an operator's changes wait for it: outcomes are answered once committed (crash-safe for the
+//! process), because losing one to a power cut only runs that delivery again. Outcomes do wait
+//! for the fsyncs under way when nothing else is queued: they then share one commit instead of
+//! one each. A write that fails rolls its group back and the others run again without it, so it
 //! leaves nothing half-done. Reads for the admin API use a second connection, which WAL lets
 //! run beside the writer.
 //!
@@ -602,12 +602,14 @@ fn write_loop(
     while let Some(first) = queue.blocking_recv() {
         batch.push(first);
         gather(&mut queue, &mut batch);
-        // Outcomes alone wait for the running fsync, and what arrives meanwhile joins them:
-        // one commit after it rather than one per outcome, as a commit costs the pages it
-        // touches more than its rows (docs/BENCHMARKS.md). Acceptances never wait here.
+        // Outcomes alone wait for the fsyncs under way, and what arrives meanwhile joins them:
+        // one commit after them rather than one per outcome, as a commit costs the pages it
+        // touches more than its rows (docs/BENCHMARKS.md). A batch with anything else in it
+        // commits at once; an acceptance that arrives during the wait commits after it, which
+        // costs it the commit's time, as its own fsync could not start sooner anyway.
         if let Some(syncer) = syncer
             && batch.len() < MAX_BATCH
-            && !batch.iter().any(Write::must_reach_disk)
+            && batch.iter().all(|write| matches!(write, Write::Finish { .. }))
         {
             syncer.wait_until_synced();
             gather(&mut queue, &mut batch);

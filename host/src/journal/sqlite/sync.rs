@@ -17,9 +17,11 @@
 
 use std::fs::File;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use super::lock;
 
 /// Groups handed over and not yet synced before the writer waits for the syncer.
 const DEPTH: usize = 1024;
@@ -64,18 +66,21 @@ impl<T: Send + 'static> Syncer<T> {
         }
     }
 
-    /// Returns once every group handed over is synced and answered (or after
-    /// [`LONGEST_WAIT`]). The writer waits here with writes nobody needs on disk at once
-    /// (outcomes), so that they share the next group's commit rather than each commit alone.
-    pub(super) fn wait_until_synced(&self) {
+    /// Waits until every group handed over is synced and answered; false when that took
+    /// longer than [`LONGEST_WAIT`] or the syncer is gone. The writer waits here with writes
+    /// nobody needs on disk at once (outcomes), so that they share the next group's commit
+    /// rather than each commit alone.
+    pub(super) fn wait_until_synced(&self) -> bool {
+        if self.thread.as_ref().is_none_or(JoinHandle::is_finished) {
+            return false;
+        }
         let (unsynced, synced) = &*self.unsynced;
-        let unsynced = lock(unsynced);
-        let _ = synced.wait_timeout_while(unsynced, LONGEST_WAIT, |groups| *groups > 0);
+        let (unsynced, waited) = synced
+            .wait_timeout_while(lock(unsynced), LONGEST_WAIT, |groups| *groups > 0)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        drop(unsynced);
+        !waited.timed_out()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl<T: Send + 'static> Drop for Syncer<T> {
@@ -157,11 +162,13 @@ mod tests {
         let wal = File::create(dir.path().join("wal")).expect("file");
         let (seen, answer) = answers();
         let syncer = Syncer::start(wal, answer).expect("start");
-        syncer.wait_until_synced(); // nothing handed over: returns at once
+        assert!(syncer.wait_until_synced(), "nothing handed over: nothing to wait for");
         for item in 1..=50 {
             syncer.after_sync(vec![item]);
         }
-        syncer.wait_until_synced();
+        // Each wait ends within 100 ms; a slow disk may need a few.
+        let synced = (0..100).any(|_| syncer.wait_until_synced());
+        assert!(synced, "the count of groups in flight came back to zero");
         assert_eq!(seen.lock().expect("lock").len(), 50, "every group was synced and answered");
     }
 

@@ -75,10 +75,9 @@ impl<T: Send + 'static> Syncer<T> {
             return false;
         }
         let (unsynced, synced) = &*self.unsynced;
-        let (unsynced, waited) = synced
+        let (_unsynced, waited) = synced
             .wait_timeout_while(lock(unsynced), LONGEST_WAIT, |groups| *groups > 0)
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        drop(unsynced);
         !waited.timed_out()
     }
 }
@@ -134,20 +133,25 @@ mod tests {
     /// Each item answered, and whether it was synced.
     type Seen = Arc<Mutex<Vec<(u32, bool)>>>;
 
-    fn answers() -> (Seen, impl Fn(u32, Result<(), &std::io::Error>) + Send + 'static) {
+    /// A syncer of `file`, and what it answers.
+    fn syncing(file: File) -> (Seen, Syncer<u32>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let record = Arc::clone(&seen);
-        (seen, move |item, synced: Result<(), &std::io::Error>| {
+        let answer = move |item, synced: Result<(), &std::io::Error>| {
             record.lock().expect("lock").push((item, synced.is_ok()));
-        })
+        };
+        (seen, Syncer::start(file, answer).expect("start"))
+    }
+
+    /// A syncer of a new file in `dir`, and what it answers.
+    fn syncing_a_file(dir: &tempfile::TempDir) -> (Seen, Syncer<u32>) {
+        syncing(File::create(dir.path().join("wal")).expect("file"))
     }
 
     #[test]
     fn every_item_is_answered_in_order_after_a_sync_of_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let wal = File::create(dir.path().join("wal")).expect("file");
-        let (seen, answer) = answers();
-        let syncer = Syncer::start(wal, answer).expect("start");
+        let (seen, syncer) = syncing_a_file(&dir);
         for group in [vec![1, 2], vec![3], vec![4, 5, 6]] {
             syncer.after_sync(group);
         }
@@ -159,9 +163,7 @@ mod tests {
     #[test]
     fn waiting_until_synced_returns_after_every_group_handed_over_is_answered() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let wal = File::create(dir.path().join("wal")).expect("file");
-        let (seen, answer) = answers();
-        let syncer = Syncer::start(wal, answer).expect("start");
+        let (seen, syncer) = syncing_a_file(&dir);
         assert!(syncer.wait_until_synced(), "nothing handed over: nothing to wait for");
         for item in 1..=50 {
             syncer.after_sync(vec![item]);
@@ -177,8 +179,7 @@ mod tests {
         // A pipe cannot be synced: fdatasync fails with EINVAL.
         let (reader, _writer) = std::io::pipe().expect("pipe");
         let not_a_file = File::from(std::os::fd::OwnedFd::from(reader));
-        let (seen, answer) = answers();
-        let syncer = Syncer::start(not_a_file, answer).expect("start");
+        let (seen, syncer) = syncing(not_a_file);
         syncer.after_sync(vec![7]);
         while seen.lock().expect("lock").is_empty() {
             std::thread::yield_now();

@@ -12,7 +12,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use crate::journal::Stats;
 
 /// Every metric: name, kind, unit, and what it counts. The README's table is this list.
-pub const CATALOGUE: [(&str, &str, &str); 18] = [
+pub const CATALOGUE: [(&str, &str, &str); 19] = [
     ("wasmhook_requests_total", "counter", "webhook requests answered, by `source` and HTTP `status`"),
     (
         "wasmhook_verification_failures_total",
@@ -40,6 +40,11 @@ pub const CATALOGUE: [(&str, &str, &str); 18] = [
         "wasmhook_journal_sync_seconds",
         "histogram",
         "time of one fsync of the journal, which every acceptance waits for (`synchronous = \"full\"`)",
+    ),
+    (
+        "wasmhook_journal_checkpoint_seconds",
+        "histogram",
+        "time of one checkpoint, copying the journal's log into its database file, `by` the checkpointer thread or the writer",
     ),
     ("wasmhook_journal_max_pending", "gauge", "unfinished deliveries above which ingest answers 503"),
     ("wasmhook_plugins_loaded", "gauge", "plugins serving now"),
@@ -147,6 +152,11 @@ pub fn journal_commit(writes: usize, took: Duration) {
 /// One fsync of the journal took `took`.
 pub fn journal_sync(took: Duration) {
     histogram!("wasmhook_journal_sync_seconds").record(took.as_secs_f64());
+}
+
+/// One checkpoint of the journal, run `by` the checkpointer or the writer, took `took`.
+pub fn journal_checkpoint(by: &'static str, took: Duration) {
+    histogram!("wasmhook_journal_checkpoint_seconds", "by" => by).record(took.as_secs_f64());
 }
 
 /// The journal's counts, read at scrape time.

@@ -4,8 +4,8 @@
 //! busy in one transaction (group commit). It does not wait for the fsync of its commits: an
 //! accepted event is on disk before its caller hears back (`synchronous = "full"`, the
 //! default), but the fsync runs on a second thread ([`sync`]) while the writer commits the next
-//! group, and one fsync covers every group committed before it started (SQLite's automatic
-//! checkpoints, about every 1 000 pages, still sync on the writer thread). Only acceptances and
+//! group, and one fsync covers every group committed before it started. Checkpoints, which
+//! copy the log into the database file, run beside it too ([`checkpoint`]). Only acceptances and
 //! an operator's changes wait for it: outcomes are answered once committed (crash-safe for the
 //! process), because losing one to a power cut only runs that delivery again. Outcomes do wait
 //! for the fsyncs under way when nothing else is queued: they then share one commit instead of
@@ -25,6 +25,7 @@
 //! One host owns the file: it holds an exclusive lock on the data folder, so the leases it
 //! forgets in a crash belong to nobody else, and their deliveries are due at the next start.
 
+mod checkpoint;
 mod counts;
 mod leases;
 mod ready;
@@ -46,6 +47,7 @@ use super::{
 };
 use crate::clock::{Clock, SystemClock};
 use crate::event::{Event, millis};
+use checkpoint::Checkpointer;
 use counts::{Counts, Tally};
 use leases::Leases;
 use ready::{Fresh, Ready};
@@ -271,6 +273,8 @@ impl SqliteJournal {
             // Plans chosen without peeking at bound values: otherwise a take whose LIMIT differs
             // from the last one re-prepares its statement (a fifth of the writer's time).
             .and_then(|()| writer.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map(drop))
+            // The checkpointer copies the log beside the writer; this is only its bound.
+            .and_then(|()| writer.pragma_update(None, "wal_autocheckpoint", checkpoint::WRITER_CHECKPOINT_AT))
             .map_err(open_err)?;
         migrate(&mut writer, &path)?;
         // Earlier versions marked leased deliveries as running on disk.
@@ -295,6 +299,8 @@ impl SqliteJournal {
             Synchronous::Full => Some(start_syncer(&path)?),
             Synchronous::Normal => None,
         };
+        let checkpointer = Checkpointer::start(Connection::open(&path).map_err(open_err)?)
+            .map_err(|err| JournalError::Storage(format!("cannot start the journal's checkpointer: {err}")))?;
 
         let work = Arc::new(Notify::new());
         let (writes, queue) = mpsc::channel(QUEUE_DEPTH);
@@ -302,7 +308,9 @@ impl SqliteJournal {
             let (tracked, work, clock) = (Arc::clone(&tracked), Arc::clone(&work), Arc::clone(&clock));
             std::thread::Builder::new()
                 .name("journal-writer".into())
-                .spawn(move || write_loop(writer, queue, clock.as_ref(), syncer.as_ref(), &tracked, &work))
+                .spawn(move || {
+                    write_loop(writer, queue, clock.as_ref(), syncer.as_ref(), &checkpointer, &tracked, &work);
+                })
                 .map_err(|err| JournalError::Storage(format!("cannot start the journal writer: {err}")))?
         };
         Ok(SqliteJournal {
@@ -595,6 +603,7 @@ fn write_loop(
     mut queue: mpsc::Receiver<Write>,
     clock: &dyn Clock,
     syncer: Option<&Syncer<(Write, Done)>>,
+    checkpointer: &Checkpointer,
     tracked: &Mutex<Tracked>,
     work: &Notify,
 ) {
@@ -615,6 +624,14 @@ fn write_loop(
             gather(&mut queue, &mut batch);
         }
         commit_batch(&mut connection, batch.drain(..), clock.now_ms(), tracked, work, syncer);
+        checkpointer.wrote();
+        let started = Instant::now();
+        match checkpointer.restart_if_due(&connection) {
+            Some(Ok(_)) => crate::metrics::journal_checkpoint("writer", started.elapsed()),
+            // Left in the log: the checkpointer's next pass or SQLite's own copies it.
+            Some(Err(err)) => tracing::warn!(error = %err, "cannot checkpoint the journal; it is retried"),
+            None => {}
+        }
     }
 }
 

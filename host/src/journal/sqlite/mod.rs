@@ -4,13 +4,14 @@
 //! busy in one transaction (group commit). It does not wait for the fsync of its commits: an
 //! accepted event is on disk before its caller hears back (`synchronous = "full"`, the
 //! default), but the fsync runs on a second thread ([`sync`]) while the writer commits the next
-//! group, and one fsync covers every group committed before it started. Checkpoints, which
-//! copy the log into the database file, run beside it too ([`checkpoint`]). Only acceptances and
-//! an operator's changes wait for it: outcomes are answered once committed (crash-safe for the
-//! process), because losing one to a power cut only runs that delivery again. Outcomes do wait
-//! for the fsyncs under way when nothing else is queued: they then share one commit instead of
-//! one each. A write that fails rolls its group back and the others run again without it, so it
-//! leaves nothing half-done. Reads for the admin API use a second connection, which WAL lets
+//! group, and one fsync covers every group committed before it started. Only acceptances and
+//! an operator's changes wait for the fsync: outcomes are answered once committed (crash-safe
+//! for the process), because losing one to a power cut only runs that delivery again. Outcomes
+//! do wait for the fsyncs under way when nothing else is queued: they then share one commit
+//! instead of one each. A write that fails rolls its group back and the others run again
+//! without it, so it leaves nothing half-done. Checkpoints, which copy the log into the
+//! database file, run on a third thread ([`checkpoint`]); the writer only copies a short rest
+//! when the log starts over. Reads for the admin API use a connection of their own, which WAL lets
 //! run beside the writer.
 //!
 //! A delivery's `due_ms` is when it next needs attention: its first attempt or its next
@@ -299,7 +300,9 @@ impl SqliteJournal {
             Synchronous::Full => Some(start_syncer(&path)?),
             Synchronous::Normal => None,
         };
-        let checkpointer = Checkpointer::start(Connection::open(&path).map_err(open_err)?)
+        let database = std::fs::File::open(&path)
+            .map_err(|err| JournalError::Storage(format!("cannot open {}: {err}", path.display())))?;
+        let checkpointer = Checkpointer::start(Connection::open(&path).map_err(open_err)?, database)
             .map_err(|err| JournalError::Storage(format!("cannot start the journal's checkpointer: {err}")))?;
 
         let work = Arc::new(Notify::new());
@@ -623,14 +626,15 @@ fn write_loop(
             syncer.wait_until_synced();
             gather(&mut queue, &mut batch);
         }
-        commit_batch(&mut connection, batch.drain(..), clock.now_ms(), tracked, work, syncer);
-        checkpointer.wrote();
+        if commit_batch(&mut connection, batch.drain(..), clock.now_ms(), tracked, work, syncer) {
+            checkpointer.wrote();
+        }
         let started = Instant::now();
         match checkpointer.restart_if_due(&connection) {
-            Some(Ok(_)) => crate::metrics::journal_checkpoint("writer", started.elapsed()),
+            Some(Ok(Some(_))) => crate::metrics::journal_checkpoint("writer", started.elapsed()),
             // Left in the log: the checkpointer's next pass or SQLite's own copies it.
             Some(Err(err)) => tracing::warn!(error = %err, "cannot checkpoint the journal; it is retried"),
-            None => {}
+            Some(Ok(None)) | None => {}
         }
     }
 }
@@ -660,7 +664,7 @@ impl Write {
 /// nothing, without a savepoint per write. Once the commit's fate is known, updates the
 /// counts, leases and queues (and wakes `take` if work was added) before answering any
 /// caller, so that an answer never runs ahead of the counts. With a `syncer`, the writes
-/// promised the disk are answered once it has synced the commit.
+/// promised the disk are answered once it has synced the commit. Returns whether it committed.
 fn commit_batch(
     connection: &mut Connection,
     batch: impl Iterator<Item = Write>,
@@ -668,7 +672,7 @@ fn commit_batch(
     tracked: &Mutex<Tracked>,
     work: &Notify,
     syncer: Option<&Syncer<(Write, Done)>>,
-) {
+) -> bool {
     let (takes, mut writes): (Vec<Write>, Vec<Write>) = batch.partition(|write| matches!(write, Write::Take { .. }));
     for take in takes {
         let result = apply(connection, &take, now, tracked).map(|(done, _)| done);
@@ -678,7 +682,10 @@ fn commit_batch(
     while !writes.is_empty() {
         let tx = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(tx) => tx,
-            Err(err) => return refuse_all(writes, &storage(err)),
+            Err(err) => {
+                refuse_all(writes, &storage(err));
+                return false;
+            }
         };
         let mut done = Vec::with_capacity(writes.len());
         let mut failed = None;
@@ -697,7 +704,8 @@ fn commit_batch(
             continue;
         }
         if let Err(err) = tx.commit() {
-            return refuse_all(writes, &storage(err));
+            refuse_all(writes, &storage(err));
+            return false;
         }
         crate::metrics::journal_commit(writes.len(), started.elapsed());
         // Wake `take` when any write added work, even if another finished some.
@@ -721,8 +729,9 @@ fn commit_batch(
         if let Some(syncer) = syncer {
             syncer.after_sync(after_sync);
         }
-        return;
+        return true;
     }
+    false
 }
 
 fn refuse_all(writes: Vec<Write>, err: &JournalError) {

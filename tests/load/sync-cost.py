@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""What one fsync costs for scattered pages against appended ones, on the disk holding FOLDER.
+
+    python3 tests/load/sync-cost.py [FOLDER]      # default: target/
+
+Writes a 200 MiB file, then five times each: dirties N 4 KiB pages (at random offsets, or
+appended at the end) and times the fsync. A checkpoint of the journal is the scattered case:
+every dedup key lands on a random leaf page (docs/BENCHMARKS.md, session 6). Deletes the file.
+"""
+import os
+import random
+import sys
+import time
+
+PAGE = 4096
+SIZE = 200 * 1024 * 1024
+
+
+def main():
+    folder = sys.argv[1] if len(sys.argv) > 1 else "target"
+    path = os.path.join(folder, "sync-cost.tmp")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.write(fd, b"\1" * SIZE)
+        os.fsync(fd)
+        end = [SIZE]
+        page = b"\2" * PAGE
+
+        def scattered(n):
+            for _ in range(n):
+                os.pwrite(fd, page, random.randrange(SIZE // PAGE) * PAGE)
+
+        def appended(n):
+            for _ in range(n):
+                os.pwrite(fd, page, end[0])
+                end[0] += PAGE
+
+        for label, dirty, n in [
+            ("1 scattered page", scattered, 1),
+            ("10 scattered pages", scattered, 10),
+            ("100 scattered pages", scattered, 100),
+            ("600 scattered pages", scattered, 600),
+            ("100 appended pages", appended, 100),
+            ("600 appended pages", appended, 600),
+        ]:
+            took = []
+            for _ in range(5):
+                dirty(n)
+                started = time.perf_counter()
+                os.fsync(fd)
+                took.append((time.perf_counter() - started) * 1000)
+            took.sort()
+            print(f"{label:>20}: fsync median {took[2]:6.1f} ms  (runs: {' '.join(f'{t:.1f}' for t in took)})")
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+if __name__ == "__main__":
+    main()

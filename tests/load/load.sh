@@ -5,7 +5,9 @@
 #      beside the baseline, then open loop at 2 000, 5 000 and 18 000 requests/s (18 000:
 #      about twice what it sustains, so 503s are expected), sampling the host's resident memory;
 #   2. `github-push` alone, a fresh instance per call, closed loop;
-#   3. `github-push` alone with `reuse = 1000` in its manifest, closed loop.
+#   3. `github-push` alone with `reuse = 1000` in its manifest, closed loop;
+#   4. ingest alone (no plugin loaded: each event is verified, deduplicated and stored, 202
+#      once on disk), closed loop beside the baseline at 32 and at 256 connections.
 # JSON results go to target/bench-*.json; everything else lives in a temporary folder.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -52,3 +54,10 @@ cp target/plugins/github-push.wasm "$work/reuse/"
 echo 'reuse = 1000' >"$work/reuse/github-push.toml"
 start "$work/reuse"
 $bench --connections 32 --duration 10s --json target/bench-push-reuse.json
+
+echo "== ingest alone, no plugin"
+mkdir -p "$work/none"
+start "$work/none"
+$bench --compare --connections 32 --duration 10s --pid "$host_pid" --json target/bench-ingest.json
+start "$work/none"
+$bench --compare --connections 256 --duration 10s --pid "$host_pid" --json target/bench-ingest-256.json

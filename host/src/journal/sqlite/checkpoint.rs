@@ -4,12 +4,14 @@
 //!
 //! A checkpoint copies the log's pages into the database file and syncs it. Those pages are
 //! scattered (every dedup key lands on a random leaf), and syncing scattered pages is slow:
-//! 600 of them took 28 ms on the development machine, 600 appended ones 8 ms. SQLite runs
-//! its automatic checkpoint (every 1 000 pages) on the committing connection, so each one
-//! stalled the writer, and every acknowledgement queued behind it, for 10 – 25 ms. Here passes
-//! run beside the writer, 20 ms after a commit ([`GATHER`]). SQLite syncs the database only
-//! after a pass that reached the end of the log, which a pass under load never does (the
-//! writer commits meanwhile), so the checkpointer syncs the file itself after each pass.
+//! after 600 of them one fsync took 34 ms on the development machine, after 600 appended
+//! ones 12 ms (`tests/load/sync-cost.py`). SQLite runs its automatic checkpoint (every 1 000
+//! pages) on the committing connection, so each one stalled the writer, and every
+//! acknowledgement queued behind it, for 10 – 25 ms. Here passes run beside the writer, a
+//! moment after a commit ([`GATHER_BUSY`], or [`GATHER_QUIET`] when the last pass found little
+//! to copy). SQLite syncs the database only after a pass that reached the end of the log,
+//! which a pass under load never does (the writer commits meanwhile), so the checkpointer
+//! syncs the file itself after each pass that copied something.
 //!
 //! SQLite starts the log over from its beginning only when a transaction starts with every
 //! frame copied, which steady load never allows. So once the log holds [`RESTART_AT`] frames,
@@ -17,8 +19,11 @@
 //! then stops and tells the writer, which copies the rest itself between two commits
 //! ([`Checkpointer::restart_if_due`]): its next transaction starts the log over. SQLite's own
 //! checkpoint stays on the writer at [`WRITER_CHECKPOINT_AT`] frames, in case the checkpointer
-//! cannot run (it skips a commit's checkpoint while a pass holds the lock, so the log may pass
-//! that length during a long pass).
+//! cannot run (it skips a commit's checkpoint while a pass holds the lock, and a long read
+//! keeps any checkpoint from finishing, so that is no hard bound on the log).
+//!
+//! A failed sync of the database file is final, as for the log (see [`super::sync`]): the
+//! checkpointer stops, and SQLite's own checkpoint on the writer takes over.
 
 use std::fs::File;
 use std::sync::Arc;
@@ -33,8 +38,13 @@ use rusqlite::Connection;
 const RESTART_AT: u64 = 4_000;
 /// The log length at which SQLite checkpoints on the writer anyway (64 MiB of pages).
 pub(super) const WRITER_CHECKPOINT_AT: u32 = 16_000;
-/// How long commits gather before a pass.
-const GATHER: Duration = Duration::from_millis(20);
+/// How long commits gather before a pass while the last one found plenty to copy.
+const GATHER_BUSY: Duration = Duration::from_millis(20);
+/// How long they gather when it found next to nothing: a quiet host pays a few passes a
+/// second, not one per commit.
+const GATHER_QUIET: Duration = Duration::from_millis(250);
+/// Frames a pass must copy for the next to come after [`GATHER_BUSY`]: a handful of commits.
+const BUSY_PASS: u64 = 32;
 
 /// The thread that checkpoints the journal while the writer goes on committing.
 pub(super) struct Checkpointer {
@@ -52,16 +62,25 @@ struct Shared {
 }
 
 /// What a pass found: frames in the log when it began, and how many of them are copied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct Pass {
     log: u64,
     copied: u64,
 }
 
+impl Pass {
+    /// Frames this pass copied, given the one before it (the log may have started over).
+    fn copied_since(self, before: Pass) -> u64 {
+        if self.log < before.log { self.copied } else { self.copied.saturating_sub(before.copied) }
+    }
+}
+
 impl Checkpointer {
     /// Starts the thread that checkpoints through `connection`, a connection of its own to
-    /// the journal's file, and syncs `database`, that file opened for reading.
-    pub(super) fn start(connection: Connection, database: File) -> std::io::Result<Self> {
+    /// the journal's file, and syncs `database`, that file opened for reading. The caller
+    /// keeps `database` open until its SQLite connections are closed: closing any descriptor
+    /// of a file drops every POSIX lock the process holds on it, SQLite's included.
+    pub(super) fn start(connection: Connection, database: Arc<File>) -> std::io::Result<Self> {
         let shared = Arc::new(Shared::default());
         let thread = {
             let shared = Arc::clone(&shared);
@@ -72,7 +91,7 @@ impl Checkpointer {
         Ok(Checkpointer { shared, thread: Some(thread) })
     }
 
-    /// Tells the checkpointer that the writer committed; cheap enough to call for each commit.
+    /// Tells the checkpointer that the writer committed changes; cheap enough for each commit.
     pub(super) fn wrote(&self) {
         if !self.shared.wrote.swap(true, Ordering::AcqRel) {
             self.wake();
@@ -82,18 +101,29 @@ impl Checkpointer {
     /// Called by the writer between commits, on its own connection: when the log is long and
     /// the checkpointer has copied nearly all of it, copies the rest (and SQLite syncs the
     /// database, as the pass reaches the end of the log), so that the next transaction
-    /// starts the log over. Returns the pass when it ran one; `None` in it when another
-    /// checkpoint held the lock.
-    pub(super) fn restart_if_due(&self, writer: &Connection) -> Option<rusqlite::Result<Option<Pass>>> {
+    /// starts the log over. Returns the pass when one ran and copied.
+    pub(super) fn restart_if_due(&self, writer: &Connection) -> Option<Pass> {
         if !self.shared.restart_due.load(Ordering::Acquire) {
             return None;
         }
-        let pass = checkpoint(writer);
+        let started = Instant::now();
+        let pass = match checkpoint(writer) {
+            Ok(Some(pass)) => {
+                crate::metrics::journal_checkpoint("writer", started.elapsed());
+                Some(pass)
+            }
+            Ok(None) => None,
+            // Left in the log: the checkpointer's next passes or SQLite's own copy it.
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot checkpoint the journal; it is retried");
+                None
+            }
+        };
         self.shared.restart_due.store(false, Ordering::Release);
         // Commits that came while the flag was up found the checkpointer parked.
         self.shared.wrote.store(true, Ordering::Release);
         self.wake();
-        Some(pass)
+        pass
     }
 
     fn wake(&self) {
@@ -116,15 +146,17 @@ impl Drop for Checkpointer {
 
 fn checkpoint_loop(connection: &Connection, database: &File, shared: &Shared) {
     let stopped = || shared.stop.load(Ordering::Acquire);
+    let mut last = Pass::default();
+    let mut gather = GATHER_QUIET;
     let mut failing = false;
     while !stopped() {
         if shared.restart_due.load(Ordering::Acquire) || !shared.wrote.load(Ordering::Acquire) {
             std::thread::park();
             continue;
         }
-        // Let commits gather, so that a quiet host does not pay a pass per commit. Parked
-        // rather than asleep, so that a stop does not wait; other wake-ups end a park early.
-        let until = Instant::now() + GATHER;
+        // Parked rather than asleep, so that a stop does not wait; other wake-ups end a park
+        // early, hence the loop.
+        let until = Instant::now() + gather;
         while let Some(left) = until.checked_duration_since(Instant::now())
             && !stopped()
         {
@@ -134,38 +166,60 @@ fn checkpoint_loop(connection: &Connection, database: &File, shared: &Shared) {
             return;
         }
         shared.wrote.store(false, Ordering::Release);
-        let mut result = pass(connection, database);
-        if let Ok(Some(first)) = result
-            && first.log >= RESTART_AT
-        {
-            result = pass(connection, database);
-            if let Ok(Some(_)) = result {
-                shared.restart_due.store(true, Ordering::Release);
+        let before = last;
+        let result = pass(connection, database, &mut last).and_then(|first| match first {
+            // The catch-up pass: what is left after it is the writer's to copy, if it found
+            // more to copy (a reader that holds the log back leaves nothing to gain).
+            Some(first) if first.log >= RESTART_AT => {
+                let second = pass(connection, database, &mut last)?;
+                if second.is_some_and(|second| second.copied > first.copied) {
+                    shared.restart_due.store(true, Ordering::Release);
+                }
+                Ok(second.or(Some(first)))
             }
-        }
+            other => Ok(other),
+        });
         match result {
-            Ok(_) => failing = false,
-            // Nothing is lost: the pages stay in the log, and the next pass or the writer's
-            // own checkpoint copies them. Said once per run of failures.
-            Err(err) => {
+            Ok(latest) => {
+                let copied = latest.map_or(0, |latest| latest.copied_since(before));
+                gather = if copied >= BUSY_PASS { GATHER_BUSY } else { GATHER_QUIET };
+                failing = false;
+            }
+            Err(Failure::Checkpoint(err)) => {
+                // The pages stay in the log for the next pass. Said once per run of failures.
                 if !failing {
                     tracing::warn!(error = %err, "cannot checkpoint the journal; it is retried");
                 }
                 failing = true;
+                gather = GATHER_QUIET;
+            }
+            Err(Failure::Sync(err)) => {
+                tracing::error!(
+                    error = %err,
+                    "cannot sync the journal's database file; checkpoints go back to the writer"
+                );
+                return;
             }
         }
     }
 }
 
-/// One pass of the checkpointer: copies what it can and syncs the database file; `None`
-/// when another checkpoint held the lock (SQLite's own, on the writer).
-fn pass(connection: &Connection, database: &File) -> Result<Option<Pass>, String> {
+enum Failure {
+    Checkpoint(rusqlite::Error),
+    Sync(std::io::Error),
+}
+
+/// One pass of the checkpointer: copies what it can and, if that was anything, syncs the
+/// database file; `None` when another checkpoint held the lock (SQLite's own, on the writer).
+/// `last` is the pass before, and becomes this one.
+fn pass(connection: &Connection, database: &File, last: &mut Pass) -> Result<Option<Pass>, Failure> {
     let started = Instant::now();
-    let Some(pass) = checkpoint(connection).map_err(|err| err.to_string())? else { return Ok(None) };
-    if pass.copied > 0 {
-        database.sync_data().map_err(|err| format!("cannot sync the journal's database file: {err}"))?;
+    let Some(pass) = checkpoint(connection).map_err(Failure::Checkpoint)? else { return Ok(None) };
+    if pass.copied_since(*last) > 0 {
+        database.sync_data().map_err(Failure::Sync)?;
+        crate::metrics::journal_checkpoint("checkpointer", started.elapsed());
     }
-    crate::metrics::journal_checkpoint("checkpointer", started.elapsed());
+    *last = pass;
     Ok(Some(pass))
 }
 
@@ -199,7 +253,7 @@ mod tests {
 
     fn start(dir: &std::path::Path) -> Checkpointer {
         let connection = Connection::open(dir.join(FILE)).expect("open");
-        Checkpointer::start(connection, File::open(dir.join(FILE)).expect("open the file")).expect("start")
+        Checkpointer::start(connection, Arc::new(File::open(dir.join(FILE)).expect("open the file"))).expect("start")
     }
 
     /// Adds a row of about one page.
@@ -234,7 +288,7 @@ mod tests {
     }
 
     #[test]
-    fn a_long_log_starts_over_once_the_writer_copies_the_rest_and_copying_goes_on_after() {
+    fn a_long_log_starts_over_after_the_writer_s_turn_and_copying_goes_on_after() {
         let dir = tempfile::tempdir().expect("tempdir");
         let writer = writer(dir.path());
         let checkpointer = start(dir.path());
@@ -246,10 +300,11 @@ mod tests {
             n += 1;
             checkpointer.wrote();
             if let Some(pass) = checkpointer.restart_if_due(&writer) {
-                break pass.expect("the writer's checkpoint").expect("not locked out by the checkpointer");
+                break pass;
             }
         };
-        assert!(restarted.log >= RESTART_AT, "asked to start over a log of {} frames", restarted.log);
+        // (The log may already have started over if the checkpointer's second pass reached
+        // its end and a commit followed: then the writer copies a short rest.)
         assert_eq!(restarted.copied, restarted.log, "the writer copies all that is left");
 
         // The checkpointer goes on after the writer's turn.

@@ -10,9 +10,10 @@
 //! do wait for the fsyncs under way when nothing else is queued: they then share one commit
 //! instead of one each. A write that fails rolls its group back and the others run again
 //! without it, so it leaves nothing half-done. Checkpoints, which copy the log into the
-//! database file, run on a third thread ([`checkpoint`]); the writer only copies a short rest
-//! when the log starts over. Reads for the admin API use a connection of their own, which WAL lets
-//! run beside the writer.
+//! database file, run on a third thread ([`checkpoint`]); the writer copies only the short
+//! rest that lets the log start over (and SQLite's own checkpoint stays on it as a
+//! fallback). Reads for the admin API use a connection of their own, which WAL lets run
+//! beside the writer.
 //!
 //! A delivery's `due_ms` is when it next needs attention: its first attempt or its next
 //! retry. Finished deliveries (done, dead) have none, which keeps the index of due work small.
@@ -157,6 +158,9 @@ impl Default for Options {
 pub struct SqliteJournal {
     writes: mpsc::Sender<Write>,
     reader: Arc<Mutex<Connection>>,
+    /// The database file, which the checkpointer syncs; dropped after the connections above,
+    /// as closing a descriptor drops the process's POSIX locks on the file, SQLite's included.
+    _database: Arc<std::fs::File>,
     work: Arc<Notify>,
     tracked: Arc<Mutex<Tracked>>,
     clock: Arc<dyn Clock>,
@@ -300,9 +304,11 @@ impl SqliteJournal {
             Synchronous::Full => Some(start_syncer(&path)?),
             Synchronous::Normal => None,
         };
-        let database = std::fs::File::open(&path)
-            .map_err(|err| JournalError::Storage(format!("cannot open {}: {err}", path.display())))?;
-        let checkpointer = Checkpointer::start(Connection::open(&path).map_err(open_err)?, database)
+        let database = Arc::new(
+            std::fs::File::open(&path)
+                .map_err(|err| JournalError::Storage(format!("cannot open {}: {err}", path.display())))?,
+        );
+        let checkpointer = Checkpointer::start(Connection::open(&path).map_err(open_err)?, Arc::clone(&database))
             .map_err(|err| JournalError::Storage(format!("cannot start the journal's checkpointer: {err}")))?;
 
         let work = Arc::new(Notify::new());
@@ -319,6 +325,7 @@ impl SqliteJournal {
         Ok(SqliteJournal {
             writes,
             reader: Arc::new(Mutex::new(reader)),
+            _database: database,
             work,
             tracked,
             clock,
@@ -626,16 +633,12 @@ fn write_loop(
             syncer.wait_until_synced();
             gather(&mut queue, &mut batch);
         }
-        if commit_batch(&mut connection, batch.drain(..), clock.now_ms(), tracked, work, syncer) {
+        let changes = connection.total_changes();
+        commit_batch(&mut connection, batch.drain(..), clock.now_ms(), tracked, work, syncer);
+        if connection.total_changes() != changes {
             checkpointer.wrote();
         }
-        let started = Instant::now();
-        match checkpointer.restart_if_due(&connection) {
-            Some(Ok(Some(_))) => crate::metrics::journal_checkpoint("writer", started.elapsed()),
-            // Left in the log: the checkpointer's next pass or SQLite's own copies it.
-            Some(Err(err)) => tracing::warn!(error = %err, "cannot checkpoint the journal; it is retried"),
-            Some(Ok(None)) | None => {}
-        }
+        checkpointer.restart_if_due(&connection);
     }
 }
 
@@ -664,7 +667,7 @@ impl Write {
 /// nothing, without a savepoint per write. Once the commit's fate is known, updates the
 /// counts, leases and queues (and wakes `take` if work was added) before answering any
 /// caller, so that an answer never runs ahead of the counts. With a `syncer`, the writes
-/// promised the disk are answered once it has synced the commit. Returns whether it committed.
+/// promised the disk are answered once it has synced the commit.
 fn commit_batch(
     connection: &mut Connection,
     batch: impl Iterator<Item = Write>,
@@ -672,7 +675,7 @@ fn commit_batch(
     tracked: &Mutex<Tracked>,
     work: &Notify,
     syncer: Option<&Syncer<(Write, Done)>>,
-) -> bool {
+) {
     let (takes, mut writes): (Vec<Write>, Vec<Write>) = batch.partition(|write| matches!(write, Write::Take { .. }));
     for take in takes {
         let result = apply(connection, &take, now, tracked).map(|(done, _)| done);
@@ -682,10 +685,7 @@ fn commit_batch(
     while !writes.is_empty() {
         let tx = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(tx) => tx,
-            Err(err) => {
-                refuse_all(writes, &storage(err));
-                return false;
-            }
+            Err(err) => return refuse_all(writes, &storage(err)),
         };
         let mut done = Vec::with_capacity(writes.len());
         let mut failed = None;
@@ -704,8 +704,7 @@ fn commit_batch(
             continue;
         }
         if let Err(err) = tx.commit() {
-            refuse_all(writes, &storage(err));
-            return false;
+            return refuse_all(writes, &storage(err));
         }
         crate::metrics::journal_commit(writes.len(), started.elapsed());
         // Wake `take` when any write added work, even if another finished some.
@@ -729,9 +728,8 @@ fn commit_batch(
         if let Some(syncer) = syncer {
             syncer.after_sync(after_sync);
         }
-        return true;
+        return;
     }
-    false
 }
 
 fn refuse_all(writes: Vec<Write>, err: &JournalError) {

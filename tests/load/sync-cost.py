@@ -21,7 +21,10 @@ def main():
     path = os.path.join(folder, "sync-cost.tmp")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
     try:
-        os.write(fd, b"\1" * SIZE)
+        chunk = b"\1" * (1 << 20)
+        for offset in range(0, SIZE, len(chunk)):
+            if os.pwrite(fd, chunk, offset) != len(chunk):
+                sys.exit("short write: is the disk full?")
         os.fsync(fd)
         end = [SIZE]
         page = b"\2" * PAGE

@@ -38,9 +38,9 @@ use rusqlite::Connection;
 const RESTART_AT: u64 = 4_000;
 /// The log length at which SQLite checkpoints on the writer anyway (64 MiB of pages).
 pub(super) const WRITER_CHECKPOINT_AT: u32 = 16_000;
-/// How long commits gather before a pass while the last one found plenty to copy.
+/// How long commits gather before a pass, after one that copied [`BUSY_PASS`] frames or more.
 const GATHER_BUSY: Duration = Duration::from_millis(20);
-/// How long they gather when it found next to nothing: a quiet host pays a few passes a
+/// How long they gather after a pass that copied fewer: a quiet host pays a few passes a
 /// second, not one per commit.
 const GATHER_QUIET: Duration = Duration::from_millis(250);
 /// Frames a pass must copy for the next to come after [`GATHER_BUSY`]: a handful of commits.

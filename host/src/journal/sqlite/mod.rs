@@ -158,8 +158,10 @@ impl Default for Options {
 pub struct SqliteJournal {
     writes: mpsc::Sender<Write>,
     reader: Arc<Mutex<Connection>>,
-    /// The database file, which the checkpointer syncs; dropped after the connections above,
-    /// as closing a descriptor drops the process's POSIX locks on the file, SQLite's included.
+    /// The database file, which the checkpointer syncs. Closed after every connection to the
+    /// file (the writer's and the checkpointer's close when `drop` joins the writer thread, the
+    /// reader's just above), as closing a descriptor drops the process's POSIX locks on the
+    /// file, SQLite's included.
     _database: Arc<std::fs::File>,
     work: Arc<Notify>,
     tracked: Arc<Mutex<Tracked>>,

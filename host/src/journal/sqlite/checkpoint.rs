@@ -22,8 +22,11 @@
 //! cannot run (it skips a commit's checkpoint while a pass holds the lock, and a long read
 //! keeps any checkpoint from finishing, so that is no hard bound on the log).
 //!
-//! A failed sync of the database file is final, as for the log (see [`super::sync`]): the
-//! checkpointer stops, and SQLite's own checkpoint on the writer takes over.
+//! A failed sync of the database file is final, as for the log (see [`super::sync`]): Linux
+//! may drop the pages it could not write, and SQLite counts them as copied. The checkpointer
+//! stops and asks for a restart, after which SQLite copies the log again from its start (it
+//! still holds those frames, unless SQLite's own checkpoint on the writer, which takes over
+//! meanwhile, starts it over first).
 
 use std::fs::File;
 use std::sync::Arc;
@@ -101,7 +104,7 @@ impl Checkpointer {
     /// Called by the writer between commits, on its own connection: when the log is long and
     /// the checkpointer has copied nearly all of it, copies the rest (and SQLite syncs the
     /// database, as the pass reaches the end of the log), so that the next transaction
-    /// starts the log over. Returns the pass when one ran and copied.
+    /// starts the log over. Returns the pass when one ran.
     pub(super) fn restart_if_due(&self, writer: &Connection) -> Option<Pass> {
         if !self.shared.restart_due.load(Ordering::Acquire) {
             return None;
@@ -196,7 +199,7 @@ fn checkpoint_loop(connection: &Connection, database: &File, shared: &Shared) {
             Err(Failure::Sync(err)) => {
                 tracing::error!(
                     error = %err,
-                    "cannot sync the journal's database file; checkpoints go back to the writer"
+                    "cannot sync the journal's database file; restart the host so that it copies the log again"
                 );
                 return;
             }

@@ -65,7 +65,7 @@ struct Shared {
 }
 
 /// What a pass found: frames in the log when it began, and how many of them are copied.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Pass {
     log: u64,
     copied: u64,

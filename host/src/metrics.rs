@@ -3,10 +3,14 @@
 //! them. Names are prefixed `wasmhook_`; labels are bounded (configured sources, loaded
 //! plugins, status codes, fixed reasons and outcomes).
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{LazyLock, OnceLock, RwLock};
 use std::time::Duration;
 
-use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::journal::Stats;
@@ -82,9 +86,48 @@ pub fn render() -> String {
     HANDLE.get().map(PrometheusHandle::render).unwrap_or_default()
 }
 
+/// The handles of one labelled metric family already registered, by a small key and a label
+/// value, so that the paths run on every request and every call skip the recorder's
+/// registration (copies of the labels, a hash, a lock) each time. Labels are bounded (sources,
+/// plugins, status codes, outcomes), and so is this. Handles are kept only once the recorder
+/// is installed: one taken before would record nowhere.
+struct Memo<K, T>(LazyLock<RwLock<HashMap<K, HashMap<String, T>>>>);
+
+impl<K: Copy + Eq + Hash, T: Clone> Memo<K, T> {
+    const fn new() -> Self {
+        Memo(LazyLock::new(RwLock::default))
+    }
+
+    /// The handle for `key` and `label`, registered with `register` the first time.
+    fn get(&self, key: K, label: &str, register: impl FnOnce() -> T) -> T {
+        let read = self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(handle) = read.get(&key).and_then(|by_label| by_label.get(label)) {
+            return handle.clone();
+        }
+        drop(read);
+        let handle = register();
+        if HANDLE.get().is_some() {
+            let mut write = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            write.entry(key).or_default().insert(label.to_owned(), handle.clone());
+        }
+        handle
+    }
+}
+
+static REQUESTS: Memo<u16, Counter> = Memo::new();
+static ACCEPTED: Memo<bool, Counter> = Memo::new();
+static CALLS: Memo<&'static str, (Histogram, Counter)> = Memo::new();
+static IN_FLIGHT: Memo<(), Gauge> = Memo::new();
+
 /// A webhook request was answered.
 pub fn request(source: &str, status: u16) {
-    counter!("wasmhook_requests_total", "source" => source.to_owned(), "status" => status.to_string()).increment(1);
+    REQUESTS
+        .get(
+            status,
+            source,
+            || counter!("wasmhook_requests_total", "source" => source.to_owned(), "status" => status.to_string()),
+        )
+        .increment(1);
 }
 
 /// A request failed its signature check for `reason`.
@@ -95,7 +138,7 @@ pub fn verification_failure(source: &str, reason: &'static str) {
 /// An event was stored, or refused as a repeat.
 pub fn accepted(source: &str, duplicate: bool) {
     let name = if duplicate { "wasmhook_events_duplicate_total" } else { "wasmhook_events_accepted_total" };
-    counter!(name, "source" => source.to_owned()).increment(1);
+    ACCEPTED.get(duplicate, source, || counter!(name, "source" => source.to_owned())).increment(1);
 }
 
 /// Counts one running call for as long as it lives.
@@ -104,27 +147,36 @@ pub struct InFlight;
 impl InFlight {
     /// A call starts.
     pub fn start() -> Self {
-        gauge!("wasmhook_calls_in_flight").increment(1.0);
+        in_flight().increment(1.0);
         InFlight
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        gauge!("wasmhook_calls_in_flight").decrement(1.0);
+        in_flight().decrement(1.0);
     }
+}
+
+fn in_flight() -> Gauge {
+    IN_FLIGHT.get((), "", || gauge!("wasmhook_calls_in_flight"))
 }
 
 /// A call of `plugin` ended with `outcome` (done, retry, dead) after `took`.
 pub fn call(plugin: &str, outcome: &'static str, took: Duration) {
-    histogram!("wasmhook_call_duration_seconds", "plugin" => plugin.to_owned(), "outcome" => outcome)
-        .record(took.as_secs_f64());
-    let name = match outcome {
-        "done" => "wasmhook_deliveries_done_total",
-        "retry" => "wasmhook_retries_total",
-        _ => "wasmhook_dead_letters_total",
-    };
-    counter!(name, "plugin" => plugin.to_owned()).increment(1);
+    let (duration, count) = CALLS.get(outcome, plugin, || {
+        let name = match outcome {
+            "done" => "wasmhook_deliveries_done_total",
+            "retry" => "wasmhook_retries_total",
+            _ => "wasmhook_dead_letters_total",
+        };
+        (
+            histogram!("wasmhook_call_duration_seconds", "plugin" => plugin.to_owned(), "outcome" => outcome),
+            counter!(name, "plugin" => plugin.to_owned()),
+        )
+    });
+    duration.record(took.as_secs_f64());
+    count.increment(1);
 }
 
 /// A plugin version loaded after `took` of compiling and preparing.
@@ -167,4 +219,37 @@ pub fn journal_stats(stats: &Stats) {
         gauge!("wasmhook_deliveries", "status" => status).set(count as f64);
     }
     gauge!("wasmhook_journal_max_pending").set(stats.max_pending as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_handles_count_into_the_installed_recorder() {
+        install().expect("recorder");
+        for _ in 0..3 {
+            request("kept-handles", 202);
+        }
+        request("kept-handles", 401);
+        accepted("kept-handles", false);
+        accepted("kept-handles", true);
+        accepted("kept-handles", true);
+        call("kept-handles", "done", Duration::from_millis(1));
+        call("kept-handles", "done", Duration::from_millis(1));
+        call("kept-handles", "retry", Duration::from_millis(1));
+        let text = render();
+        for line in [
+            r#"wasmhook_requests_total{source="kept-handles",status="202"} 3"#,
+            r#"wasmhook_requests_total{source="kept-handles",status="401"} 1"#,
+            r#"wasmhook_events_accepted_total{source="kept-handles"} 1"#,
+            r#"wasmhook_events_duplicate_total{source="kept-handles"} 2"#,
+            r#"wasmhook_deliveries_done_total{plugin="kept-handles"} 2"#,
+            r#"wasmhook_retries_total{plugin="kept-handles"} 1"#,
+            r#"wasmhook_call_duration_seconds_count{plugin="kept-handles",outcome="done"} 2"#,
+            r#"wasmhook_call_duration_seconds_count{plugin="kept-handles",outcome="retry"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in:\n{text}");
+        }
+    }
 }

@@ -5,7 +5,9 @@
 
 Writes a 200 MiB file, then five times each: dirties N 4 KiB pages (at random offsets, or
 appended at the end) and times the fsync. A checkpoint of the journal is the scattered case:
-every dedup key lands on a random leaf page (docs/BENCHMARKS.md, session 6). Deletes the file.
+every dedup key lands on a random leaf page (docs/BENCHMARKS.md, session 6). Then, for the
+log's own syncs, N pages rewritten in sequence inside the file, as in a log that started over,
+and an fdatasync (session 7). Deletes the file.
 """
 import os
 import random
@@ -33,10 +35,26 @@ def main():
             for _ in range(n):
                 os.pwrite(fd, page, random.randrange(SIZE // PAGE) * PAGE)
 
+        cursor = [0]
+
+        def rewritten(n):
+            for _ in range(n):
+                os.pwrite(fd, page, cursor[0])
+                cursor[0] = (cursor[0] + PAGE) % SIZE
+
         def appended(n):
             for _ in range(n):
                 os.pwrite(fd, page, end[0])
                 end[0] += PAGE
+
+        def timed(dirty, n, sync):
+            took = []
+            for _ in range(5):
+                dirty(n)
+                started = time.perf_counter()
+                sync(fd)
+                took.append((time.perf_counter() - started) * 1000)
+            return sorted(took)
 
         for label, dirty, n in [
             ("1 scattered page", scattered, 1),
@@ -46,14 +64,12 @@ def main():
             ("100 appended pages", appended, 100),
             ("600 appended pages", appended, 600),
         ]:
-            took = []
-            for _ in range(5):
-                dirty(n)
-                started = time.perf_counter()
-                os.fsync(fd)
-                took.append((time.perf_counter() - started) * 1000)
-            took.sort()
-            print(f"{label:>20}: fsync median {took[2]:6.1f} ms  (runs: {' '.join(f'{t:.1f}' for t in took)})")
+            took = timed(dirty, n, os.fsync)
+            print(f"{label:>24}: fsync median {took[2]:6.1f} ms  (runs: {' '.join(f'{t:.1f}' for t in took)})")
+        for n in [1, 4, 16, 32, 64, 128]:
+            took = timed(rewritten, n, os.fdatasync)
+            label = f"{n} rewritten page{'s' if n > 1 else ''}"
+            print(f"{label:>24}: fdatasync median {took[2]:6.2f} ms  (runs: {' '.join(f'{t:.2f}' for t in took)})")
     finally:
         os.close(fd)
         os.unlink(path)

@@ -72,6 +72,9 @@ struct Run {
     statuses: BTreeMap<u16, u64>,
     errors: u64,
     latency: Histogram<u64>,
+    /// This process's CPU time per answered request during the run, in µs (Linux): the load
+    /// tool's alone against wasmhook, the tool's and the bare server's together in baseline.
+    cpu_us_per_request: Option<f64>,
 }
 
 impl Run {
@@ -89,6 +92,7 @@ impl Run {
             "statuses": self.statuses.iter().map(|(s, n)| (s.to_string(), *n)).collect::<BTreeMap<_, _>>(),
             "errors": self.errors,
             "latency_us": {"p50": us(0.5), "p90": us(0.9), "p99": us(0.99), "p99.9": us(0.999), "max": self.latency.max()},
+            "process_cpu_us_per_request": self.cpu_us_per_request,
         })
     }
 
@@ -106,6 +110,10 @@ impl Run {
             self.statuses,
             self.errors
         );
+        if let Some(cpu) = self.cpu_us_per_request {
+            let whose = if self.name == "baseline" { "bare server and load tool together" } else { "load tool" };
+            println!("{:<10} {cpu:.0} µs of CPU per request ({whose})", "");
+        }
     }
 }
 
@@ -203,6 +211,7 @@ async fn load(
         }));
     }
     let next = Arc::new(AtomicU64::new(0));
+    let cpu_before = cpu_seconds(std::process::id());
     let start = Instant::now();
     let deadline = start + duration;
     let interval = args.rate.map(|rate| Duration::from_secs_f64(1.0 / rate as f64));
@@ -218,6 +227,7 @@ async fn load(
         statuses: BTreeMap::new(),
         errors: 0,
         latency: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        cpu_us_per_request: None,
     };
     for task in tasks {
         let (statuses, errors, latency) = task.await??;
@@ -229,6 +239,11 @@ async fn load(
         run.latency.add(latency)?;
     }
     run.elapsed = start.elapsed();
+    if let (Some(before), Some(after)) = (cpu_before, cpu_seconds(std::process::id()))
+        && run.sent > 0
+    {
+        run.cpu_us_per_request = Some((after - before) / run.sent as f64 * 1e6);
+    }
     Ok(run)
 }
 

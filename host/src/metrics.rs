@@ -65,6 +65,8 @@ pub fn install() -> anyhow::Result<()> {
     if HANDLE.get().is_some() {
         return Ok(());
     }
+    // No `idle_timeout`: the handles kept below (`Memo`) would then record into metrics the
+    // recorder no longer exports.
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &SECONDS_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full("wasmhook_journal_commit_batch_size".to_owned()), &BATCH_BUCKETS)?
@@ -105,8 +107,9 @@ impl<K: Copy + Eq + Hash, T: Clone> Memo<K, T> {
             return handle.clone();
         }
         drop(read);
+        let installed = HANDLE.get().is_some(); // before registering: a handle of no recorder is never kept
         let handle = register();
-        if HANDLE.get().is_some() {
+        if installed {
             let mut write = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
             write.entry(key).or_default().insert(label.to_owned(), handle.clone());
         }

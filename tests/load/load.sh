@@ -7,7 +7,8 @@
 #   2. `github-push` alone, a fresh instance per call, closed loop;
 #   3. `github-push` alone with `reuse = 1000` in its manifest, closed loop;
 #   4. ingest alone (no plugin loaded: each event is verified, deduplicated and stored, 202
-#      once on disk), closed loop beside the baseline at 32 and at 256 connections.
+#      once on disk), closed loop beside the baseline at 32 and at 256 connections, then
+#      open loop at 5 000 requests/s (the issue's latency target without deliveries).
 # JSON results go to target/bench-*.json; everything else lives in a temporary folder.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -26,9 +26,9 @@ run: plugins host
 	  ./target/release/wasmhook serve --config examples/wasmhook.toml
 
 ## make test: build plugins and the host once (release profile), install the test services,
-## then run every test.
+## then run every test: the host's and the SDK's (the default members), and the load tool's.
 test: plugins services
-	$(CARGO) test --release
+	$(CARGO) test --release -p wasmhook -p wasmhook-sdk -p wasmhook-bench
 
 ## make bench: every benchmark (figures, never assertions); see docs/BENCHMARKS.md.
 bench: bench-core bench-reload bench-load bench-scale
@@ -61,7 +61,7 @@ lint: wasm-target
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --all-targets -- -D warnings
-	$(CARGO) clippy --release -p wasmhook-bench -- -D warnings
+	$(CARGO) clippy --release -p wasmhook-bench --all-targets -- -D warnings
 	$(CARGO) clippy --profile plugin --target wasm32-wasip2 $(addprefix -p ,$(PLUGINS) $(NOTIFY_PLUGINS) $(TEST_PLUGINS)) -- -D warnings
 
 host:

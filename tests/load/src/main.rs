@@ -41,18 +41,19 @@ struct Args {
     #[arg(long, env = "GITHUB_WEBHOOK_SECRET", default_value = "dev-secret")]
     secret: String,
     /// Keep-alive connections.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     connections: usize,
     /// How long to send, such as 10s.
     #[arg(long, default_value = "10s")]
     duration: String,
     /// Requests per second (open loop); as fast as possible when not given.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     rate: Option<u64>,
     /// The payload.
     #[arg(long, default_value = "examples/github/push.json")]
     body: PathBuf,
-    /// Load a bare hyper server answering 202 first, and report wasmhook's share of it.
+    /// Load a bare hyper server answering 202 first: wasmhook's share of its requests per
+    /// second in closed loop, its latencies at the same rate in open loop.
     #[arg(long)]
     compare: bool,
     /// Only the bare hyper server.
@@ -78,8 +79,9 @@ struct Run {
     /// This process's CPU time per answered request during the run, in µs (Linux): the load
     /// tool's alone against wasmhook, the tool's and the bare server's together in baseline.
     cpu_us_per_request: Option<f64>,
-    /// Open loop: how late (µs) the tool released each request after its due time.
-    pacer_late: Option<Histogram<u64>>,
+    /// Open loop: how late (µs) the tool itself sent requests, counted where a connection
+    /// sat idle waiting for its next request to fall due (see [`Turn::waited`]).
+    tool_late: Option<Histogram<u64>>,
 }
 
 impl Run {
@@ -98,7 +100,7 @@ impl Run {
             "errors": self.errors,
             "latency_us": {"p50": us(0.5), "p90": us(0.9), "p99": us(0.99), "p99.9": us(0.999), "max": self.latency.max()},
             "process_cpu_us_per_request": self.cpu_us_per_request,
-            "pacer_late_us": self.pacer_late.as_ref().map(|late| json!({"p50": late.value_at_quantile(0.5),
+            "tool_late_us": self.tool_late.as_ref().map(|late| json!({"p50": late.value_at_quantile(0.5),
                 "p99": late.value_at_quantile(0.99), "p99.9": late.value_at_quantile(0.999), "max": late.max()})),
         })
     }
@@ -121,10 +123,10 @@ impl Run {
             let whose = if self.name == "baseline" { "bare server and load tool together" } else { "load tool" };
             println!("{:<10} {cpu:.0} µs of CPU per request ({whose})", "");
         }
-        if let Some(late) = &self.pacer_late {
+        if let Some(late) = &self.tool_late {
             let ms = |q: f64| late.value_at_quantile(q) as f64 / 1000.0;
             println!(
-                "{:<10} the tool's pacer released requests late by p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms (part of the latencies above)",
+                "{:<10} the tool itself sent requests late by p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms (part of the latencies above)",
                 "",
                 ms(0.5),
                 ms(0.99),
@@ -249,19 +251,24 @@ async fn load(
         errors: 0,
         latency: Histogram::new_with_bounds(1, 60_000_000, 3)?,
         cpu_us_per_request: None,
-        pacer_late: None,
+        tool_late: None,
     };
+    let mut tool_late = Histogram::new_with_bounds(1, 60_000_000, 3)?;
     for task in tasks {
-        let (statuses, errors, latency) = task.await??;
+        let (statuses, errors, latency, late) = task.await??;
         for (status, count) in statuses {
             *run.statuses.entry(status).or_default() += count;
             run.sent += count;
         }
         run.errors += errors;
         run.latency.add(latency)?;
+        tool_late.add(late)?;
     }
     run.elapsed = start.elapsed();
-    run.pacer_late = Arc::into_inner(schedule).and_then(Schedule::finish);
+    run.tool_late = args.rate.is_some().then_some(tool_late);
+    if let Some(schedule) = Arc::into_inner(schedule) {
+        schedule.finish();
+    }
     if let (Some(before), Some(after)) = (cpu_before, cpu_seconds(std::process::id()))
         && run.sent > 0
     {
@@ -270,7 +277,8 @@ async fn load(
     Ok(run)
 }
 
-type Tally = (BTreeMap<u16, u64>, u64, Histogram<u64>);
+/// One connection's statuses, errors, latencies and (open loop) the tool's own lateness.
+type Tally = (BTreeMap<u16, u64>, u64, Histogram<u64>, Histogram<u64>);
 
 /// Where and what every connection of a run sends.
 struct Target {
@@ -290,6 +298,18 @@ enum Schedule {
     Open { next: AtomicU64, start: Instant, deadline: Instant, interval: Duration, pacer: Pacer },
 }
 
+/// A request to send now.
+struct Turn {
+    n: u64,
+    /// When its latency counts from: its due time in open loop, now in closed loop.
+    counts_from: Instant,
+    /// Open loop: the connection sat idle until the request fell due, so any delay between
+    /// `counts_from` and now is the tool's own (its pacer thread and the wake-up of this
+    /// task), not the server's. A connection still busy with its last answer when the
+    /// request fell due waited for the server instead.
+    waited: bool,
+}
+
 impl Schedule {
     fn closed(deadline: Instant) -> Self {
         Schedule::Closed { next: AtomicU64::new(0), deadline }
@@ -300,51 +320,70 @@ impl Schedule {
         Ok(Schedule::Open { next: AtomicU64::new(0), start, deadline, interval, pacer })
     }
 
-    /// The next request's number and the time its latency counts from; `None` once the run
-    /// is over. In open loop, waits until the request is due.
-    async fn next(&self) -> Option<(u64, Instant)> {
+    /// The next request to send; `None` once the run is over. In open loop, waits until a
+    /// request is due.
+    async fn next(&self) -> Option<Turn> {
         match self {
             Schedule::Closed { next, deadline } => {
                 let now = Instant::now();
-                (now < *deadline).then(|| (next.fetch_add(1, Ordering::Relaxed), now))
+                (now < *deadline).then(|| Turn {
+                    n: next.fetch_add(1, Ordering::Relaxed),
+                    counts_from: now,
+                    waited: false,
+                })
             }
             Schedule::Open { next, start, deadline, interval, pacer } => {
-                pacer.permits.acquire().await.ok()?.forget();
+                let waited = match pacer.permits.try_acquire() {
+                    Ok(permit) => {
+                        permit.forget();
+                        false
+                    }
+                    Err(_) => {
+                        pacer.permits.acquire().await.ok()?.forget();
+                        true
+                    }
+                };
                 // At least n + 1 permits were released before the n-th take, so request n is due.
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 let due = *start + interval.mul_f64(n as f64);
-                (due < *deadline).then_some((n, due))
+                (due < *deadline).then_some(Turn { n, counts_from: due, waited })
             }
         }
     }
 
-    /// In open loop, how late (µs) the pacer released each request after its due time: the
-    /// tool's own share of every latency it measured.
-    fn finish(self) -> Option<Histogram<u64>> {
-        match self {
-            Schedule::Open { pacer, .. } => pacer.join(),
-            Schedule::Closed { .. } => None,
+    /// Ends the pacer's thread, if any; every connection has ended by then.
+    fn finish(self) {
+        if let Schedule::Open { pacer, .. } = self {
+            pacer.join();
         }
     }
 }
 
 /// Open loop's clock: a thread of its own that releases one permit per request at the
 /// request's due time (at once for any it is late for). tokio's timer rounds every sleep up to
-/// the next millisecond, which added about 1 ms to each latency measured from a due time (the
+/// the next millisecond, which added up to 1 ms to each latency measured from a due time (the
 /// bare server's p50 at 5 000/s read 1.31 ms); a thread's sleep wakes within tens of µs.
 struct Pacer {
     permits: Arc<Semaphore>,
-    /// Ends with how late, in µs, each release came after its due time.
-    thread: JoinHandle<Histogram<u64>>,
+    thread: JoinHandle<()>,
 }
 
 impl Pacer {
     /// Releases the permits of the requests due before `deadline`, then one more per
-    /// connection, so that each connection learns the run is over.
+    /// connection, so that each connection learns the run is over. Should the thread panic,
+    /// the semaphore closes and every connection stops rather than waiting forever.
     fn start(start: Instant, deadline: Instant, interval: Duration, connections: usize) -> std::io::Result<Self> {
+        /// Closes the semaphore if the pacer's thread unwinds.
+        struct CloseOnPanic(Arc<Semaphore>);
+        impl Drop for CloseOnPanic {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.close();
+                }
+            }
+        }
         let permits = Arc::new(Semaphore::new(0));
-        let released = Arc::clone(&permits);
-        let mut late = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(std::io::Error::other)?;
+        let released = CloseOnPanic(Arc::clone(&permits));
         let thread = std::thread::Builder::new().name("pacer".into()).spawn(move || {
             let mut n = 0u64;
             loop {
@@ -356,19 +395,16 @@ impl Pacer {
                 if due > now {
                     std::thread::sleep(due - now);
                 }
-                released.add_permits(1);
-                late.saturating_record(u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX));
+                released.0.add_permits(1);
                 n += 1;
             }
-            released.add_permits(connections);
-            late
+            released.0.add_permits(connections);
         })?;
         Ok(Pacer { permits, thread })
     }
 
-    /// How late each release came (µs), once the last one is out.
-    fn join(self) -> Option<Histogram<u64>> {
-        self.thread.join().ok()
+    fn join(self) {
+        let _ = self.thread.join();
     }
 }
 
@@ -377,8 +413,12 @@ async fn connection(target: &Target, schedule: &Schedule) -> anyhow::Result<Tall
     let mut statuses = BTreeMap::new();
     let mut errors = 0;
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut late = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut sender = None;
-    while let Some((n, scheduled)) = schedule.next().await {
+    while let Some(Turn { n, counts_from: scheduled, waited }) = schedule.next().await {
+        if waited {
+            late.saturating_record(u64::try_from(scheduled.elapsed().as_micros()).unwrap_or(u64::MAX));
+        }
         if sender.is_none() {
             match TcpStream::connect(&target.authority).await {
                 Ok(stream) => {
@@ -415,7 +455,7 @@ async fn connection(target: &Target, schedule: &Schedule) -> anyhow::Result<Tall
             }
         }
     }
-    Ok((statuses, errors, latency))
+    Ok((statuses, errors, latency, late))
 }
 
 /// The resident memory of process `pid` in MiB, every 100 ms for `duration`.
@@ -528,9 +568,9 @@ mod tests {
             let schedule = Arc::clone(&schedule);
             connections.push(tokio::spawn(async move {
                 let mut taken = Vec::new();
-                while let Some((n, due)) = schedule.next().await {
-                    assert!(Instant::now() >= due, "request {n} was handed out before it was due");
-                    assert_eq!(due, start + interval.mul_f64(n as f64), "request {n} counts from its own due time");
+                while let Some(Turn { n, counts_from, .. }) = schedule.next().await {
+                    assert!(Instant::now() >= counts_from, "request {n} was handed out before it was due");
+                    assert_eq!(counts_from, start + interval.mul_f64(n as f64), "request {n} counts from its due time");
                     taken.push(n);
                 }
                 taken
@@ -538,12 +578,29 @@ mod tests {
         }
         let mut taken = Vec::new();
         for connection in connections {
-            taken.extend(connection.await.expect("connection"));
+            // A miscounted end of run would leave a connection waiting: fail instead of hanging.
+            let ended = tokio::time::timeout(Duration::from_secs(10), connection).await;
+            taken.extend(ended.expect("every connection learns the run is over").expect("connection"));
         }
         taken.sort_unstable();
         assert_eq!(taken, (0..20).collect::<Vec<_>>(), "each request due before the deadline, once");
-        let late = Arc::into_inner(schedule).and_then(Schedule::finish).expect("open loop reports its lateness");
-        assert_eq!(late.len(), 20, "one lateness per request released");
+        Arc::into_inner(schedule).expect("the connections are done").finish();
+    }
+
+    #[tokio::test]
+    async fn an_open_loop_connection_that_sat_idle_waited_for_the_tool_and_a_busy_one_did_not() {
+        let interval = Duration::from_millis(5);
+        // The first request falls due well after the connection asks for it.
+        let start = Instant::now() + Duration::from_millis(100);
+        let schedule = Schedule::open(start, start + interval * 20, interval, 1).expect("pacer");
+        let first = schedule.next().await.expect("request 0");
+        assert!(first.waited, "nothing was due yet when the connection asked, so it waited for the pacer");
+        // Busy long past the next due times: those requests are released when it asks again.
+        tokio::time::sleep(interval * 10).await;
+        let second = schedule.next().await.expect("request 1");
+        assert_eq!(second.n, 1);
+        assert!(!second.waited, "request 1 fell due while the connection was busy: the wait was the server's");
+        schedule.finish();
     }
 
     #[tokio::test]
@@ -551,13 +608,13 @@ mod tests {
         let deadline = Instant::now() + Duration::from_millis(20);
         let schedule = Schedule::closed(deadline);
         let mut expected = 0;
-        while let Some((n, sent)) = schedule.next().await {
-            assert_eq!(n, expected);
-            assert!(sent < deadline);
+        while let Some(turn) = schedule.next().await {
+            assert_eq!(turn.n, expected);
+            assert!(!turn.waited, "a closed loop never waits for a due time");
             expected += 1;
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        assert!(expected > 0, "requests were handed out before the deadline");
         assert!(Instant::now() >= deadline, "the schedule ended at its deadline");
-        assert!(schedule.finish().is_none(), "a closed loop has no pacer");
     }
 }

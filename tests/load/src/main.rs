@@ -100,8 +100,9 @@ impl Run {
             "errors": self.errors,
             "latency_us": {"p50": us(0.5), "p90": us(0.9), "p99": us(0.99), "p99.9": us(0.999), "max": self.latency.max()},
             "process_cpu_us_per_request": self.cpu_us_per_request,
-            "tool_late_us": self.tool_late.as_ref().map(|late| json!({"p50": late.value_at_quantile(0.5),
-                "p99": late.value_at_quantile(0.99), "p99.9": late.value_at_quantile(0.999), "max": late.max()})),
+            "tool_late_us": self.tool_late.as_ref().filter(|late| !late.is_empty()).map(|late| json!({
+                "requests": late.len(), "p50": late.value_at_quantile(0.5), "p99": late.value_at_quantile(0.99),
+                "p99.9": late.value_at_quantile(0.999), "max": late.max()})),
         })
     }
 
@@ -123,16 +124,23 @@ impl Run {
             let whose = if self.name == "baseline" { "bare server and load tool together" } else { "load tool" };
             println!("{:<10} {cpu:.0} µs of CPU per request ({whose})", "");
         }
-        if let Some(late) = &self.tool_late {
-            let ms = |q: f64| late.value_at_quantile(q) as f64 / 1000.0;
-            println!(
-                "{:<10} the tool itself sent requests late by p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms (part of the latencies above)",
-                "",
-                ms(0.5),
-                ms(0.99),
-                ms(0.999),
-                late.max() as f64 / 1000.0
-            );
+        match &self.tool_late {
+            Some(late) if late.is_empty() => {
+                println!("{:<10} no connection was idle when a request fell due: the server held every one", "");
+            }
+            Some(late) => {
+                let ms = |q: f64| late.value_at_quantile(q) as f64 / 1000.0;
+                println!(
+                    "{:<10} the tool itself sent requests late by p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms (part of the latencies above; {} requests found their connection idle)",
+                    "",
+                    ms(0.5),
+                    ms(0.99),
+                    ms(0.999),
+                    late.max() as f64 / 1000.0,
+                    late.len()
+                );
+            }
+            None => {}
         }
     }
 }

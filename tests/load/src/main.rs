@@ -90,7 +90,6 @@ impl Run {
     }
 
     fn to_json(&self) -> serde_json::Value {
-        let us = |q: f64| self.latency.value_at_quantile(q);
         json!({
             "name": self.name,
             "sent": self.sent,
@@ -98,11 +97,13 @@ impl Run {
             "requests_per_second": self.per_second(),
             "statuses": self.statuses.iter().map(|(s, n)| (s.to_string(), *n)).collect::<BTreeMap<_, _>>(),
             "errors": self.errors,
-            "latency_us": {"p50": us(0.5), "p90": us(0.9), "p99": us(0.99), "p99.9": us(0.999), "max": self.latency.max()},
+            "latency_us": quantiles(&self.latency),
             "process_cpu_us_per_request": self.cpu_us_per_request,
-            "tool_late_us": self.tool_late.as_ref().filter(|late| !late.is_empty()).map(|late| json!({
-                "requests": late.len(), "p50": late.value_at_quantile(0.5), "p99": late.value_at_quantile(0.99),
-                "p99.9": late.value_at_quantile(0.999), "max": late.max()})),
+            "tool_late_us": self.tool_late.as_ref().filter(|late| !late.is_empty()).map(|late| {
+                let mut summary = quantiles(late);
+                summary["requests"] = json!(late.len());
+                summary
+            }),
         })
     }
 
@@ -257,11 +258,11 @@ async fn load(
         elapsed: Duration::ZERO,
         statuses: BTreeMap::new(),
         errors: 0,
-        latency: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        latency: micros()?,
         cpu_us_per_request: None,
         tool_late: None,
     };
-    let mut tool_late = Histogram::new_with_bounds(1, 60_000_000, 3)?;
+    let mut tool_late = micros()?;
     for task in tasks {
         let (statuses, errors, latency, late) = task.await??;
         for (status, count) in statuses {
@@ -283,6 +284,27 @@ async fn load(
         run.cpu_us_per_request = Some((after - before) / run.sent as f64 * 1e6);
     }
     Ok(run)
+}
+
+/// An empty histogram of µs, from 1 µs to 60 s, to three significant digits.
+fn micros() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
+}
+
+/// Records the µs from `since` to now.
+fn record_since(histogram: &mut Histogram<u64>, since: Instant) {
+    histogram.saturating_record(u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX));
+}
+
+/// A histogram's median, tail and maximum, in its own unit.
+fn quantiles(histogram: &Histogram<u64>) -> serde_json::Value {
+    let at = |q: f64| histogram.value_at_quantile(q);
+    json!({"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "p99.9": at(0.999), "max": histogram.max()})
+}
+
+/// When request `n` of an open loop falls due.
+fn due(start: Instant, interval: Duration, n: u64) -> Instant {
+    start + interval.mul_f64(n as f64)
 }
 
 /// One connection's statuses, errors, latencies and (open loop) the tool's own lateness.
@@ -353,7 +375,7 @@ impl Schedule {
                 };
                 // At least n + 1 permits were released before the n-th take, so request n is due.
                 let n = next.fetch_add(1, Ordering::Relaxed);
-                let due = *start + interval.mul_f64(n as f64);
+                let due = due(*start, *interval, n);
                 (due < *deadline).then_some(Turn { n, counts_from: due, waited })
             }
         }
@@ -395,7 +417,7 @@ impl Pacer {
         let thread = std::thread::Builder::new().name("pacer".into()).spawn(move || {
             let mut n = 0u64;
             loop {
-                let due = start + interval.mul_f64(n as f64);
+                let due = due(start, interval, n);
                 if due >= deadline {
                     break;
                 }
@@ -420,12 +442,11 @@ impl Pacer {
 async fn connection(target: &Target, schedule: &Schedule) -> anyhow::Result<Tally> {
     let mut statuses = BTreeMap::new();
     let mut errors = 0;
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut late = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut latency, mut late) = (micros()?, micros()?);
     let mut sender = None;
     while let Some(Turn { n, counts_from: scheduled, waited }) = schedule.next().await {
         if waited {
-            late.saturating_record(u64::try_from(scheduled.elapsed().as_micros()).unwrap_or(u64::MAX));
+            record_since(&mut late, scheduled);
         }
         if sender.is_none() {
             match TcpStream::connect(&target.authority).await {
@@ -454,7 +475,7 @@ async fn connection(target: &Target, schedule: &Schedule) -> anyhow::Result<Tall
             Ok(response) => {
                 let status = response.status().as_u16();
                 let _ = response.into_body().collect().await;
-                latency.saturating_record(u64::try_from(scheduled.elapsed().as_micros()).unwrap_or(u64::MAX));
+                record_since(&mut latency, scheduled);
                 *statuses.entry(status).or_insert(0) += 1;
             }
             Err(_) => {
@@ -578,7 +599,11 @@ mod tests {
                 let mut taken = Vec::new();
                 while let Some(Turn { n, counts_from, .. }) = schedule.next().await {
                     assert!(Instant::now() >= counts_from, "request {n} was handed out before it was due");
-                    assert_eq!(counts_from, start + interval.mul_f64(n as f64), "request {n} counts from its due time");
+                    assert_eq!(
+                        counts_from,
+                        start + interval * u32::try_from(n).expect("small"),
+                        "request {n} counts from its due time"
+                    );
                     taken.push(n);
                 }
                 taken

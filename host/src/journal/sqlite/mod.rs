@@ -625,9 +625,10 @@ fn write_loop(
         gather(&mut queue, &mut batch);
         // Outcomes alone wait for the fsyncs under way, and what arrives meanwhile joins them:
         // one commit after them rather than one per outcome, as a commit costs the pages it
-        // touches more than its rows (docs/BENCHMARKS.md). A batch with anything else in it
-        // commits at once; an acceptance that arrives during the wait commits after it, which
-        // costs it the commit's time, as its own fsync could not start sooner anyway.
+        // touches more than its rows (docs/BENCHMARKS-HISTORY.md, session 5). A batch with
+        // anything else in it commits at once; an acceptance that arrives during the wait
+        // commits after it, which costs it the commit's time, as its own fsync could not start
+        // sooner anyway.
         if let Some(syncer) = syncer
             && batch.len() < MAX_BATCH
             && batch.iter().all(|write| matches!(write, Write::Finish { .. }))

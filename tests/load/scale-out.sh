@@ -6,7 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 work=$(mktemp -d)
 pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+# Stops the hosts before the servers they use (the reverse of starting), so that no host logs
+# a server going away, then removes the folder.
+cleanup() {
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill "${pids[i]}" 2>/dev/null || true
+    wait "${pids[i]}" 2>/dev/null || true
+  done
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 # Polls until `$@` succeeds, for at most 30 s.
@@ -34,6 +42,8 @@ url = "redis://127.0.0.1:$redis_port"
 [sources.github]
 verify = "github"
 secret_env = "GITHUB_WEBHOOK_SECRET"
+# Under the NATS server's default max_payload (1 MiB), so that the host has nothing to warn of.
+max_body_bytes = 262144
 TOML
   GITHUB_WEBHOOK_SECRET=dev-secret RUST_LOG=warn ./target/release/wasmhook serve --config "$work/host$1.toml" &
   pids+=($!)

@@ -254,10 +254,11 @@ impl Secret {
     pub fn from_standard_webhooks(text: &str) -> Result<Self, String> {
         use base64::Engine;
         let encoded = text.trim();
-        base64::engine::general_purpose::STANDARD
-            .decode(encoded.strip_prefix("whsec_").unwrap_or(encoded))
-            .map(Secret)
-            .map_err(|_| "is not a Standard Webhooks secret (whsec_ followed by base64)".to_owned())
+        match base64::engine::general_purpose::STANDARD.decode(encoded.strip_prefix("whsec_").unwrap_or(encoded)) {
+            Ok(key) if key.is_empty() => Err("holds no key after whsec_ (an empty key signs nothing)".to_owned()),
+            Ok(key) => Ok(Secret(key)),
+            Err(_) => Err("is not a Standard Webhooks secret (whsec_ followed by base64)".to_owned()),
+        }
     }
 
     /// The secret's bytes, for signing and comparing only.
@@ -983,6 +984,16 @@ mod tests {
         .expect_err("not base64");
         let text = err.to_string();
         assert!(text.contains("W ") && !text.contains("!!secret!!"), "{text}");
+    }
+
+    #[test]
+    fn a_standard_webhooks_secret_with_no_key_after_its_prefix_is_refused() {
+        let source = "[sources.w]\nverify = \"standard-webhooks\"\nsecret_env = \"W\"\n";
+        for empty in ["whsec_", " whsec_ "] {
+            let err = check(source, &env(&[("W", empty)])).expect_err("an empty key would sign nothing");
+            assert!(err.to_string().contains("W holds no key"), "{empty:?}: {err}");
+        }
+        assert!(check(source, &env(&[("W", "whsec_Zm9v")])).is_ok());
     }
 
     #[test]

@@ -93,6 +93,9 @@ where
             drop(slot);
         });
     }
+    // Close the socket first, so that a sender connecting now is refused at once rather than
+    // queued in the backlog until the grace period ends and then reset.
+    drop(listener);
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
         tracing::warn!("connections still open after the shutdown grace period; closing them");
     }

@@ -1,5 +1,7 @@
 //! Webhooks in: accepted, refused with the right status, routed or kept as unrouted.
 
+use std::time::{Duration, Instant};
+
 use crate::util::{SECRET, TestHost, example, post};
 
 #[test]
@@ -100,4 +102,52 @@ fn a_repeated_delivery_id_is_a_duplicate_and_not_dispatched_again() {
     assert_eq!((status, &body["duplicate"]), (200, &serde_json::json!(true)), "{body}");
     let event = host.wait_for_event("dup-1");
     assert_eq!(event["deliveries"][0]["attempts"], 1, "{event}");
+}
+
+#[test]
+fn on_sigterm_the_listener_closes_at_once_a_request_in_flight_gets_503_and_the_host_exits_cleanly() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    let mut host = TestHost::builder().plugin("echo").start();
+    let address = host.url.trim_start_matches("http://").to_owned();
+    // A request whose body is still on its way when the signal comes: it holds the graceful
+    // shutdown open (up to its 10 s) while the test looks at the listener.
+    let body = example("github/push.json");
+    let signature = wasmhook::ingest::verify::github::sign(SECRET.as_bytes(), &body);
+    let mut in_flight = TcpStream::connect(&address).expect("connect");
+    write!(
+        in_flight,
+        "POST /hooks/github HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/json\r\n\
+         x-github-event: push\r\nx-github-delivery: in-flight-1\r\nx-hub-signature-256: {signature}\r\n\
+         content-length: {}\r\n\r\n",
+        body.len()
+    )
+    .expect("head");
+    in_flight.write_all(&body[..10]).expect("the first bytes of the body");
+    std::thread::sleep(Duration::from_millis(200)); // the host has the request
+
+    host.terminate();
+    host.wait_for_log("shutting down");
+    // Well within the 10 s the request in flight keeps the shutdown open.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpStream::connect(&address) {
+            Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            other => assert!(Instant::now() < deadline, "still accepting connections after SIGTERM: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    in_flight.write_all(&body[10..]).expect("the rest of the body");
+    let mut answer = String::new();
+    in_flight.read_to_string(&mut answer).expect("the answer, then the connection closed");
+    let head = answer.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 503"), "{answer}");
+    assert!(head.contains("retry-after: "), "{answer}");
+    assert!(answer.contains("shutting down"), "{answer}");
+
+    let status = host.wait_exit();
+    assert!(status.success(), "exit status {status}:\n{}", host.log());
+    host.wait_for_log("\"stopped\"");
 }

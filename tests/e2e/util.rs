@@ -197,6 +197,26 @@ impl TestHost {
         self.child.as_ref().expect("running").id()
     }
 
+    /// Sends the host SIGTERM, which starts its graceful shutdown.
+    pub fn terminate(&self) {
+        let pid = libc::pid_t::try_from(self.pid()).expect("a pid");
+        // SAFETY: kill(2) only sends a signal; the pid is our own child, not yet reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM sent");
+    }
+
+    /// Waits for the host to exit (panics after [`PATIENCE`]) and returns its exit status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.as_mut().expect("running").try_wait().expect("wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the host did not exit:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills the host with SIGKILL: no shutdown, no flush, as in a crash.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -247,7 +247,11 @@ impl Registry {
         }
         let started = std::time::Instant::now();
         match self.load_plugin(name, file, bytes, hashes.clone(), &manifest_text).await {
-            Ok(plugin) => {
+            Ok(mut plugin) => {
+                if let Some(old) = existing {
+                    // Calls of the old version still running count against the new one.
+                    plugin.calls = carry_calls(&old.calls, old.concurrency, plugin.concurrency);
+                }
                 metrics::plugin_loaded(name, started.elapsed());
                 self.slot(name, |slot| *slot = Slot { file: file.to_owned(), ..Slot::default() });
                 Scanned::Loaded(Arc::new(plugin))
@@ -396,6 +400,30 @@ enum Scanned {
     FailedBefore,
 }
 
+/// The permits of a plugin's new version that allows `new_limit` calls at once, from its old
+/// version's `old` (which allowed `old_limit`): the same semaphore, so that the calls still
+/// running on the old version hold permits of the new one too. A higher limit adds permits at
+/// once; a lower one takes back the free ones now and the rest as running calls end.
+fn carry_calls(old: &Arc<Semaphore>, old_limit: usize, new_limit: usize) -> Arc<Semaphore> {
+    if new_limit >= old_limit {
+        old.add_permits(new_limit - old_limit);
+    } else {
+        let surplus = old_limit - new_limit;
+        let owed = surplus - old.forget_permits(surplus);
+        if let Ok(owed) = u32::try_from(owed)
+            && owed > 0
+        {
+            let old = Arc::clone(old);
+            tokio::spawn(async move {
+                if let Ok(permits) = old.acquire_many(owed).await {
+                    permits.forget();
+                }
+            });
+        }
+    }
+    Arc::clone(old)
+}
+
 /// The `*.wasm` files of `dir`, sorted.
 fn wasm_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir)
@@ -416,5 +444,40 @@ fn read_manifest(wasm: &Path) -> Result<String, String> {
         Ok(text) => Ok(text),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
         Err(err) => Err(format!("cannot read {}: {err}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_new_version_counts_the_calls_still_running_on_the_old_one() {
+        let old = Arc::new(Semaphore::new(1));
+        let running = Arc::clone(&old).try_acquire_owned().expect("one call running");
+        let same = carry_calls(&old, 1, 1);
+        assert_eq!(same.available_permits(), 0, "concurrency 1 stays 1 across a reload");
+        drop(running);
+        assert_eq!(same.available_permits(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_higher_limit_frees_the_difference_at_once() {
+        let old = Arc::new(Semaphore::new(2));
+        let _running = Arc::clone(&old).try_acquire_owned().expect("one call running");
+        assert_eq!(carry_calls(&old, 2, 5).available_permits(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_lower_limit_takes_back_the_free_permits_now_and_the_rest_as_calls_end() {
+        let old = Arc::new(Semaphore::new(4));
+        let running = Arc::clone(&old).try_acquire_many_owned(3).expect("three calls running");
+        let lower = carry_calls(&old, 4, 2);
+        assert_eq!(lower.available_permits(), 0, "the free one is gone, and no call may start");
+        drop(running);
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(lower.available_permits(), 2, "once the three calls end, the new limit holds");
     }
 }

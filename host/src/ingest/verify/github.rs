@@ -3,7 +3,7 @@
 
 use hyper::HeaderMap;
 
-use super::{Identity, header_str, id_from_body, mac, parse_json, require_match};
+use super::{Identity, header_str, id_from_body, mac, parse_json, require_match, required_header};
 use crate::config::{Algorithm, Secret};
 use crate::ingest::IngestError;
 
@@ -27,13 +27,12 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
 
 /// Checks the signature against each secret in constant time; any may match.
 pub fn verify(secrets: &[Secret], headers: &HeaderMap, body: &[u8]) -> Result<(), IngestError> {
-    let Some(value) = header_str(headers, SIGNATURE_HEADER)? else {
-        return Err(IngestError::Unauthorized(if headers.contains_key(SHA1_SIGNATURE_HEADER) {
-            "only a SHA-1 X-Hub-Signature was sent; X-Hub-Signature-256 is required".to_owned()
-        } else {
-            "missing X-Hub-Signature-256 header".to_owned()
-        }));
-    };
+    if !headers.contains_key(SIGNATURE_HEADER) && headers.contains_key(SHA1_SIGNATURE_HEADER) {
+        return Err(IngestError::Unauthorized(
+            "only a SHA-1 X-Hub-Signature was sent; X-Hub-Signature-256 is required".to_owned(),
+        ));
+    }
+    let value = required_header(headers, SIGNATURE_HEADER)?;
     let signature =
         value.strip_prefix(PREFIX).and_then(|hex_digest| hex::decode(hex_digest).ok()).ok_or_else(|| {
             IngestError::Unauthorized("malformed X-Hub-Signature-256 header; expected sha256=<hex>".to_owned())
@@ -108,6 +107,15 @@ mod tests {
         let signed = headers(&[(SIGNATURE_HEADER, &sign(b"s3cret", b"{\"a\":1}"))]);
         assert!(verify(&secrets, &signed, b"{\"a\":1}").is_ok());
         assert!(matches!(verify(&secrets, &signed, b"{\"a\":2}"), Err(IngestError::Unauthorized(_))));
+    }
+
+    #[test]
+    fn a_signature_header_that_is_not_ascii_is_unauthorized_not_a_bad_request() {
+        let mut signed = HeaderMap::new();
+        let value = hyper::header::HeaderValue::from_bytes("sha256=é".as_bytes()).expect("opaque bytes");
+        signed.insert(SIGNATURE_HEADER, value);
+        let result = verify(&[Secret::new("s3cret")], &signed, b"{}");
+        assert!(matches!(&result, Err(IngestError::Unauthorized(m)) if m.contains("not visible ASCII")), "{result:?}");
     }
 
     #[test]

@@ -136,9 +136,11 @@ pub fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h s
         .transpose()
 }
 
-/// A header every request of the scheme must carry, or 401 naming it.
+/// A header every request of the scheme must carry to be verified, or 401 naming it: missing,
+/// or not visible ASCII (no valid signature, timestamp or token is).
 pub fn required_header<'h>(headers: &'h HeaderMap, name: &str) -> Result<&'h str, IngestError> {
-    header_str(headers, name)?.ok_or_else(|| IngestError::Unauthorized(format!("missing {name} header")))
+    let value = headers.get(name).ok_or_else(|| IngestError::Unauthorized(format!("missing {name} header")))?;
+    value.to_str().map_err(|_| IngestError::Unauthorized(format!("header {name} is not visible ASCII")))
 }
 
 /// Parses a Unix timestamp in seconds and checks it is within `tolerance` of `now`, either

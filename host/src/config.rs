@@ -27,6 +27,10 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 /// How many plugin calls run at once, across all plugins.
 pub const DEFAULT_WORKERS: usize = 16;
+/// The most `workers` a host may run: each call holds an instance from the runtime's fixed pool
+/// (`runtime::POOL_INSTANCES`), and a component's instance takes several of its core instances
+/// and tables (three and two for the example plugins), besides those `reuse` keeps warm.
+pub const MAX_WORKERS: usize = 256;
 /// Where plugins are loaded from when nothing else says.
 pub const DEFAULT_PLUGINS_DIR: &str = "plugins";
 /// Where the journal lives when nothing else says.
@@ -536,6 +540,11 @@ fn validate(raw: RawConfig, overrides: Overrides, env: &dyn Env, base: &Path) ->
     if workers == 0 {
         problems.push("workers must be at least 1".to_owned());
     }
+    if workers > MAX_WORKERS {
+        problems.push(format!(
+            "workers = {workers} is over {MAX_WORKERS}: the runtime's pool of plugin instances could not serve them"
+        ));
+    }
     let shutdown_grace =
         duration(raw.shutdown_grace.as_deref(), "shutdown_grace", DEFAULT_SHUTDOWN_GRACE, &mut problems);
     let journal = JournalOptions {
@@ -893,6 +902,13 @@ mod tests {
         .expect_err("four problems");
         let ConfigError::Invalid { problems, .. } = err else { panic!("expected Invalid") };
         assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+
+    #[test]
+    fn workers_beyond_what_the_instance_pool_serves_are_refused() {
+        assert!(check(&format!("workers = {MAX_WORKERS}\n"), &env(&[])).is_ok());
+        let err = check(&format!("workers = {}\n", MAX_WORKERS + 1), &env(&[])).expect_err("too many");
+        assert!(err.to_string().contains("workers = 257 is over 256"), "{err}");
     }
 
     #[test]

@@ -658,9 +658,11 @@ fn gather(queue: &mut mpsc::Receiver<Write>, batch: &mut Vec<Write>) {
 impl Write {
     /// Whether the caller is promised the write is on disk: an accepted event, and the
     /// operator's changes. An outcome lost to a power cut only runs a delivery again
-    /// (emitted events included: they are emitted again), which at-least-once allows.
+    /// (emitted events included: they are emitted again), which at-least-once allows. A ping
+    /// (readiness) goes through the syncer too, so that once a sync has failed, and every
+    /// acceptance with it, the host stops reporting itself ready.
     fn must_reach_disk(&self) -> bool {
-        !matches!(self, Write::Take { .. } | Write::Finish { .. } | Write::Ping { .. })
+        !matches!(self, Write::Take { .. } | Write::Finish { .. })
     }
 }
 
@@ -1536,6 +1538,14 @@ mod tests {
         assert_eq!(f.journal.replay(START_MS, &route).await.expect("replay"), 2);
         assert_eq!(f.take(&["echo"]).await.len(), 2);
         assert_eq!(f.journal.replay(START_MS + 1, &route).await.expect("replay"), 0, "nothing that recent");
+    }
+
+    #[test]
+    fn a_readiness_ping_waits_for_the_disk_as_acceptances_do_and_leases_and_outcomes_do_not() {
+        let ping = Write::Ping { reply: oneshot::channel().0 };
+        let take = Write::Take { plugins: Vec::new(), max: 1, lease_ms: 1, reply: oneshot::channel().0 };
+        assert!(ping.must_reach_disk(), "a ping answered before the sync would report a failed disk ready");
+        assert!(!take.must_reach_disk());
     }
 
     #[tokio::test]

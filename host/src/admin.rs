@@ -197,7 +197,7 @@ impl Admin {
                 Err(err) => Err(Refusal(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())),
             },
             ["v1", "stats"] => ok(serde_json::to_value(self.journal.stats().await?).unwrap_or_default()),
-            ["v1", "events", id] => match self.journal.event(id).await? {
+            ["v1", "events", id] => match self.journal.event(&percent_decoded(id)).await? {
                 Some(record) => ok(serde_json::to_value(record).unwrap_or_default()),
                 None => Err(Refusal(StatusCode::NOT_FOUND, format!("no event with id {id:?}"))),
             },
@@ -340,6 +340,12 @@ fn query_value<'q>(query: &'q str, name: &str) -> Option<&'q str> {
     query.split('&').filter_map(|pair| pair.split_once('=')).find(|(key, _)| *key == name).map(|(_, value)| value)
 }
 
+/// A path segment with its `%XX` escapes decoded: an event id may hold `/`, `?`, `#` or `%`,
+/// which a client sends escaped.
+fn percent_decoded(segment: &str) -> String {
+    percent_encoding::percent_decode_str(segment).decode_utf8_lossy().into_owned()
+}
+
 /// A payload as JSON when it is JSON, else as text.
 fn payload_view(data: &Bytes) -> serde_json::Value {
     serde_json::from_slice(data)
@@ -380,6 +386,12 @@ mod tests {
         assert_eq!(selector(&body(None, None, true)).ok(), Some(DeadSelector::All));
         assert!(selector(&body(None, None, false)).is_err());
         assert!(selector(&body(Some(vec![1]), None, true)).is_err());
+    }
+
+    #[test]
+    fn escaped_path_segments_are_decoded() {
+        assert_eq!(percent_decoded("a%2Fb%25c%3Fd%23e"), "a/b%c?d#e");
+        assert_eq!(percent_decoded("plain-id"), "plain-id");
     }
 
     #[test]

@@ -13,6 +13,16 @@ fn health_answers_and_an_unknown_event_is_404() {
 }
 
 #[test]
+fn an_event_whose_id_holds_url_characters_is_found_by_its_escaped_id() {
+    let host = TestHost::builder().start();
+    let id = "delivery/1%2?x#y";
+    let (status, _) = host.post_github("push", id, b"{\"action\":\"x\"}", crate::util::SECRET);
+    assert_eq!(status, 202);
+    let (status, body) = host.admin_get("/v1/events/delivery%2F1%252%3Fx%23y");
+    assert_eq!((status, body["id"].as_str()), (200, Some(id)), "{body}");
+}
+
+#[test]
 fn a_configured_token_guards_everything_but_health() {
     let host = TestHost::builder().setting("admin_token_env = \"ADMIN_TOKEN\"").env("ADMIN_TOKEN", "t0ken").start();
     assert_eq!(host.admin_get("/healthz").0, 200);

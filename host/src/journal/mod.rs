@@ -352,7 +352,7 @@ pub trait Journal: Send + Sync {
     ) -> Result<bool, JournalError>;
 
     /// Gives a lease back unused (the plugin was busy or is gone): the delivery is due again
-    /// at once and the attempt is not counted.
+    /// at once. The embedded journal does not count the attempt; JetStream does (SCALE-OUT.md).
     async fn release(&self, lease: &Lease) -> Result<(), JournalError>;
 
     /// Unfinished deliveries (pending, running, retrying) per plugin.

@@ -242,6 +242,29 @@ fn cloudevents_are_accepted_in_binary_structured_and_batch_mode() {
 }
 
 #[test]
+fn a_batch_is_answered_item_by_item_in_order_and_its_items_share_the_journals_commits() {
+    let host = host();
+    let url = format!("{}/hooks/events", host.url);
+    let mut items: Vec<String> =
+        (0..200).map(|n| format!(r#"{{"specversion":"1.0","type":"t","source":"/s","id":"many-{n}"}}"#)).collect();
+    items.push(r#"{"specversion":"1.0","type":"t","source":"/s","id":"many-7"}"#.to_owned());
+    let batch = format!("[{}]", items.join(","));
+    let commits = || crate::util::metric(&crate::util::scrape(&host), "wasmhook_journal_commit_seconds_count", &[]);
+    let before = commits();
+    let (status, answer) = post(&url, &[("content-type", "application/cloudevents-batch+json")], batch.as_bytes());
+    let during = commits() - before;
+    assert_eq!(status, 200, "{answer}");
+    let results = answer["results"].as_array().expect("results");
+    let seen: Vec<_> = results.iter().map(|r| (r["index"].as_u64(), r["status"].as_u64(), r["id"].as_str())).collect();
+    let mut expect: Vec<_> = (0..200).map(|n| (Some(n), Some(202), Some(format!("many-{n}")))).collect();
+    expect.push((Some(200), Some(200), Some("many-7".to_owned())));
+    let expect: Vec<_> = expect.iter().map(|(i, s, id)| (*i, *s, id.as_deref())).collect();
+    assert_eq!(seen, expect, "each item in its place; the repeated id is a duplicate");
+    // One commit each (200) was the old way; together they need a few.
+    assert!(during < 100.0, "{during} journal commits for 201 items");
+}
+
+#[test]
 fn a_cloudevent_missing_a_required_attribute_is_refused_naming_it() {
     let host = host();
     let url = format!("{}/hooks/events", host.url);

@@ -192,12 +192,17 @@ impl Ingest {
                 Ok(Received::One(event, accepted))
             }
             Some(Mode::Batch) => {
-                let mut results = Vec::new();
-                for (index, parsed) in cloudevents::from_batch(&verify::parse_json(&body)?)?.into_iter().enumerate() {
-                    let outcome = match parsed.and_then(|cloud| cloud_event(&name, cloud)) {
-                        Ok(event) => self.accept(source, event.clone()).await.map(|accepted| (event, accepted)),
-                        Err(err) => Err(err),
-                    };
+                // All items go to the journal at once, in order, so that they share its group
+                // commits (one fsync for many) instead of waiting for one each.
+                let items = cloudevents::from_batch(&verify::parse_json(&body)?)?;
+                let outcomes = futures_util::future::join_all(items.into_iter().map(|parsed| async {
+                    let event = parsed.and_then(|cloud| cloud_event(&name, cloud))?;
+                    let accepted = self.accept(source, event.clone()).await?;
+                    Ok::<_, IngestError>((event, accepted))
+                }))
+                .await;
+                let mut results = Vec::with_capacity(outcomes.len());
+                for (index, outcome) in outcomes.into_iter().enumerate() {
                     results.push(match outcome {
                         Ok((event, accepted)) => BatchResult {
                             index,

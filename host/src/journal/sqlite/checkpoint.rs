@@ -24,9 +24,9 @@
 //!
 //! A failed sync of the database file is final, as for the log (see [`super::sync`]): Linux
 //! may drop the pages it could not write, and SQLite counts them as copied. The checkpointer
-//! stops and asks for a restart, after which SQLite copies the log again from its start (it
-//! still holds those frames, unless SQLite's own checkpoint on the writer, which takes over
-//! meanwhile, starts it over first).
+//! stops and says so ([`Checkpointer::failed`]): the writer then turns SQLite's own checkpoint
+//! off and refuses every write promised the disk, so that the log, which still holds those
+//! frames, is never started over, and a restart copies it again from its start.
 
 use std::fs::File;
 use std::sync::Arc;
@@ -61,6 +61,8 @@ struct Shared {
     wrote: AtomicBool,
     /// The log is long and nearly all copied: the writer's turn to copy the rest.
     restart_due: AtomicBool,
+    /// A sync of the database file failed: nothing may start the log over.
+    failed: AtomicBool,
     stop: AtomicBool,
 }
 
@@ -106,7 +108,7 @@ impl Checkpointer {
     /// database, as the pass reaches the end of the log), so that the next transaction
     /// starts the log over. Returns the pass when one ran.
     pub(super) fn restart_if_due(&self, writer: &Connection) -> Option<Pass> {
-        if !self.shared.restart_due.load(Ordering::Acquire) {
+        if !self.shared.restart_due.load(Ordering::Acquire) || self.failed() {
             return None;
         }
         let started = Instant::now();
@@ -127,6 +129,11 @@ impl Checkpointer {
         self.shared.wrote.store(true, Ordering::Release);
         self.wake();
         pass
+    }
+
+    /// Whether a sync of the database file failed; final until the host restarts.
+    pub(super) fn failed(&self) -> bool {
+        self.shared.failed.load(Ordering::Acquire)
     }
 
     fn wake(&self) {
@@ -197,9 +204,10 @@ fn checkpoint_loop(connection: &Connection, database: &File, shared: &Shared) {
                 gather = GATHER_QUIET;
             }
             Err(Failure::Sync(err)) => {
+                shared.failed.store(true, Ordering::Release);
                 tracing::error!(
                     error = %err,
-                    "cannot sync the journal's database file; restart the host so that it copies the log again"
+                    "cannot sync the journal's database file; no event is accepted until the host restarts and copies the log again"
                 );
                 return;
             }
@@ -275,6 +283,29 @@ mod tests {
             assert!(Instant::now() < deadline, "the checkpointer never copied the log into the database");
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    #[test]
+    fn a_failed_sync_of_the_database_file_is_reported_and_stops_the_writer_s_turns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let writer = writer(dir.path());
+        // A pipe cannot be synced: fdatasync fails with EINVAL.
+        let (reader, _writer_end) = std::io::pipe().expect("pipe");
+        let not_a_file = File::from(std::os::fd::OwnedFd::from(reader));
+        let connection = Connection::open(dir.path().join(FILE)).expect("open");
+        let checkpointer = Checkpointer::start(connection, Arc::new(not_a_file)).expect("start");
+        assert!(!checkpointer.failed());
+        for n in 0..5 {
+            insert(&writer, n);
+        }
+        checkpointer.wrote();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !checkpointer.failed() {
+            assert!(Instant::now() < deadline, "the failed sync was never reported");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        checkpointer.shared.restart_due.store(true, Ordering::Release);
+        assert!(checkpointer.restart_if_due(&writer).is_none(), "no copy that would let the log start over");
     }
 
     #[test]

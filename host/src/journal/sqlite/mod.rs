@@ -620,9 +620,30 @@ fn write_loop(
     work: &Notify,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut checkpoints_off = false;
     while let Some(first) = queue.blocking_recv() {
         batch.push(first);
         gather(&mut queue, &mut batch);
+        // After a failed sync of the database file, its copied pages may be lost while SQLite
+        // counts them as copied: the log must keep them until a restart copies it again, and
+        // nothing more is promised the disk (as after a failed sync of the log).
+        if checkpointer.failed() {
+            if !checkpoints_off {
+                if let Err(err) = connection.pragma_update(None, "wal_autocheckpoint", 0) {
+                    tracing::error!(error = %err, "cannot turn SQLite's own checkpoint off");
+                }
+                checkpoints_off = true;
+            }
+            let (refused, kept): (Vec<Write>, Vec<Write>) = batch.drain(..).partition(Write::must_reach_disk);
+            for write in refused {
+                let reason = "the journal's database file could not be synced; restart the host";
+                respond(write, Err(JournalError::Storage(reason.to_owned())));
+            }
+            batch.extend(kept);
+            if batch.is_empty() {
+                continue;
+            }
+        }
         // Outcomes alone wait for the fsyncs under way, and what arrives meanwhile joins them:
         // one commit after them rather than one per outcome, as a commit costs the pages it
         // touches more than its rows (docs/BENCHMARKS-HISTORY.md, session 5). A batch with

@@ -112,7 +112,8 @@ fn on_sigterm_the_listener_closes_at_once_a_request_in_flight_gets_503_and_the_h
     let mut host = TestHost::builder().plugin("echo").start();
     let address = host.url.trim_start_matches("http://").to_owned();
     // A request whose body is still on its way when the signal comes: it holds the graceful
-    // shutdown open (up to its 10 s) while the test looks at the listener.
+    // shutdown open (up to its 10 s) while the test looks at the listener. The host's
+    // `100 Continue` says it is reading the body, so the request is in its hands.
     let body = example("github/push.json");
     let signature = wasmhook::ingest::verify::github::sign(SECRET.as_bytes(), &body);
     let mut in_flight = TcpStream::connect(&address).expect("connect");
@@ -120,12 +121,13 @@ fn on_sigterm_the_listener_closes_at_once_a_request_in_flight_gets_503_and_the_h
         in_flight,
         "POST /hooks/github HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/json\r\n\
          x-github-event: push\r\nx-github-delivery: in-flight-1\r\nx-hub-signature-256: {signature}\r\n\
-         content-length: {}\r\n\r\n",
+         expect: 100-continue\r\ncontent-length: {}\r\n\r\n",
         body.len()
     )
     .expect("head");
-    in_flight.write_all(&body[..10]).expect("the first bytes of the body");
-    std::thread::sleep(Duration::from_millis(200)); // the host has the request
+    let mut interim = [0_u8; 25];
+    in_flight.read_exact(&mut interim).expect("an interim answer");
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n", "{}", String::from_utf8_lossy(&interim));
 
     host.terminate();
     host.wait_for_log("shutting down");
@@ -139,7 +141,7 @@ fn on_sigterm_the_listener_closes_at_once_a_request_in_flight_gets_503_and_the_h
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    in_flight.write_all(&body[10..]).expect("the rest of the body");
+    in_flight.write_all(&body).expect("the body");
     let mut answer = String::new();
     in_flight.read_to_string(&mut answer).expect("the answer, then the connection closed");
     let head = answer.to_ascii_lowercase();

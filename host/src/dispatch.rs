@@ -108,10 +108,15 @@ pub async fn run(
                 },
             };
             // The plugin's permit is taken here, before the next `wants`, so that the next take
-            // sees the plugin's true free capacity. A plugin that is gone, or at its
-            // concurrency after all, gives the lease straight back: waiting would let the lease
-            // run out and the delivery run twice.
+            // sees the plugin's true free capacity. A plugin that is gone, at its concurrency
+            // after all, or reloaded during the take with a timeout its lease does not cover,
+            // gives the lease straight back: waiting, or calling past the lease, would let the
+            // lease run out and the delivery run twice.
             let Some((plugin, permit)) = registry.get(&lease.plugin).and_then(|plugin| {
+                let call_lease = plugin.component.limits().timeout + lease_margin;
+                if !lease_covers(&wants, &plugin.name, call_lease) {
+                    return None;
+                }
                 let permit = Arc::clone(&plugin.calls).try_acquire_owned().ok()?;
                 Some((plugin, permit))
             }) else {
@@ -149,6 +154,12 @@ fn take_wait(wants: &[Want]) -> Option<Duration> {
     } else {
         Some(TAKE_WAIT)
     }
+}
+
+/// Whether the lease a take gave `plugin` (as `wants`, read before the take, asked for it)
+/// lasts `call_lease`, what a call of the version loaded now needs.
+fn lease_covers(wants: &[Want], plugin: &str, call_lease: Duration) -> bool {
+    wants.iter().any(|want| want.plugin == plugin && want.lease >= call_lease)
 }
 
 /// Runs one leased delivery on `plugin` and records how it ended. The `permits` (the
@@ -310,6 +321,22 @@ mod tests {
         assert_eq!(take_wait(&[want(0), want(3)]), Some(BUSY_TAKE_WAIT), "the busy one's calls end soon");
         assert_eq!(take_wait(&[want(1), want(3)]), Some(TAKE_WAIT));
         assert_eq!(take_wait(&[]), Some(TAKE_WAIT), "no plugins: nothing to wait for but work");
+    }
+
+    #[test]
+    fn a_lease_taken_before_a_reload_must_cover_the_new_version_s_calls() {
+        let want = |plugin: &str, secs| Want {
+            plugin: plugin.into(),
+            free: 1,
+            subscriptions: Arc::from([]),
+            lease: Duration::from_secs(secs),
+            since_ms: 0,
+        };
+        let wants = [want("p", 10), want("q", 60)];
+        assert!(lease_covers(&wants, "p", Duration::from_secs(10)), "unchanged");
+        assert!(lease_covers(&wants, "p", Duration::from_secs(5)), "timeout lowered");
+        assert!(!lease_covers(&wants, "p", Duration::from_secs(11)), "timeout raised during the take");
+        assert!(!lease_covers(&wants, "r", Duration::from_secs(1)), "loaded during the take");
     }
 
     #[test]

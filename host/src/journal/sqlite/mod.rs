@@ -368,7 +368,8 @@ impl SqliteJournal {
         };
         if !dry.is_empty() {
             let want = max - leases.len();
-            leases.extend(self.call(|reply| Write::Take { plugins: dry, max: want, lease_ms, reply }).await?);
+            let more = self.call(|reply| Write::Take { plugins: dry, max: want, lease_ms, reply }).await;
+            leases = keep_given(leases, more)?;
         }
         Ok(leases)
     }
@@ -391,6 +392,21 @@ impl SqliteJournal {
         .await
         .map_err(|err| JournalError::Storage(err.to_string()))?
     }
+}
+
+/// The leases of a take whose last read of the file ended in `more`: the ones the queues
+/// already `given` stand even when that read failed (dropping them would let them run out
+/// and cost each delivery an attempt); the error is then logged, and returned only when
+/// there is nothing to hand out.
+fn keep_given(mut given: Vec<Lease>, more: Result<Vec<Lease>, JournalError>) -> Result<Vec<Lease>, JournalError> {
+    match more {
+        Ok(more) => given.extend(more),
+        Err(err) if given.is_empty() => return Err(err),
+        Err(err) => {
+            tracing::error!(error = %err, kept = given.len(), "cannot read due deliveries from the journal's file; handing out the ones already leased")
+        }
+    }
+    Ok(given)
 }
 
 /// The syncer of the journal at `path`: it syncs the write-ahead log, which exists once the
@@ -1279,6 +1295,25 @@ mod tests {
             plugins: plugins.iter().map(|name| (*name).to_owned()).collect(),
             dedup_window: Duration::from_secs(60),
         }
+    }
+
+    #[test]
+    fn a_take_whose_last_read_fails_still_hands_out_what_the_queues_gave() {
+        let given = |id: &str, delivery| Lease {
+            delivery,
+            plugin: "echo".into(),
+            attempt: 1,
+            event: Arc::new(event("github", id)),
+        };
+        let failed = || Err(JournalError::Storage("disk gone".into()));
+        let kept = keep_given(vec![given("a", 1), given("b", 2)], failed()).expect("the given leases stand");
+        assert_eq!(kept.iter().map(|lease| lease.delivery).collect::<Vec<_>>(), [1, 2]);
+        assert!(
+            matches!(keep_given(Vec::new(), failed()), Err(JournalError::Storage(_))),
+            "nothing to hand out: the error"
+        );
+        let both = keep_given(vec![given("a", 1)], Ok(vec![given("c", 3)])).expect("ok");
+        assert_eq!(both.iter().map(|lease| lease.delivery).collect::<Vec<_>>(), [1, 3]);
     }
 
     #[test]

@@ -534,6 +534,12 @@ fn validate(raw: RawConfig, overrides: Overrides, env: &dyn Env, base: &Path) ->
     let plugins_dir = overrides.plugins_dir.unwrap_or_else(|| in_file(raw.plugins_dir, DEFAULT_PLUGINS_DIR));
     let data_dir = overrides.data_dir.unwrap_or_else(|| in_file(raw.data_dir, DEFAULT_DATA_DIR));
 
+    if !admin_listen.ip().is_loopback() && raw.admin_token_env.is_none() {
+        problems.push(format!(
+            "admin_listen {admin_listen} is beyond loopback, so admin_token_env must name the variable \
+             holding its bearer token: the admin API replays and purges events"
+        ));
+    }
     let admin_token = raw.admin_token_env.and_then(|var| secret_from(env, &var, "admin_token_env", &mut problems));
 
     let workers = raw.workers.unwrap_or(DEFAULT_WORKERS);
@@ -1018,6 +1024,15 @@ mod tests {
         assert!(check(source, &env(&[])).is_ok());
         let err = check(&format!("listen = \"0.0.0.0:8080\"\n{source}"), &env(&[])).expect_err("public");
         assert!(err.to_string().contains("loopback"), "{err}");
+    }
+
+    #[test]
+    fn an_admin_api_beyond_loopback_needs_a_token() {
+        let public = "admin_listen = \"0.0.0.0:9090\"\n";
+        let err = check(public, &env(&[])).expect_err("public without a token");
+        assert!(err.to_string().contains("admin_token_env"), "{err}");
+        assert!(check(&format!("{public}admin_token_env = \"T\"\n"), &env(&[("T", "hunter2")])).is_ok());
+        assert!(check("admin_listen = \"127.0.0.1:9090\"\n", &env(&[])).is_ok(), "loopback needs none");
     }
 
     #[test]

@@ -118,12 +118,6 @@ async fn bind(address: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 }
 
 fn warn_about_unsigned_sources(config: &Config) {
-    if !config.admin_listen.ip().is_loopback() && config.admin_token.is_none() {
-        tracing::warn!(
-            admin_listen = %config.admin_listen,
-            "the admin API listens beyond loopback without a token; set admin_token_env"
-        );
-    }
     if config.listen.ip().is_loopback() {
         return;
     }

@@ -92,7 +92,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     Ok(())
 }
 
-/// Removes expired dedup keys and old handled events, once a period, until shutdown.
+/// Removes old handled events, once a period, until shutdown.
 async fn housekeeping(journal: Arc<dyn Journal>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(HOUSEKEEPING_PERIOD);
     loop {
@@ -101,8 +101,8 @@ async fn housekeeping(journal: Arc<dyn Journal>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
         }
         match journal.expire().await {
-            Ok(expired) if expired.dedup_keys + expired.events > 0 => {
-                tracing::info!(dedup_keys = expired.dedup_keys, events = expired.events, "expired old journal entries");
+            Ok(expired) if expired.events > 0 => {
+                tracing::info!(events = expired.events, "expired old journal entries");
             }
             Ok(_) => {}
             Err(err) => tracing::error!(error = %err, "journal housekeeping failed"),

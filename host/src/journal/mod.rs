@@ -270,9 +270,7 @@ pub struct Stats {
 /// What a round of housekeeping removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Expired {
-    /// Dedup keys past their window.
-    pub dedup_keys: u64,
-    /// Handled events past the retention period.
+    /// Handled events past the retention period (and their dedup window).
     pub events: u64,
 }
 

@@ -71,12 +71,24 @@ const READ_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Events looked at per round of replay or expiry.
 const PAGE: usize = 1000;
 /// The schema this code writes; older files are migrated, newer ones refused.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
-/// What each schema version adds to the one before it.
-const MIGRATIONS: [&str; 1] = [
+/// What each schema version changes from the one before it.
+const MIGRATIONS: [&str; 2] = [
     // 2: the plugin version that ran each delivery.
     "ALTER TABLE deliveries ADD COLUMN sha256 TEXT;",
+    // 3: the dedup key is the event's own row, until its window ends, not a table and index
+    // of its own: each acceptance writes two B-trees fewer, and keys need no sweep to expire.
+    // A key goes to the newest event with it; one whose event retention already removed (a
+    // window longer than the retention) is forgotten, since events now outlive their window.
+    "ALTER TABLE events ADD COLUMN dedup_until_ms INTEGER NOT NULL DEFAULT 0;
+     UPDATE events SET dedup_until_ms =
+         (SELECT d.expires_ms FROM dedup d WHERE d.source = events.source AND d.id = events.id)
+      WHERE seq IN (SELECT (SELECT MAX(e.seq) FROM events e WHERE e.id = d.id AND e.source = d.source)
+                      FROM dedup d);
+     DROP TABLE dedup;
+     DROP INDEX events_by_id;
+     CREATE INDEX events_by_key ON events (id, source, dedup_until_ms);",
 ];
 
 const SCHEMA: &str = "
@@ -88,17 +100,11 @@ CREATE TABLE events (
     time_ms      INTEGER NOT NULL,
     content_type TEXT    NOT NULL,
     data         BLOB    NOT NULL,
-    attributes   TEXT    NOT NULL
+    attributes   TEXT    NOT NULL,
+    dedup_until_ms INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX events_by_id ON events (id);
+CREATE INDEX events_by_key ON events (id, source, dedup_until_ms);
 CREATE INDEX events_by_time ON events (time_ms);
-CREATE TABLE dedup (
-    source     TEXT    NOT NULL,
-    id         TEXT    NOT NULL,
-    expires_ms INTEGER NOT NULL,
-    PRIMARY KEY (source, id)
-) WITHOUT ROWID;
-CREATE INDEX dedup_by_expiry ON dedup (expires_ms);
 CREATE TABLE deliveries (
     seq         INTEGER PRIMARY KEY,
     event_seq   INTEGER NOT NULL REFERENCES events (seq),
@@ -864,24 +870,21 @@ fn apply(tx: &Connection, write: &Write, now: u64, tracked: &Mutex<Tracked>) -> 
     Ok((done, tally))
 }
 
-/// Stores the event unless its key is within its dedup window.
+/// Stores the event unless an event with its key was stored within that one's dedup window.
 fn accept(tx: &Connection, new: &NewEvent, now: u64, tally: &mut Tally) -> Result<Accepted, JournalError> {
     let event = &new.event;
-    let expires = now.saturating_add(millis(new.dedup_window));
-    let fresh = tx
-        .prepare_cached(
-            "INSERT INTO dedup (source, id, expires_ms) VALUES (?1, ?2, ?3)
-             ON CONFLICT (source, id) DO UPDATE SET expires_ms = excluded.expires_ms WHERE dedup.expires_ms <= ?4",
-        )
-        .and_then(|mut upsert| upsert.execute(params![event.source, event.id, sql_ms(expires), sql_ms(now)]))
+    let duplicate: bool = tx
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM events WHERE id = ?1 AND source = ?2 AND dedup_until_ms > ?3)")
+        .and_then(|mut seen| seen.query_row(params![event.id, event.source, sql_ms(now)], |row| row.get(0)))
         .map_err(storage)?;
-    if fresh == 0 {
+    if duplicate {
         return Ok(Accepted::Duplicate);
     }
+    let dedup_until = now.saturating_add(millis(new.dedup_window));
     let attributes = serde_json::to_string(&event.attributes).map_err(json_error)?;
     tx.prepare_cached(
-        "INSERT INTO events (source, id, event_type, time_ms, content_type, data, attributes)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO events (source, id, event_type, time_ms, content_type, data, attributes, dedup_until_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )
     .and_then(|mut insert| {
         insert.execute(params![
@@ -891,7 +894,8 @@ fn accept(tx: &Connection, new: &NewEvent, now: u64, tally: &mut Tally) -> Resul
             sql_ms(event.time_ms),
             event.content_type,
             &event.data[..],
-            attributes
+            attributes,
+            sql_ms(dedup_until)
         ])
     })
     .map_err(storage)?;
@@ -1123,22 +1127,16 @@ fn redeliver(tx: &Connection, items: &[(i64, Vec<String>)], now: u64, tally: &mu
     Ok(made_due)
 }
 
+/// Removes handled events older than the retention whose dedup window has ended too.
 fn expire(tx: &Connection, now: u64, retention_ms: u64, tally: &mut Tally) -> Result<Expired, JournalError> {
     let limit = i64::try_from(PAGE * 10).unwrap_or(i64::MAX);
-    let dedup_keys = tx
-        .execute(
-            "DELETE FROM dedup WHERE (source, id) IN
-             (SELECT source, id FROM dedup WHERE expires_ms <= ?1 LIMIT ?2)",
-            params![sql_ms(now), limit],
-        )
-        .map_err(storage)? as u64;
     let cutoff = sql_ms(now.saturating_sub(retention_ms));
     let handled: Vec<i64> = tx
         .prepare_cached(
-            "SELECT seq FROM events e WHERE time_ms < ?1 AND NOT EXISTS
-             (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq AND d.status <> 'done') LIMIT ?2",
+            "SELECT seq FROM events e WHERE time_ms < ?1 AND dedup_until_ms <= ?2 AND NOT EXISTS
+             (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq AND d.status <> 'done') LIMIT ?3",
         )
-        .and_then(|mut select| select.query_map(params![cutoff, limit], |row| row.get(0))?.collect())
+        .and_then(|mut select| select.query_map(params![cutoff, sql_ms(now), limit], |row| row.get(0))?.collect())
         .map_err(storage)?;
     if !handled.is_empty() {
         let seqs = serde_json::to_string(&handled).map_err(json_error)?;
@@ -1162,7 +1160,7 @@ fn expire(tx: &Connection, now: u64, retention_ms: u64, tally: &mut Tally) -> Re
         tally.events_removed(handled.len() as u64, unrouted);
         tally.done_removed(done);
     }
-    Ok(Expired { dedup_keys, events: handled.len() as u64 })
+    Ok(Expired { events: handled.len() as u64 })
 }
 
 fn read_event(connection: &Connection, id: &str) -> rusqlite::Result<Option<EventRecord>> {
@@ -1366,10 +1364,7 @@ mod tests {
         assert_eq!(stored, ["a", "b"]);
         let deliveries: i64 =
             connection.query_row("SELECT COUNT(*) FROM deliveries", [], |row| row.get(0)).expect("count");
-        let poisoned: i64 = connection
-            .query_row("SELECT COUNT(*) FROM dedup WHERE id = 'poison'", [], |row| row.get(0))
-            .expect("count");
-        assert_eq!((deliveries, poisoned), (2, 0), "nothing of the poisoned write is left, not even its dedup key");
+        assert_eq!(deliveries, 2, "nothing of the poisoned write is left");
         assert_eq!(lock(&tracked).counts.unfinished(), 2, "only committed writes are counted");
     }
 
@@ -1451,12 +1446,31 @@ mod tests {
         assert_eq!(f.take(&["echo"]).await[0].attempt, 1, "the same first attempt");
     }
 
+    /// The tables of schema version 2, as wasmhook 0.1 wrote them before version 3.
+    const SCHEMA_V2: &str = "
+        CREATE TABLE events (seq INTEGER PRIMARY KEY, source TEXT NOT NULL, id TEXT NOT NULL,
+            event_type TEXT NOT NULL, time_ms INTEGER NOT NULL, content_type TEXT NOT NULL,
+            data BLOB NOT NULL, attributes TEXT NOT NULL);
+        CREATE INDEX events_by_id ON events (id);
+        CREATE INDEX events_by_time ON events (time_ms);
+        CREATE TABLE dedup (source TEXT NOT NULL, id TEXT NOT NULL, expires_ms INTEGER NOT NULL,
+            PRIMARY KEY (source, id)) WITHOUT ROWID;
+        CREATE INDEX dedup_by_expiry ON dedup (expires_ms);
+        CREATE TABLE deliveries (seq INTEGER PRIMARY KEY, event_seq INTEGER NOT NULL REFERENCES events (seq),
+            plugin TEXT NOT NULL, status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, due_ms INTEGER,
+            last_error TEXT, finished_ms INTEGER, sha256 TEXT, UNIQUE (event_seq, plugin));
+        CREATE INDEX deliveries_due ON deliveries (due_ms) WHERE due_ms IS NOT NULL;
+        CREATE INDEX deliveries_dead ON deliveries (plugin, finished_ms) WHERE status = 'dead';
+        CREATE TABLE delivery_errors (delivery_seq INTEGER NOT NULL REFERENCES deliveries (seq),
+            attempt INTEGER NOT NULL, time_ms INTEGER NOT NULL, error TEXT NOT NULL);
+        CREATE INDEX delivery_errors_by_delivery ON delivery_errors (delivery_seq);";
+
     #[tokio::test]
     async fn a_version_1_journal_is_migrated_and_an_unversioned_one_is_refused_clearly() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let connection = Connection::open(dir.path().join(FILE_NAME)).expect("open");
-            connection.execute_batch(&SCHEMA.replace("    sha256      TEXT,\n", "")).expect("a version 1 schema");
+            connection.execute_batch(&SCHEMA_V2.replace(" sha256 TEXT,", "")).expect("a version 1 schema");
             connection.pragma_update(None, "user_version", 1).expect("version 1");
         }
         let journal = SqliteJournal::open(dir.path(), Options::default()).expect("migrated");
@@ -1464,12 +1478,53 @@ mod tests {
         let lease = journal.take(&wants(&["echo"]), 1, NO_WAIT).await.expect("take").remove(0);
         journal.finish(&lease, Outcome::Done, "v2", Vec::new()).await.expect("finish with a version");
         assert_eq!(journal.event("a").await.expect("read").expect("found").deliveries[0].sha256.as_deref(), Some("v2"));
+        assert_eq!(journal.accept(new("github", "a", &["echo"])).await.expect("accept"), Accepted::Duplicate);
         drop(journal);
 
         let old = tempfile::tempdir().expect("tempdir");
         Connection::open(old.path().join(FILE_NAME)).expect("open").execute_batch(SCHEMA).expect("tables, no version");
         let err = SqliteJournal::open(old.path(), Options::default()).expect_err("unversioned");
         assert!(err.to_string().contains("move it away"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_version_2_journal_keeps_its_live_dedup_keys_on_the_newest_event_with_each() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = i64::try_from(START_MS).expect("ms");
+        {
+            let connection = Connection::open(dir.path().join(FILE_NAME)).expect("open");
+            connection.execute_batch(SCHEMA_V2).expect("a version 2 schema");
+            connection.pragma_update(None, "user_version", 2).expect("version 2");
+            let mut insert = connection
+                .prepare(
+                    "INSERT INTO events (source, id, event_type, time_ms, content_type, data, attributes)
+                     VALUES (?1, ?2, 'github.push', ?3, 'application/json', '{}', '[]')",
+                )
+                .expect("insert");
+            for (source, id) in [("github", "again"), ("github", "live"), ("github", "again"), ("github", "lapsed")] {
+                insert.execute(params![source, id, now]).expect("event");
+            }
+            let mut key =
+                connection.prepare("INSERT INTO dedup (source, id, expires_ms) VALUES (?1, ?2, ?3)").expect("key");
+            for (id, expires) in [("again", now + 3_600_000), ("live", now + 3_600_000), ("lapsed", now - 1)] {
+                key.execute(params!["github", id, expires]).expect("key");
+            }
+        }
+        let clock = Arc::new(ManualClock::at(START_MS));
+        let journal = SqliteJournal::open_with_clock(dir.path(), Options::default(), clock).expect("migrated");
+        assert_eq!(journal.event("live").await.expect("read").expect("kept").source, "github");
+        let accept = |source: &str, id: &str| journal.accept(new(source, id, &[]));
+        assert_eq!(accept("github", "live").await.expect("accept"), Accepted::Duplicate);
+        assert_eq!(
+            accept("github", "again").await.expect("accept"),
+            Accepted::Duplicate,
+            "the key on the newest of two"
+        );
+        assert_eq!(accept("gitlab", "live").await.expect("accept"), Accepted::New, "another source's key");
+        assert_eq!(accept("github", "lapsed").await.expect("accept"), Accepted::New);
+        let version: i64 =
+            journal.read(|c| c.pragma_query_value(None, "user_version", |row| row.get(0))).await.expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
     }
 
     #[tokio::test]
@@ -1491,21 +1546,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn expired_dedup_keys_and_old_handled_events_are_purged_but_dead_letters_stay() {
+    async fn old_handled_events_are_purged_once_their_dedup_window_ends_but_dead_letters_stay() {
         let f = open(Options { retention: Duration::from_secs(3600), ..Options::default() });
         f.journal.accept(new("github", "done", &["echo"])).await.expect("accept");
         f.journal.accept(new("github", "dead", &["echo"])).await.expect("accept");
         f.journal.accept(new("github", "unrouted", &[])).await.expect("accept");
+        let long_window = |id| NewEvent { dedup_window: Duration::from_secs(7200), ..new("github", id, &[]) };
+        f.journal.accept(long_window("kept")).await.expect("accept");
         for lease in f.take(&["echo"]).await {
             let outcome = if lease.event.id == "done" { Outcome::Done } else { Outcome::Dead { error: "no".into() } };
             f.journal.finish(&lease, outcome, "v1", Vec::new()).await.expect("finish");
         }
         assert_eq!(f.journal.expire().await.expect("expire"), Expired::default(), "nothing is old yet");
         f.clock.advance(3_600_001);
-        assert_eq!(f.journal.expire().await.expect("expire"), Expired { dedup_keys: 3, events: 2 });
+        assert_eq!(f.journal.expire().await.expect("expire"), Expired { events: 2 });
         assert!(f.journal.event("done").await.expect("read").is_none());
         assert!(f.journal.event("unrouted").await.expect("read").is_none());
         assert_eq!(f.status("dead").await.status, EventStatus::Dead);
+        assert_eq!(
+            f.journal.accept(long_window("kept")).await.expect("accept"),
+            Accepted::Duplicate,
+            "an event past the retention stays while its key is within its window"
+        );
+        f.clock.advance(3_600_000);
+        assert_eq!(f.journal.expire().await.expect("expire"), Expired { events: 1 });
+        assert_eq!(f.journal.accept(long_window("kept")).await.expect("accept"), Accepted::New);
     }
 
     #[tokio::test]

@@ -163,7 +163,7 @@ fn stored_unrouted_events_are_replayed_once_a_plugin_subscribes() {
 
 #[test]
 fn a_full_journal_answers_503_with_retry_after_and_delivers_everything_it_accepted() {
-    let host = TestHost::builder()
+    let mut host = TestHost::builder()
         .plugin_with_manifest("flaky", "[config]\nslow_ms = \"300\"\n")
         .setting("workers = 1")
         .config("[journal]\nmax_pending = 2\n")
@@ -171,9 +171,11 @@ fn a_full_journal_answers_503_with_retry_after_and_delivers_everything_it_accept
     let body = example("github/push.json");
     let mut accepted = Vec::new();
     let mut refused = 0;
+    let mut statuses = Vec::new();
     for n in 0..10 {
         let id = format!("bp-{n}");
         let reply = host.github_reply("push", &id, &body, SECRET);
+        statuses.push(reply.status);
         match reply.status {
             202 => accepted.push(id),
             503 => {
@@ -192,4 +194,14 @@ fn a_full_journal_answers_503_with_retry_after_and_delivers_everything_it_accept
     for id in &accepted {
         assert_eq!(host.wait_for_event(id)["status"], "done");
     }
+    assert_eq!(host.github_reply("push", "bp-after", &body, SECRET).status, 202, "accepted once drained");
+    statuses.push(202);
+
+    // One line where each run of 503s starts and one where it ends, not one per 503.
+    let runs = statuses.windows(2).filter(|pair| pair[0] != 503 && pair[1] == 503).count();
+    let ends = statuses.windows(2).filter(|pair| pair[0] == 503 && pair[1] == 202).count();
+    assert!(runs > 0 && refused > runs, "statuses {statuses:?}: too few 503s in a row to tell");
+    host.wait_for_log("accepting again after answering 503");
+    assert_eq!(host.count_log("request not accepted"), runs, "statuses {statuses:?}; log:\n{}", host.log());
+    assert_eq!(host.count_log("accepting again after answering 503"), ends, "statuses {statuses:?}");
 }

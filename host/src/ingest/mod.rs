@@ -12,6 +12,7 @@ pub mod verify;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -45,6 +46,36 @@ pub struct Ingest {
     journal: Arc<dyn Journal>,
     registry: Arc<Registry>,
     shutdown: CancellationToken,
+    refusals: Refusals,
+}
+
+/// Logs a run of `503`s where it starts and where it ends, not once per request: under
+/// overload a line per refused request would spend the CPU the host is short of, and flood
+/// the log. `wasmhook_requests_total{status="503"}` still counts every one.
+#[derive(Default)]
+struct Refusals {
+    /// `503`s answered since an event was last accepted.
+    since_accepted: AtomicU64,
+}
+
+impl Refusals {
+    fn refused(&self, path: &str, err: &IngestError) {
+        if self.since_accepted.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                %path, status = err.status().as_u16(), reason = %err,
+                "request not accepted; further 503s are counted, and logged once an event is accepted again"
+            );
+        }
+    }
+
+    fn accepted(&self) {
+        if self.since_accepted.load(Ordering::Relaxed) > 0 {
+            let refused = self.since_accepted.swap(0, Ordering::Relaxed);
+            if refused > 0 {
+                tracing::info!(refused, "accepting again after answering 503");
+            }
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -90,7 +121,7 @@ impl Ingest {
         registry: Arc<Registry>,
         shutdown: CancellationToken,
     ) -> Self {
-        Ingest { sources, journal, registry, shutdown }
+        Ingest { sources, journal, registry, shutdown, refusals: Refusals::default() }
     }
 
     /// Answers one HTTP request.
@@ -107,6 +138,7 @@ impl Ingest {
     async fn respond(&self, request: Request<Incoming>, path: &str) -> Response<Body> {
         match self.receive(request).await {
             Ok(Received::One(event, accepted)) => {
+                self.refusals.accepted();
                 let duplicate = accepted == Accepted::Duplicate;
                 tracing::info!(
                     event.id = %event.id, event.type = %event.event_type, source = %event.source, duplicate,
@@ -115,14 +147,19 @@ impl Ingest {
                 let status = if duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
                 http::json(status, &AcceptedBody { id: &event.id, event_type: &event.event_type, duplicate })
             }
-            Ok(Received::Batch(results)) => http::json(StatusCode::OK, &serde_json::json!({ "results": results })),
+            Ok(Received::Batch(results)) => {
+                if results.iter().any(|result| result.status < 300) {
+                    self.refusals.accepted();
+                }
+                http::json(StatusCode::OK, &serde_json::json!({ "results": results }))
+            }
             Ok(Received::Answer(answer)) => http::json(StatusCode::OK, &answer),
             Err(err) => {
                 if matches!(err, IngestError::Internal) {
                     tracing::error!(%path, status = err.status().as_u16(), reason = %err, "request not accepted");
                 } else if err.status().is_server_error() {
                     // Backpressure or an outage the sender is told to retry: not a host fault.
-                    tracing::warn!(%path, status = err.status().as_u16(), reason = %err, "request not accepted");
+                    self.refusals.refused(path, &err);
                 } else {
                     tracing::info!(%path, status = err.status().as_u16(), reason = %err, "request refused");
                 }

@@ -580,6 +580,9 @@ fn validate(raw: RawConfig, overrides: Overrides, env: &dyn Env, base: &Path) ->
             sources.insert(name, source);
         }
     }
+    if matches!(backend, Backend::Sqlite) {
+        check_retention_covers_dedup(journal.retention, &sources, &mut problems);
+    }
 
     if problems.is_empty() {
         Ok(Config {
@@ -836,6 +839,30 @@ fn validate_source(
     (problems.len() == before).then_some(SourceConfig { verify, identity, format, max_body_bytes, dedup_window })
 }
 
+/// The embedded journal keeps each event as its own dedup key until its window ends, so a
+/// retention shorter than a window would leave housekeeping re-reading, every round, events
+/// it may not remove yet: the retention must cover every source's window and the one of the
+/// events plugins emit.
+fn check_retention_covers_dedup(
+    retention: Duration,
+    sources: &BTreeMap<String, SourceConfig>,
+    problems: &mut Vec<String>,
+) {
+    let windows = sources
+        .iter()
+        .map(|(name, source)| (format!("sources.{name}.dedup_window"), source.dedup_window))
+        .chain([("the events plugins emit".to_owned(), DEFAULT_DEDUP_WINDOW)]);
+    if let Some((whose, window)) = windows.filter(|(_, window)| *window > retention).max_by_key(|(_, window)| *window) {
+        problems.push(format!(
+            "journal.retention = \"{}\" is shorter than the dedup window of {whose} ({}): with backend = \"sqlite\" \
+             an event is its own dedup key, so it is kept at least that long; set retention to {} or more",
+            humantime::format_duration(retention),
+            humantime::format_duration(window),
+            humantime::format_duration(window),
+        ));
+    }
+}
+
 fn duration(text: Option<&str>, field: &str, default: Duration, problems: &mut Vec<String>) -> Duration {
     match text.map(parse_duration) {
         None => default,
@@ -1033,6 +1060,16 @@ mod tests {
         assert!(err.to_string().contains("admin_token_env"), "{err}");
         assert!(check(&format!("{public}admin_token_env = \"T\"\n"), &env(&[("T", "hunter2")])).is_ok());
         assert!(check("admin_listen = \"127.0.0.1:9090\"\n", &env(&[])).is_ok(), "loopback needs none");
+    }
+
+    #[test]
+    fn the_embedded_journal_keeps_events_for_their_dedup_window_at_least() {
+        let err = check("[journal]\nretention = \"1h\"\n", &env(&[])).expect_err("shorter than emitted events' window");
+        assert!(err.to_string().contains("the events plugins emit (1day)"), "{err}");
+        let long_source = "[journal]\nretention = \"2d\"\n[sources.ci]\nverify = \"none\"\ndedup_window = \"3d\"\n";
+        let err = check(long_source, &env(&[])).expect_err("shorter than a source's window");
+        assert!(err.to_string().contains("sources.ci.dedup_window (3days)"), "{err}");
+        assert!(check("[journal]\nretention = \"1d\"\n", &env(&[])).is_ok(), "equal is enough");
     }
 
     #[test]

@@ -156,8 +156,10 @@ fn take_wait(wants: &[Want]) -> Option<Duration> {
     }
 }
 
-/// Whether the lease a take gave `plugin` (as `wants`, read before the take, asked for it)
-/// lasts `call_lease`, what a call of the version loaded now needs.
+/// Whether the lease a take gave `plugin` lasts `call_lease`, what a call of the version
+/// loaded now needs. A journal leases each delivery at least as long as `wants` (read before
+/// the take) asked for its plugin; the embedded one leases a whole take for the longest of
+/// them, so this may give back a lease that would have done, which costs only a second take.
 fn lease_covers(wants: &[Want], plugin: &str, call_lease: Duration) -> bool {
     wants.iter().any(|want| want.plugin == plugin && want.lease >= call_lease)
 }

@@ -27,7 +27,7 @@ pub const COMPILE_CACHE_DIR: &str = "compiled";
 /// What an event's headers may take in a NATS message, beside its body.
 const NATS_HEADER_ROOM: usize = 16 * 1024;
 
-/// How often expired dedup keys and old handled events are removed.
+/// How often old handled events are removed.
 const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(60);
 
 /// Runs the host until `shutdown` fires, then stops taking requests, lets running plugin

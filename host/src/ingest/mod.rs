@@ -68,8 +68,13 @@ impl Refusals {
         }
     }
 
+    /// Whether `503`s have been answered since an event was last accepted.
+    fn in_run(&self) -> bool {
+        self.since_accepted.load(Ordering::Relaxed) > 0
+    }
+
     fn accepted(&self) {
-        if self.since_accepted.load(Ordering::Relaxed) > 0 {
+        if self.in_run() {
             let refused = self.since_accepted.swap(0, Ordering::Relaxed);
             if refused > 0 {
                 tracing::info!(refused, "accepting again after answering 503");
@@ -281,8 +286,11 @@ impl Ingest {
         let accepted = self.journal.accept(new).await.map_err(|err| match err {
             JournalError::Full { .. } => IngestError::Unavailable(err.to_string()),
             JournalError::Unavailable(_) => {
-                // The sender hears that the journal is away; what failed stays in the log.
-                tracing::warn!(error = %err, "event refused: the journal cannot take it now");
+                // The sender hears that the journal is away; what failed goes to the log, once
+                // for a run of refusals like the 503s themselves.
+                if !self.refusals.in_run() {
+                    tracing::warn!(error = %err, "event refused: the journal cannot take it now");
+                }
                 IngestError::Unavailable("the journal is unreachable".to_owned())
             }
             JournalError::TooLarge { max } => IngestError::PayloadTooLarge(max),

@@ -382,7 +382,8 @@ pub trait Journal: Send + Sync {
     /// Checks the journal can take a write now (for readiness probes).
     async fn ping(&self) -> Result<(), JournalError>;
 
-    /// Removes dedup keys past their window and handled events past the retention period.
+    /// Removes handled events past the retention period (and, with the embedded journal,
+    /// past their dedup window: there an event is its own dedup key).
     async fn expire(&self) -> Result<Expired, JournalError>;
 }
 

@@ -3,7 +3,7 @@
 //! not stop for it.
 //!
 //! A checkpoint copies the log's pages into the database file and syncs it. Those pages are
-//! scattered (every dedup key lands on a random leaf), and syncing scattered pages is slow:
+//! scattered (every event's key lands on a random leaf of its index), and syncing scattered pages is slow:
 //! after 600 of them one fsync took 34 ms on the development machine, after 600 appended
 //! ones 12 ms (`tests/load/sync-cost.py`). SQLite runs its automatic checkpoint (every 1 000
 //! pages) on the committing connection, so each one stalled the writer, and every

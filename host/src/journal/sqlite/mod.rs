@@ -87,7 +87,7 @@ const MIGRATIONS: [&str; 2] = [
       WHERE seq IN (SELECT (SELECT MAX(e.seq) FROM events e WHERE e.id = d.id AND e.source = d.source)
                       FROM dedup d);
      DROP TABLE dedup;
-     DROP INDEX events_by_id;
+     DROP INDEX IF EXISTS events_by_id;
      CREATE INDEX events_by_key ON events (id, source, dedup_until_ms);",
 ];
 
@@ -467,6 +467,13 @@ fn migrate(connection: &mut Connection, path: &Path) -> Result<(), JournalError>
         }
         0 => tx.execute_batch(SCHEMA).map_err(storage)?,
         1..SCHEMA_VERSION => {
+            tracing::info!(
+                from = version, to = SCHEMA_VERSION, file = %path.display(),
+                "migrating the journal's schema; a large journal takes a while, and the host listens once it is done"
+            );
+            if version <= 2 {
+                warn_of_keys_without_events(&tx)?;
+            }
             for (from, migration) in (1..).zip(MIGRATIONS) {
                 if version <= from {
                     tx.execute_batch(migration).map_err(storage)?;
@@ -484,6 +491,26 @@ fn migrate(connection: &mut Connection, path: &Path) -> Result<(), JournalError>
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(storage)?;
     tx.commit().map_err(storage)
+}
+
+/// Schema 3 keeps a dedup key on its event, so a version 2 key whose event retention already
+/// removed (a window longer than the retention) cannot move: say how many are forgotten.
+fn warn_of_keys_without_events(tx: &Connection) -> Result<(), JournalError> {
+    let forgotten: i64 = tx
+        .query_row(
+            "SELECT COUNT(*) FROM dedup d WHERE d.expires_ms > ?1
+               AND NOT EXISTS (SELECT 1 FROM events e WHERE e.id = d.id AND e.source = d.source)",
+            [sql_ms(crate::event::now_ms())],
+            |row| row.get(0),
+        )
+        .map_err(storage)?;
+    if forgotten > 0 {
+        tracing::warn!(
+            forgotten,
+            "dedup keys whose events the retention already removed are forgotten: a sender repeating one of those ids is accepted again"
+        );
+    }
+    Ok(())
 }
 
 impl Drop for SqliteJournal {
@@ -1491,6 +1518,7 @@ mod tests {
     async fn a_version_2_journal_keeps_its_live_dedup_keys_on_the_newest_event_with_each() {
         let dir = tempfile::tempdir().expect("tempdir");
         let now = i64::try_from(START_MS).expect("ms");
+        let (live, lapsed) = (now + 3_600_000, now - 1);
         {
             let connection = Connection::open(dir.path().join(FILE_NAME)).expect("open");
             connection.execute_batch(SCHEMA_V2).expect("a version 2 schema");
@@ -1501,27 +1529,54 @@ mod tests {
                      VALUES (?1, ?2, 'github.push', ?3, 'application/json', '{}', '[]')",
                 )
                 .expect("insert");
-            for (source, id) in [("github", "again"), ("github", "live"), ("github", "again"), ("github", "lapsed")] {
+            let events = [
+                ("github", "again"),
+                ("github", "live"),
+                ("github", "again"),
+                ("github", "lapsed"),
+                ("gitlab", "live"),
+            ];
+            for (source, id) in events {
                 insert.execute(params![source, id, now]).expect("event");
             }
             let mut key =
                 connection.prepare("INSERT INTO dedup (source, id, expires_ms) VALUES (?1, ?2, ?3)").expect("key");
-            for (id, expires) in [("again", now + 3_600_000), ("live", now + 3_600_000), ("lapsed", now - 1)] {
+            for (id, expires) in [("again", live), ("live", live), ("lapsed", lapsed), ("gone", live)] {
                 key.execute(params!["github", id, expires]).expect("key");
             }
         }
         let clock = Arc::new(ManualClock::at(START_MS));
         let journal = SqliteJournal::open_with_clock(dir.path(), Options::default(), clock).expect("migrated");
-        assert_eq!(journal.event("live").await.expect("read").expect("kept").source, "github");
+        let rows: Vec<(i64, String, String, i64)> = journal
+            .read(|c| {
+                c.prepare("SELECT seq, source, id, dedup_until_ms FROM events ORDER BY seq")?
+                    .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?
+                    .collect()
+            })
+            .await
+            .expect("rows");
+        let row = |seq, source: &str, id: &str, until| (seq, source.to_owned(), id.to_owned(), until);
+        assert_eq!(
+            rows,
+            [
+                row(1, "github", "again", 0),
+                row(2, "github", "live", live),
+                row(3, "github", "again", live),
+                row(4, "github", "lapsed", lapsed),
+                row(5, "gitlab", "live", 0),
+            ],
+            "each key on the newest event with its source and id"
+        );
         let accept = |source: &str, id: &str| journal.accept(new(source, id, &[]));
         assert_eq!(accept("github", "live").await.expect("accept"), Accepted::Duplicate);
-        assert_eq!(
-            accept("github", "again").await.expect("accept"),
-            Accepted::Duplicate,
-            "the key on the newest of two"
-        );
-        assert_eq!(accept("gitlab", "live").await.expect("accept"), Accepted::New, "another source's key");
+        assert_eq!(accept("github", "again").await.expect("accept"), Accepted::Duplicate);
+        assert_eq!(accept("gitlab", "live").await.expect("accept"), Accepted::New, "that event had no key");
         assert_eq!(accept("github", "lapsed").await.expect("accept"), Accepted::New);
+        assert_eq!(
+            accept("github", "gone").await.expect("accept"),
+            Accepted::New,
+            "a key without its event is forgotten"
+        );
         let version: i64 =
             journal.read(|c| c.pragma_query_value(None, "user_version", |row| row.get(0))).await.expect("version");
         assert_eq!(version, SCHEMA_VERSION);

@@ -534,7 +534,7 @@ fn validate(raw: RawConfig, overrides: Overrides, env: &dyn Env, base: &Path) ->
     let plugins_dir = overrides.plugins_dir.unwrap_or_else(|| in_file(raw.plugins_dir, DEFAULT_PLUGINS_DIR));
     let data_dir = overrides.data_dir.unwrap_or_else(|| in_file(raw.data_dir, DEFAULT_DATA_DIR));
 
-    if !admin_listen.ip().is_loopback() && raw.admin_token_env.is_none() {
+    if !admin_listen.ip().to_canonical().is_loopback() && raw.admin_token_env.is_none() {
         problems.push(format!(
             "admin_listen {admin_listen} is beyond loopback, so admin_token_env must name the variable \
              holding its bearer token: the admin API replays and purges events"
@@ -742,7 +742,7 @@ fn validate_source(
         if !vars.is_empty() {
             problems.push(format!("sources.{name}: verify = \"none\" takes no secret_env"));
         }
-        if format == Format::Cloudevents && !listen.ip().is_loopback() {
+        if format == Format::Cloudevents && !listen.ip().to_canonical().is_loopback() {
             problems.push(format!(
                 "sources.{name}: unsigned CloudEvents (verify = \"none\") are only allowed while listen is on loopback"
             ));
@@ -1060,6 +1060,8 @@ mod tests {
         assert!(err.to_string().contains("admin_token_env"), "{err}");
         assert!(check(&format!("{public}admin_token_env = \"T\"\n"), &env(&[("T", "hunter2")])).is_ok());
         assert!(check("admin_listen = \"127.0.0.1:9090\"\n", &env(&[])).is_ok(), "loopback needs none");
+        assert!(check("admin_listen = \"[::1]:9090\"\n", &env(&[])).is_ok(), "nor IPv6's");
+        assert!(check("admin_listen = \"[::ffff:127.0.0.1]:9090\"\n", &env(&[])).is_ok(), "nor a mapped one");
     }
 
     #[test]

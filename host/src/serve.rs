@@ -118,7 +118,7 @@ async fn bind(address: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 }
 
 fn warn_about_unsigned_sources(config: &Config) {
-    if config.listen.ip().is_loopback() {
+    if config.listen.ip().to_canonical().is_loopback() {
         return;
     }
     for (name, source) in &config.sources {

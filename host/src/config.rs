@@ -534,7 +534,7 @@ fn validate(raw: RawConfig, overrides: Overrides, env: &dyn Env, base: &Path) ->
     let plugins_dir = overrides.plugins_dir.unwrap_or_else(|| in_file(raw.plugins_dir, DEFAULT_PLUGINS_DIR));
     let data_dir = overrides.data_dir.unwrap_or_else(|| in_file(raw.data_dir, DEFAULT_DATA_DIR));
 
-    if !admin_listen.ip().to_canonical().is_loopback() && raw.admin_token_env.is_none() {
+    if !is_loopback(admin_listen) && raw.admin_token_env.is_none() {
         problems.push(format!(
             "admin_listen {admin_listen} is beyond loopback, so admin_token_env must name the variable \
              holding its bearer token: the admin API replays and purges events"
@@ -742,7 +742,7 @@ fn validate_source(
         if !vars.is_empty() {
             problems.push(format!("sources.{name}: verify = \"none\" takes no secret_env"));
         }
-        if format == Format::Cloudevents && !listen.ip().to_canonical().is_loopback() {
+        if format == Format::Cloudevents && !is_loopback(listen) {
             problems.push(format!(
                 "sources.{name}: unsigned CloudEvents (verify = \"none\") are only allowed while listen is on loopback"
             ));
@@ -861,6 +861,12 @@ fn check_retention_covers_dedup(
             humantime::format_duration(window),
         ));
     }
+}
+
+/// Whether `address` is reachable from this machine only: `127.0.0.0/8`, `::1`, or an IPv4
+/// loopback address mapped into IPv6 (`::ffff:127.0.0.1`).
+pub fn is_loopback(address: SocketAddr) -> bool {
+    address.ip().to_canonical().is_loopback()
 }
 
 fn duration(text: Option<&str>, field: &str, default: Duration, problems: &mut Vec<String>) -> Duration {

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
-use crate::config::{Backend, Config, ProcessEnv, Verify};
+use crate::config::{Backend, Config, ProcessEnv, Verify, is_loopback};
 use crate::ingest::Ingest;
 use crate::journal::Journal;
 use crate::journal::nats::NatsJournal;
@@ -118,7 +118,7 @@ async fn bind(address: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 }
 
 fn warn_about_unsigned_sources(config: &Config) {
-    if config.listen.ip().to_canonical().is_loopback() {
+    if is_loopback(config.listen) {
         return;
     }
     for (name, source) in &config.sources {

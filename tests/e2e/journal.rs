@@ -201,11 +201,7 @@ fn a_full_journal_answers_503_with_retry_after_and_delivers_everything_it_accept
     let runs = statuses.windows(2).filter(|pair| pair[0] != 503 && pair[1] == 503).count();
     let ends = statuses.windows(2).filter(|pair| pair[0] == 503 && pair[1] == 202).count();
     assert!(runs > 0 && refused > runs, "statuses {statuses:?}: too few 503s in a row to tell");
-    // Each line is written before its answer is sent, but read from the host's output apart.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while host.count_log("accepting again after answering 503") < ends && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    host.wait_for_log_count("accepting again after answering 503", ends);
     assert_eq!(host.count_log("request not accepted"), runs, "statuses {statuses:?}; log:\n{}", host.log());
     assert_eq!(host.count_log("accepting again after answering 503"), ends, "statuses {statuses:?}");
 }

@@ -265,6 +265,22 @@ impl TestHost {
         }
     }
 
+    /// Waits until at least `count` log lines contain `needle` (a line is read from the host's
+    /// output a moment after it is written); panics with the whole log after [`PATIENCE`].
+    pub fn wait_for_log_count(&self, needle: &str, count: usize) {
+        let deadline = Instant::now() + PATIENCE;
+        let mut lines = self.output.lines.lock().expect("lines");
+        while lines.iter().filter(|line| line.contains(needle)).count() < count {
+            if Instant::now() >= deadline {
+                panic!(
+                    "fewer than {count} log lines contain {needle:?} after {PATIENCE:?}; log:\n{}",
+                    lines.join("\n")
+                );
+            }
+            lines = self.output.grew.wait_timeout(lines, Duration::from_millis(100)).expect("lines").0;
+        }
+    }
+
     /// Everything the host printed so far, across restarts.
     pub fn log(&self) -> String {
         self.output.lines.lock().expect("lines").join("\n")

@@ -1342,7 +1342,7 @@ mod tests {
     }
 
     #[test]
-    fn only_acceptances_and_operator_changes_wait_for_the_disk() {
+    fn acceptances_operator_changes_and_readiness_wait_for_the_disk_leases_and_outcomes_do_not() {
         let accept = Write::Accept { new: new("github", "a", &["echo"]), reply: oneshot::channel().0 };
         let purge = Write::PurgeDead { selector: DeadSelector::All, reply: oneshot::channel().0 };
         let take = Write::Take { plugins: Vec::new(), max: 1, lease_ms: 1, reply: oneshot::channel().0 };
@@ -1354,7 +1354,9 @@ mod tests {
             emitted: Vec::new(),
             reply: oneshot::channel().0,
         };
+        let ping = Write::Ping { reply: oneshot::channel().0 };
         assert!(accept.must_reach_disk() && purge.must_reach_disk());
+        assert!(ping.must_reach_disk(), "a ping answered before the sync would report a failed disk ready");
         assert!(!take.must_reach_disk() && !finish.must_reach_disk());
     }
 
@@ -1714,14 +1716,6 @@ mod tests {
         assert_eq!(f.journal.replay(START_MS, &route).await.expect("replay"), 2);
         assert_eq!(f.take(&["echo"]).await.len(), 2);
         assert_eq!(f.journal.replay(START_MS + 1, &route).await.expect("replay"), 0, "nothing that recent");
-    }
-
-    #[test]
-    fn a_readiness_ping_waits_for_the_disk_as_acceptances_do_and_leases_and_outcomes_do_not() {
-        let ping = Write::Ping { reply: oneshot::channel().0 };
-        let take = Write::Take { plugins: Vec::new(), max: 1, lease_ms: 1, reply: oneshot::channel().0 };
-        assert!(ping.must_reach_disk(), "a ping answered before the sync would report a failed disk ready");
-        assert!(!take.must_reach_disk());
     }
 
     #[tokio::test]

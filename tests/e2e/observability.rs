@@ -54,7 +54,9 @@ fn json_log_lines_parse_and_carry_the_event_fields() {
     let mut host = TestHost::builder().plugin("github-push").start();
     host.post_github("push", "j-1", &example("github/push.json"), SECRET);
     host.wait_for_event("j-1");
+    // The delivery can be logged before the ingest worker logs "accepted": wait for both.
     host.wait_for_log("\"outcome\":\"done\"");
+    host.wait_for_log("\"message\":\"accepted\"");
     let lines: Vec<serde_json::Value> = host
         .log()
         .lines()

@@ -117,6 +117,8 @@ fn a_plugins_concurrency_caps_its_parallel_calls() {
     for n in 0..4 {
         host.wait_for_event(&format!("c-{n}"));
     }
+    // The log is read from a pipe: wait until the last call's line has come through it.
+    host.wait_for_log_count("leave c-", 4);
     let log = host.log();
     let steps: Vec<&str> = log
         .lines()

@@ -205,3 +205,19 @@ fn a_full_journal_answers_503_with_retry_after_and_delivers_everything_it_accept
     assert_eq!(host.count_log("request not accepted"), runs, "statuses {statuses:?}; log:\n{}", host.log());
     assert_eq!(host.count_log("accepting again after answering 503"), ends, "statuses {statuses:?}");
 }
+
+#[test]
+fn a_full_journal_refuses_before_verifying_the_signature() {
+    // One delivery that runs for 2 s fills a journal of one: what comes meanwhile is refused.
+    let host = TestHost::builder()
+        .plugin_with_manifest("flaky", "[config]\nslow_ms = \"2000\"\n")
+        .config("[journal]\nmax_pending = 1\n")
+        .start();
+    let body = example("github/push.json");
+    assert_eq!(host.github_reply("push", "fill", &body, SECRET).status, 202);
+    // A forged request gets the 503, not the 401 that verifying it would have given.
+    let forged = host.github_reply("push", "forged", &body, "wrong-secret");
+    assert_eq!(forged.status, 503, "{}", forged.json);
+    assert!(forged.retry_after.is_some(), "503 without Retry-After");
+    assert!(forged.json["error"].as_str().is_some_and(|e| e.contains("unfinished deliveries")), "{}", forged.json);
+}

@@ -202,6 +202,9 @@ impl Ingest {
         let body = tokio::time::timeout(BODY_READ_TIMEOUT, read_body(body, &parts.headers, source.max_body_bytes))
             .await
             .map_err(|_| IngestError::Timeout(BODY_READ_TIMEOUT))??;
+        // A request the journal could not take now is refused before the work of verifying
+        // and parsing it: under overload that work would be spent on 503s.
+        self.has_room()?;
 
         verify::verify(&source.verify, &parts.headers, &body, now_ms() / 1000).inspect_err(|err| {
             metrics::verification_failure(&name, failure_reason(&err.to_string()));
@@ -269,11 +272,16 @@ impl Ingest {
         }
     }
 
-    /// Routes the event and stores it; answers only once it is durable.
-    async fn accept(&self, source: &SourceConfig, event: Event) -> Result<Accepted, IngestError> {
+    /// Refuses (503) while the host shuts down or the journal could not take an event now.
+    fn has_room(&self) -> Result<(), IngestError> {
         if self.shutdown.is_cancelled() {
             return Err(IngestError::Unavailable("the host is shutting down".to_owned()));
         }
+        self.journal.has_room().map_err(|err| self.refusal(err))
+    }
+
+    /// Routes the event and stores it; answers only once it is durable.
+    async fn accept(&self, source: &SourceConfig, event: Event) -> Result<Accepted, IngestError> {
         let plugins = self.registry.route(&event.event_type);
         if plugins.is_empty() {
             tracing::warn!(
@@ -283,7 +291,14 @@ impl Ingest {
         }
         let source_name = event.source.clone();
         let new = NewEvent { event, plugins, dedup_window: source.dedup_window };
-        let accepted = self.journal.accept(new).await.map_err(|err| match err {
+        let accepted = self.journal.accept(new).await.map_err(|err| self.refusal(err))?;
+        metrics::accepted(&source_name, accepted == Accepted::Duplicate);
+        Ok(accepted)
+    }
+
+    /// What the sender hears when the journal refuses an event.
+    fn refusal(&self, err: JournalError) -> IngestError {
+        match err {
             JournalError::Full { .. } => IngestError::Unavailable(err.to_string()),
             JournalError::Unavailable(_) => {
                 // The sender hears that the journal is away; what failed goes to the log, once
@@ -298,9 +313,7 @@ impl Ingest {
                 tracing::error!(error = %other, "journal refused an event");
                 IngestError::Internal
             }
-        })?;
-        metrics::accepted(&source_name, accepted == Accepted::Duplicate);
-        Ok(accepted)
+        }
     }
 }
 

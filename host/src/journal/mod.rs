@@ -330,6 +330,11 @@ pub trait Journal: Send + Sync {
     /// accepted within the dedup window. Returns only once the event is durable.
     async fn accept(&self, new: NewEvent) -> Result<Accepted, JournalError>;
 
+    /// Whether [`Journal::accept`] would refuse any event now for want of room (`Full`) or
+    /// of its store (`Unavailable`): a cheap check, so that ingest can refuse before it
+    /// verifies and parses a request it could not store.
+    fn has_room(&self) -> Result<(), JournalError>;
+
     /// Leases up to `max` due deliveries in all, for the plugins with some `free` capacity.
     /// The nats backend also keeps to each plugin's `free` and `lease`; the embedded one
     /// leases every delivery for the longest `lease` (the dispatcher gives back what a busy

@@ -564,12 +564,17 @@ impl Stored {
 #[async_trait::async_trait]
 impl Journal for NatsJournal {
     async fn accept(&self, new: NewEvent) -> Result<Accepted, JournalError> {
+        self.has_room()?;
+        self.publish(&new.event, new.dedup_window).await
+    }
+
+    fn has_room(&self) -> Result<(), JournalError> {
         self.connected()?;
         let pending = self.backlog.load(Ordering::Relaxed);
         if pending >= self.options.max_pending {
             return Err(JournalError::Full { pending, max: self.options.max_pending });
         }
-        self.publish(&new.event, new.dedup_window).await
+        Ok(())
     }
 
     async fn take(&self, wants: &[Want], max: usize, wait: Duration) -> Result<Vec<Lease>, JournalError> {

@@ -527,11 +527,16 @@ impl Drop for SqliteJournal {
 #[async_trait::async_trait]
 impl Journal for SqliteJournal {
     async fn accept(&self, new: NewEvent) -> Result<Accepted, JournalError> {
+        self.has_room()?;
+        self.call(|reply| Write::Accept { new, reply }).await
+    }
+
+    fn has_room(&self) -> Result<(), JournalError> {
         let pending = lock(&self.tracked).counts.unfinished();
         if pending >= self.options.max_pending {
             return Err(JournalError::Full { pending, max: self.options.max_pending });
         }
-        self.call(|reply| Write::Accept { new, reply }).await
+        Ok(())
     }
 
     async fn take(&self, wants: &[Want], max: usize, wait: Duration) -> Result<Vec<Lease>, JournalError> {

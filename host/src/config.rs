@@ -26,7 +26,7 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 /// Largest request body a source accepts unless it sets `max_body_bytes`.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 /// How many plugin calls run at once, across all plugins.
-pub const DEFAULT_WORKERS: usize = 16;
+pub const DEFAULT_WORKERS: usize = 32;
 /// The most `workers` a host may run: each call holds an instance from the runtime's fixed pool
 /// (`runtime::POOL_INSTANCES`), and a component's instance takes several of its core instances
 /// and tables (three and two for the example plugins), besides those `reuse` keeps warm.

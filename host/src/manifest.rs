@@ -12,7 +12,7 @@ use crate::retry::{RetryPolicy, RetrySettings, parse_duration};
 use crate::runtime::{DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT, HttpAllow, MAX_MEMORY_BYTES};
 
 /// Calls of one plugin that may run at once unless its manifest says otherwise.
-pub const DEFAULT_CONCURRENCY: usize = 8;
+pub const DEFAULT_CONCURRENCY: usize = 16;
 /// The longest call timeout a manifest may ask for.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 

@@ -5,7 +5,8 @@
 #      beside the baseline, then open loop at 2 000, 5 000 and 18 000 requests/s (18 000:
 #      about twice what it sustains, so 503s are expected), sampling the host's resident memory;
 #   2. `github-push` alone, a fresh instance per call, closed loop;
-#   3. `github-push` alone with `reuse = 1000` in its manifest, closed loop;
+#   3. `github-push` alone with `reuse = 1000` in its manifest, closed loop at 32 and at 64
+#      connections; then the backlog 256 connections leave, drained after a kill -9 and a restart;
 #   4. ingest alone (no plugin loaded: each event is verified, deduplicated and stored, 202
 #      once on disk), closed loop beside the baseline at 32 and at 256 connections, then
 #      open loop at 5 000 requests/s beside the baseline at the same rate (the latency
@@ -24,9 +25,9 @@ trap 'stop; rm -rf "$work" ${shm:+"$shm"}' EXIT
 # Polls until `$@` succeeds, for at most 30 s.
 ready() { for _ in $(seq 150); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done; echo "not ready: $*" >&2; exit 1; }
 
-start() { # start PLUGINS_FOLDER: the example host on a fresh data folder ($data)
+start() { # start PLUGINS_FOLDER [keep]: the example host on a fresh data folder ($data), or on the one there with "keep"
   stop
-  rm -rf "$data"
+  [ "${2:-}" = keep ] || rm -rf "$data"
   GITHUB_WEBHOOK_SECRET=dev-secret STRIPE_WEBHOOK_SECRET=x SLACK_SIGNING_SECRET=x \
     STANDARD_WEBHOOKS_SECRET=whsec_ZGV2 GITLAB_WEBHOOK_TOKEN=x CI_WEBHOOK_SECRET=x RUST_LOG=error \
     ./target/release/wasmhook serve --config examples/wasmhook.toml --data "$data" --plugins "$1" &
@@ -59,6 +60,17 @@ cp target/plugins/github-push.wasm "$work/reuse/"
 echo 'reuse = 1000' >"$work/reuse/github-push.toml"
 start "$work/reuse"
 $bench --connections 32 --duration 10s --json target/bench-push-reuse.json
+start "$work/reuse"
+$bench --connections 64 --duration 10s --pid "$host_pid" --json target/bench-push-reuse-64.json
+
+echo "== a backlog drained after a restart: github-push alone, reuse = 1000"
+# 256 connections outrun the plugin and leave a backlog (up to max_pending); the host is
+# killed (-9) and started again on the same data folder, where it drains with no traffic.
+start "$work/reuse"
+$bench --connections 256 --duration 4s --admin "" >/dev/null
+kill -9 "$host_pid"; wait "$host_pid" 2>/dev/null || true; host_pid=""
+start "$work/reuse" keep
+$bench --drain-only --pid "$host_pid" --json target/bench-drain.json
 
 echo "== ingest alone, no plugin"
 mkdir -p "$work/none"

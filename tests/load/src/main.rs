@@ -59,6 +59,10 @@ struct Args {
     /// Only the bare hyper server.
     #[arg(long, conflicts_with = "compare")]
     baseline_only: bool,
+    /// Send nothing: wait until the hosts have finished the deliveries they hold (a backlog
+    /// left by an earlier run), and report how fast they were done.
+    #[arg(long, conflicts_with_all = ["compare", "baseline_only", "rate"])]
+    drain_only: bool,
     /// Write the results as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -156,6 +160,13 @@ async fn main() -> anyhow::Result<()> {
         "hosts": args.url.len()});
     let admins: Vec<&str> = args.admin.iter().map(String::as_str).filter(|admin| !admin.is_empty()).collect();
 
+    if args.drain_only {
+        report["drain"] = drain_backlog(&admins, args.pid).await?;
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+        }
+        return Ok(());
+    }
     let baseline = if args.compare || args.baseline_only {
         let address = start_baseline().await?;
         let run =
@@ -600,6 +611,32 @@ async fn done_total(admins: &[&str]) -> Option<f64> {
             .sum::<f64>();
     }
     Some(total)
+}
+
+/// `--drain-only`: waits for the hosts' unfinished deliveries, printing and returning how many
+/// were done, how fast, and (with `pid`) the host's CPU time per delivery, in all and by thread.
+async fn drain_backlog(admins: &[&str], pid: Option<u32>) -> anyhow::Result<serde_json::Value> {
+    let before = done_total(admins).await.context("--drain-only needs the admin API (--admin)")?;
+    let cpu_before = pid.and_then(cpu_seconds);
+    let threads_before = pid.and_then(cpu_seconds_by_thread);
+    let (done, seconds) = drain(admins, before).await?;
+    let seconds = seconds.as_secs_f64();
+    println!("drain: {done} deliveries done in {seconds:.2} s ({:.0} done/s)", done as f64 / seconds);
+    let mut report = json!({"deliveries_done": done, "seconds": seconds, "done_per_second": done as f64 / seconds});
+    if let (Some(before), Some(after)) = (cpu_before, pid.and_then(cpu_seconds))
+        && done > 0
+    {
+        let per_delivery = (after - before) / done as f64 * 1e6;
+        println!("host CPU: {per_delivery:.0} µs per delivery (user + system)");
+        report["host_cpu_us_per_delivery"] = json!(per_delivery);
+        if let (Some(before), Some(after)) = (threads_before, pid.and_then(cpu_seconds_by_thread)) {
+            let threads = per_event_by_thread(&before, &after, done);
+            let line: Vec<String> = threads.iter().map(|(name, us)| format!("{name} {us:.0}")).collect();
+            println!("           by thread, µs per delivery: {}", line.join(", "));
+            report["host_cpu_us_per_delivery_by_thread"] = json!(threads.into_iter().collect::<BTreeMap<_, _>>());
+        }
+    }
+    Ok(report)
 }
 
 /// Waits until no host reports an unfinished delivery; returns the deliveries done since

@@ -4,7 +4,7 @@
 #   1. the example host (`echo` and `github-push` both subscribe to pushes): closed loop
 #      beside the baseline, then open loop at 2 000, 5 000 and 18 000 requests/s (18 000:
 #      about twice what it sustains, so 503s are expected), sampling the host's resident memory;
-#   2. `github-push` alone, a fresh instance per call, closed loop;
+#   2. `github-push` alone, a fresh instance per call, closed loop at 32 and at 64 connections;
 #   3. `github-push` alone with `reuse = 1000` in its manifest, closed loop at 32 and at 64
 #      connections; then the backlog 256 connections leave, drained after a kill -9 and a restart;
 #   4. ingest alone (no plugin loaded: each event is verified, deduplicated and stored, 202
@@ -54,6 +54,8 @@ mkdir -p "$work/fresh" "$work/reuse"
 cp target/plugins/github-push.wasm "$work/fresh/"
 start "$work/fresh"
 $bench --connections 32 --duration 10s --json target/bench-push-fresh.json
+start "$work/fresh"
+$bench --connections 64 --duration 10s --pid "$host_pid" --json target/bench-push-fresh-64.json
 
 echo "== github-push alone, reuse = 1000"
 cp target/plugins/github-push.wasm "$work/reuse/"

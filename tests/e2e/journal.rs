@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::util::{EventStream, SECRET, TestHost, example};
+use crate::util::{EventStream, SECRET, TestHost, example, post};
 
 /// Short backoffs so retry tests take milliseconds, not minutes.
 const FAST_RETRY: &str = "[retry]\nmax_attempts = 3\nfirst_delay = \"20ms\"\nmax_delay = \"100ms\"\n";
@@ -211,13 +211,20 @@ fn a_full_journal_refuses_before_verifying_the_signature() {
     // One delivery that runs for 2 s fills a journal of one: what comes meanwhile is refused.
     let host = TestHost::builder()
         .plugin_with_manifest("flaky", "[config]\nslow_ms = \"2000\"\n")
-        .config("[journal]\nmax_pending = 1\n")
+        .config("[journal]\nmax_pending = 1\n[sources.events]\nverify = \"none\"\nformat = \"cloudevents\"\n")
         .start();
     let body = example("github/push.json");
     assert_eq!(host.github_reply("push", "fill", &body, SECRET).status, 202);
-    // A forged request gets the 503, not the 401 that verifying it would have given.
+    // A forged request gets the 503, not the 401 that verifying it would have given, and the
+    // refusal names no figure of the journal's.
     let forged = host.github_reply("push", "forged", &body, "wrong-secret");
     assert_eq!(forged.status, 503, "{}", forged.json);
     assert!(forged.retry_after.is_some(), "503 without Retry-After");
-    assert!(forged.json["error"].as_str().is_some_and(|e| e.contains("unfinished deliveries")), "{}", forged.json);
+    let error = forged.json["error"].as_str().unwrap_or_default();
+    assert!(error.contains("unfinished deliveries") && !error.contains(char::is_numeric), "{}", forged.json);
+    // A CloudEvents batch is refused whole, not item by item.
+    let batch = br#"[{"specversion":"1.0","type":"t","source":"/s","id":"b-1"}]"#;
+    let (status, answer) =
+        post(&format!("{}/hooks/events", host.url), &[("content-type", "application/cloudevents-batch+json")], batch);
+    assert_eq!(status, 503, "{answer}");
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make bench-load: wasmhook-bench against the host on the embedded journal, each run on a
-# fresh data folder, next to a bare hyper server in the same run (see docs/BENCHMARKS.md).
+# fresh data folder (but the drain, on the one its host left), next to a bare hyper server in
+# the same run (see docs/BENCHMARKS.md).
 #   1. the example host (`echo` and `github-push` both subscribe to pushes): closed loop
 #      beside the baseline, then open loop at 2 000, 5 000 and 18 000 requests/s (18 000:
 #      about twice what it sustains, so 503s are expected), sampling the host's resident memory;

@@ -2,8 +2,8 @@
 //! [`Journal::accept`] → `202` once durable.
 //!
 //! The checks run cheapest and safest first: route, method, content type, size (while
-//! reading, within a time limit), signature (before parsing anything), body. A refused
-//! request is never stored. Turning a verified request into events is [`verify`]'s and
+//! reading, within a time limit), room in the journal (so that a 503 costs no verifying),
+//! signature (before parsing anything), body. A refused request is never stored. Turning a verified request into events is [`verify`]'s and
 //! [`cloudevents`]' job; this module only adds HTTP around it.
 
 pub mod cloudevents;
@@ -299,7 +299,8 @@ impl Ingest {
     /// What the sender hears when the journal refuses an event.
     fn refusal(&self, err: JournalError) -> IngestError {
         match err {
-            JournalError::Full { .. } => IngestError::Unavailable(err.to_string()),
+            // Without the journal's figures: a refusal before the signature may go to anyone.
+            JournalError::Full { .. } => IngestError::Unavailable("too many unfinished deliveries".to_owned()),
             JournalError::Unavailable(_) => {
                 // The sender hears that the journal is away; what failed goes to the log, once
                 // for a run of refusals like the 503s themselves.

@@ -153,20 +153,19 @@ impl Run {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let duration = humantime::parse_duration(&args.duration).context("--duration")?;
-    let body = Bytes::from(std::fs::read(&args.body).with_context(|| format!("cannot read {}", args.body.display()))?);
-    let signature = wasmhook::ingest::verify::github::sign(args.secret.as_bytes(), &body);
-    let mut report = json!({"connections": args.connections, "rate": args.rate, "duration_s": duration.as_secs_f64(),
-        "hosts": args.url.len()});
     let admins: Vec<&str> = args.admin.iter().map(String::as_str).filter(|admin| !admin.is_empty()).collect();
-
     if args.drain_only {
-        report["drain"] = drain_backlog(&admins, args.pid).await?;
+        let report = json!({"hosts": admins.len(), "drain": drain_backlog(&admins, args.pid).await?});
         if let Some(path) = &args.json {
             std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
         }
         return Ok(());
     }
+    let duration = humantime::parse_duration(&args.duration).context("--duration")?;
+    let body = Bytes::from(std::fs::read(&args.body).with_context(|| format!("cannot read {}", args.body.display()))?);
+    let signature = wasmhook::ingest::verify::github::sign(args.secret.as_bytes(), &body);
+    let mut report = json!({"connections": args.connections, "rate": args.rate, "duration_s": duration.as_secs_f64(),
+        "hosts": args.url.len()});
     let baseline = if args.compare || args.baseline_only {
         let address = start_baseline().await?;
         let run =
@@ -614,29 +613,49 @@ async fn done_total(admins: &[&str]) -> Option<f64> {
 }
 
 /// `--drain-only`: waits for the hosts' unfinished deliveries, printing and returning how many
-/// were done, how fast, and (with `pid`) the host's CPU time per delivery, in all and by thread.
+/// were done and how fast. With `pid` (a host just started on a backlog), it counts from that
+/// host's start, as its counters do, so that what the host did before the tool looked is in
+/// the figures, and adds the host's CPU time per delivery, in all and by thread.
 async fn drain_backlog(admins: &[&str], pid: Option<u32>) -> anyhow::Result<serde_json::Value> {
     let before = done_total(admins).await.context("--drain-only needs the admin API (--admin)")?;
-    let cpu_before = pid.and_then(cpu_seconds);
-    let threads_before = pid.and_then(cpu_seconds_by_thread);
-    let (done, seconds) = drain(admins, before).await?;
-    let seconds = seconds.as_secs_f64();
-    println!("drain: {done} deliveries done in {seconds:.2} s ({:.0} done/s)", done as f64 / seconds);
-    let mut report = json!({"deliveries_done": done, "seconds": seconds, "done_per_second": done as f64 / seconds});
-    if let (Some(before), Some(after)) = (cpu_before, pid.and_then(cpu_seconds))
+    let since_start = pid.map(|pid| seconds_since_start(pid).context("cannot read the host's start time (Linux /proc)"));
+    let (before, already) = match since_start.transpose()? {
+        Some(seconds) => (0.0, seconds),
+        None => (before, 0.0),
+    };
+    let (done, waited) = drain(admins, before).await?;
+    let seconds = already + waited.as_secs_f64();
+    let counted = if pid.is_some() { "since the host started" } else { "since the tool looked" };
+    println!("drain: {done} deliveries done in {seconds:.2} s {counted} ({:.0} done/s)", done as f64 / seconds);
+    let mut report = json!({"deliveries_done": done, "seconds": seconds, "done_per_second": done as f64 / seconds,
+        "counted_from_host_start": pid.is_some()});
+    if let (Some(cpu), Some(threads)) = (pid.and_then(cpu_seconds), pid.and_then(cpu_seconds_by_thread))
         && done > 0
     {
-        let per_delivery = (after - before) / done as f64 * 1e6;
-        println!("host CPU: {per_delivery:.0} µs per delivery (user + system)");
+        // The host's whole CPU time: opening the journal and loading its plugins included.
+        let per_delivery = cpu / done as f64 * 1e6;
+        println!("host CPU: {per_delivery:.0} µs per delivery (user + system, start-up included)");
         report["host_cpu_us_per_delivery"] = json!(per_delivery);
-        if let (Some(before), Some(after)) = (threads_before, pid.and_then(cpu_seconds_by_thread)) {
-            let threads = per_event_by_thread(&before, &after, done);
-            let line: Vec<String> = threads.iter().map(|(name, us)| format!("{name} {us:.0}")).collect();
-            println!("           by thread, µs per delivery: {}", line.join(", "));
-            report["host_cpu_us_per_delivery_by_thread"] = json!(threads.into_iter().collect::<BTreeMap<_, _>>());
-        }
+        let threads = per_event_by_thread(&BTreeMap::new(), &threads, done);
+        let line: Vec<String> = threads.iter().map(|(name, us)| format!("{name} {us:.0}")).collect();
+        println!("           by thread, µs per delivery: {}", line.join(", "));
+        report["host_cpu_us_per_delivery_by_thread"] = json!(threads.into_iter().collect::<BTreeMap<_, _>>());
     }
     Ok(report)
+}
+
+/// How long ago process `pid` started, in seconds (Linux: its start in `/proc/PID/stat`,
+/// against `/proc/uptime`).
+fn seconds_since_start(pid: u32) -> Option<f64> {
+    let started = stat_start(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
+    let uptime = std::fs::read_to_string("/proc/uptime").ok()?.split_whitespace().next()?.parse::<f64>().ok()?;
+    Some(uptime - started)
+}
+
+/// When the process of a `/proc/…/stat` line started, in seconds after the machine booted.
+fn stat_start(stat: &str) -> Option<f64> {
+    // starttime: field 22 of the line; the list after the name starts at field 3.
+    Some(stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse::<f64>().ok()? / CLOCK_TICKS_PER_SECOND)
 }
 
 /// Waits until no host reports an unfinished delivery; returns the deliveries done since
@@ -668,11 +687,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_stat_line_gives_its_thread_name_and_cpu_seconds_even_with_spaces_and_parentheses_in_the_name() {
+    fn a_stat_line_gives_its_thread_name_cpu_seconds_and_start_even_with_spaces_and_parentheses_in_the_name() {
         // utime 250 and stime 50 ticks (fields 14 and 15): 3 s at 100 ticks a second.
         let stat = "4242 (odd (name) x) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 50 0 0 20 0 9 0 100 0 0";
         assert_eq!(stat_cpu(stat), Some(("odd (name) x".to_owned(), 3.0)));
         assert_eq!(stat_cpu("4242 (cut"), None, "a line without its fields is refused");
+        // starttime 100 ticks (field 22): 1 s after boot.
+        assert_eq!(stat_start(stat), Some(1.0));
+        assert_eq!(stat_start("4242 (cut) S 1"), None, "a line without its fields is refused");
     }
 
     #[test]

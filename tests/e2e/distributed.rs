@@ -29,6 +29,9 @@ fn host(nats: &Nats, redis: Option<&Redis>, flaky: &str) -> TestHost {
 
 /// How many times each id's effect (`flaky` logs `effect {id} attempt {n}`) shows in `hosts`' logs.
 fn effects(hosts: &[&TestHost], ids: &[String]) -> BTreeMap<String, usize> {
+    for host in hosts {
+        host.sync_log();
+    }
     ids.iter()
         .map(|id| (id.clone(), hosts.iter().map(|host| host.count_log(&format!("effect {id} attempt"))).sum()))
         .collect()

@@ -66,6 +66,10 @@ fn fifty_swaps_under_a_stream_lose_nothing_and_each_delivery_ran_one_version() {
     }
     assert!(accepted.len() >= 50, "only {} events went through the swaps", accepted.len());
     for id in accepted.iter().chain(&after) {
+        host.wait_for_event(id);
+    }
+    host.sync_log(); // every plugin line of those deliveries is in the log
+    for id in accepted.iter().chain(&after) {
         let event = host.wait_for_event(id);
         let delivery = &event["deliveries"][0];
         assert_eq!((event["status"].as_str(), delivery["attempts"].as_u64()), (Some("done"), Some(1)), "{event}");
@@ -129,7 +133,10 @@ fn a_removed_plugin_keeps_its_pending_deliveries_until_it_returns() {
     assert!(removed["pending"].as_u64().is_some_and(|pending| pending > 0), "{removed}");
 
     // While it is away, its queued deliveries do not run (the call already running may end).
-    let effects = || (0..6).map(|n| host.count_log(&format!("effect queued-{n} attempt"))).sum::<usize>();
+    let effects = || {
+        host.sync_log();
+        (0..6).map(|n| host.count_log(&format!("effect queued-{n} attempt"))).sum::<usize>()
+    };
     let at_removal = effects();
     std::thread::sleep(std::time::Duration::from_millis(1500));
     assert!(effects() <= at_removal + 1, "queued deliveries ran on a removed plugin");

@@ -107,6 +107,7 @@ impl HostBuilder {
         }
         let mut host = TestHost {
             child: None,
+            readers: Vec::new(),
             output: Arc::default(),
             url: String::new(),
             admin: String::new(),
@@ -124,6 +125,8 @@ impl HostBuilder {
 /// outlives restarts and is removed when it is dropped.
 pub struct TestHost {
     child: Option<Child>,
+    /// The threads reading the running host's stdout and stderr into `output`.
+    readers: Vec<std::thread::JoinHandle<()>>,
     output: Arc<Output>,
     /// Base URL of the webhook listener.
     pub url: String,
@@ -174,12 +177,12 @@ impl TestHost {
             Box::new(child.stderr.take().expect("stderr")),
         ] {
             let output = Arc::clone(&output);
-            std::thread::spawn(move || {
+            self.readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     output.lines.lock().expect("lines").push(line);
                     output.grew.notify_all();
                 }
-            });
+            }));
         }
         self.child = Some(child);
         // Logs are JSON lines (stdout is a pipe): the bound address is the `addr` field.
@@ -222,6 +225,10 @@ impl TestHost {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // The pipes end with the process: once read to their end, the log holds every line.
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
         }
     }
 
@@ -286,9 +293,26 @@ impl TestHost {
         self.output.lines.lock().expect("lines").join("\n")
     }
 
-    /// How many log lines contain `needle`, across restarts.
+    /// How many log lines contain `needle`, across restarts, among those read so far: call
+    /// [`Self::sync_log`] first to count every line the host printed before.
     pub fn count_log(&self, needle: &str) -> usize {
         self.output.lines.lock().expect("lines").iter().filter(|line| line.contains(needle)).count()
+    }
+
+    /// Waits until the log holds every line the running host printed before this call. The
+    /// lines come through a pipe and a reader thread, which may lag behind what the host has
+    /// done (a delivery can be `done` before its plugin's line is read): a request for an
+    /// unknown source logs a line of its own, after all those, and this waits for it.
+    pub fn sync_log(&self) {
+        static SYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        if self.child.is_none() {
+            return; // a killed host's lines were all read by `kill`
+        }
+        let n = SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = format!("/hooks/log-sync-{}-{n}", std::process::id());
+        let (status, _) = post(&format!("{}{path}", self.url), &[], b"");
+        assert_eq!(status, 404, "the log's sync request was answered {status}");
+        self.wait_for_log_count(&format!("\"path\":\"{path}\""), 1);
     }
 
     /// Runs `wasmhook ARGS` against this host's admin API; returns success and stdout.

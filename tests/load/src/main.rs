@@ -618,7 +618,8 @@ async fn done_total(admins: &[&str]) -> Option<f64> {
 /// the figures, and adds the host's CPU time per delivery, in all and by thread.
 async fn drain_backlog(admins: &[&str], pid: Option<u32>) -> anyhow::Result<serde_json::Value> {
     let before = done_total(admins).await.context("--drain-only needs the admin API (--admin)")?;
-    let since_start = pid.map(|pid| seconds_since_start(pid).context("cannot read the host's start time (Linux /proc)"));
+    let since_start =
+        pid.map(|pid| seconds_since_start(pid).context("cannot read the host's start time (Linux /proc)"));
     let (before, already) = match since_start.transpose()? {
         Some(seconds) => (0.0, seconds),
         None => (before, 0.0),

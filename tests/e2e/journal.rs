@@ -35,13 +35,10 @@ fn kill_nine_at_random_moments_loses_no_accepted_event() {
     std::thread::sleep(Duration::from_millis(200));
     let accepted = stream.stop();
     assert!(accepted.len() >= 20, "only {} events were accepted; the test proves little", accepted.len());
-    for id in &accepted {
-        host.wait_for_event(id);
-    }
+    let events: Vec<_> = accepted.iter().map(|id| host.wait_for_event(id)).collect();
     host.sync_log(); // every plugin line of those deliveries is in the log
     let mut repeated_effects = 0;
-    for id in &accepted {
-        let event = host.wait_for_event(id);
+    for (id, event) in accepted.iter().zip(&events) {
         assert_eq!(event["status"], "done", "{event}");
         let statuses: Vec<_> =
             event["deliveries"].as_array().expect("deliveries").iter().map(|d| d["status"].clone()).collect();

@@ -65,12 +65,9 @@ fn fifty_swaps_under_a_stream_lose_nothing_and_each_delivery_ran_one_version() {
         after.push(id);
     }
     assert!(accepted.len() >= 50, "only {} events went through the swaps", accepted.len());
-    for id in accepted.iter().chain(&after) {
-        host.wait_for_event(id);
-    }
+    let events: Vec<_> = accepted.iter().chain(&after).map(|id| (id, host.wait_for_event(id))).collect();
     host.sync_log(); // every plugin line of those deliveries is in the log
-    for id in accepted.iter().chain(&after) {
-        let event = host.wait_for_event(id);
+    for (id, event) in &events {
         let delivery = &event["deliveries"][0];
         assert_eq!((event["status"].as_str(), delivery["attempts"].as_u64()), (Some("done"), Some(1)), "{event}");
         let ran = delivery["sha256"].as_str().expect("the version that ran it");

@@ -617,12 +617,10 @@ async fn done_total(admins: &[&str]) -> Option<f64> {
 /// host's start, as its counters do, so that what the host did before the tool looked is in
 /// the figures, and adds the host's CPU time per delivery, in all and by thread.
 async fn drain_backlog(admins: &[&str], pid: Option<u32>) -> anyhow::Result<serde_json::Value> {
-    let before = done_total(admins).await.context("--drain-only needs the admin API (--admin)")?;
-    let since_start =
-        pid.map(|pid| seconds_since_start(pid).context("cannot read the host's start time (Linux /proc)"));
-    let (before, already) = match since_start.transpose()? {
-        Some(seconds) => (0.0, seconds),
-        None => (before, 0.0),
+    anyhow::ensure!(!admins.is_empty(), "--drain-only needs the admin API (--admin)");
+    let (before, already) = match pid {
+        Some(pid) => (0.0, seconds_since_start(pid).context("cannot read the host's start time (Linux /proc)")?),
+        None => (done_total(admins).await.unwrap_or(0.0), 0.0),
     };
     let (done, waited) = drain(admins, before).await?;
     let seconds = already + waited.as_secs_f64();

@@ -43,7 +43,8 @@ bench-reload: plugins
 
 ## make bench-load: the example host under wasmhook-bench next to a bare hyper server (closed
 ## loop, then open loop at 2000, 5000 and 18000 requests/s with its memory sampled), then
-## github-push alone with a fresh instance per call and with reuse, then ingest alone (no
+## github-push alone with a fresh instance per call and with reuse (up to 256 connections,
+## and a backlog drained after a restart), then ingest alone (no
 ## plugin) at 32 and 256 connections and at 5000 requests/s, the last on disk and on tmpfs
 ## (tests/load/load.sh).
 bench-load: plugins

@@ -39,6 +39,10 @@ pub const DEFAULT_DATA_DIR: &str = "data";
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// A delivery's lease is its plugin's timeout plus this, unless configured.
 pub const DEFAULT_LEASE_MARGIN: Duration = Duration::from_secs(30);
+/// How long a request waits for room in a full journal before it is refused, unless configured.
+pub const DEFAULT_MAX_PENDING_WAIT: Duration = Duration::from_millis(100);
+/// The longest `max_pending_wait`: webhook senders give up after a few seconds (Slack after 3).
+pub const MAX_MAX_PENDING_WAIT: Duration = Duration::from_secs(10);
 /// The NATS server when `backend = "nats"` names none.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// The Redis server when `[dedup] backend = "redis"` names none.
@@ -69,6 +73,9 @@ pub struct Config {
     pub backend: Backend,
     /// A delivery's lease is its plugin's timeout plus this.
     pub lease_margin: Duration,
+    /// How long a request waits for room while the journal is at `max_pending` before the
+    /// `503`.
+    pub max_pending_wait: Duration,
     /// How failed deliveries are retried, unless a plugin's manifest says otherwise.
     pub retry: RetryPolicy,
     /// The webhook sources, by name.
@@ -367,6 +374,7 @@ struct RawJournal {
     backend: Option<BackendKind>,
     synchronous: Option<Synchronous>,
     max_pending: Option<u64>,
+    max_pending_wait: Option<String>,
     retention: Option<String>,
     lease_margin: Option<String>,
     url: Option<String>,
@@ -563,6 +571,19 @@ fn validate(raw: RawConfig, overrides: Overrides, env: &dyn Env, base: &Path) ->
     }
     let lease_margin =
         duration(raw.journal.lease_margin.as_deref(), "journal.lease_margin", DEFAULT_LEASE_MARGIN, &mut problems);
+    let max_pending_wait = duration(
+        raw.journal.max_pending_wait.as_deref(),
+        "journal.max_pending_wait",
+        DEFAULT_MAX_PENDING_WAIT,
+        &mut problems,
+    );
+    if max_pending_wait > MAX_MAX_PENDING_WAIT {
+        problems.push(format!(
+            "journal.max_pending_wait = {} is over {}: senders would give up before the answer",
+            humantime::format_duration(max_pending_wait),
+            humantime::format_duration(MAX_MAX_PENDING_WAIT)
+        ));
+    }
     let backend = validate_backend(&raw.journal, &raw.dedup, &journal, env, &mut problems);
     if matches!(backend, Backend::Nats(_)) {
         for name in raw.sources.keys().filter(|name| RESERVED_SOURCES.contains(&name.as_str())) {
@@ -596,6 +617,7 @@ fn validate(raw: RawConfig, overrides: Overrides, env: &dyn Env, base: &Path) ->
             journal,
             backend,
             lease_margin,
+            max_pending_wait,
             retry,
             sources,
         })
@@ -1084,6 +1106,15 @@ mod tests {
     fn bad_durations_are_named() {
         let err = check("[journal]\nretention = \"forever\"\n", &env(&[])).expect_err("bad duration");
         assert!(err.to_string().contains("journal.retention"), "{err}");
+    }
+
+    #[test]
+    fn the_wait_for_room_defaults_to_a_tenth_of_a_second_and_stays_under_senders_timeouts() {
+        assert_eq!(check("", &env(&[])).expect("valid").max_pending_wait, DEFAULT_MAX_PENDING_WAIT);
+        let config = check("[journal]\nmax_pending_wait = \"0s\"\n", &env(&[])).expect("zero refuses at once");
+        assert_eq!(config.max_pending_wait, Duration::ZERO);
+        let err = check("[journal]\nmax_pending_wait = \"30s\"\n", &env(&[])).expect_err("longer than senders wait");
+        assert!(err.to_string().contains("journal.max_pending_wait = 30s is over 10s"), "{err}");
     }
 
     #[test]

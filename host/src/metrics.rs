@@ -16,7 +16,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use crate::journal::Stats;
 
 /// Every metric: name, kind, unit, and what it counts. The README's table is this list.
-pub const CATALOGUE: [(&str, &str, &str); 19] = [
+pub const CATALOGUE: [(&str, &str, &str); 20] = [
     ("wasmhook_requests_total", "counter", "webhook requests answered, by `source` and HTTP `status`"),
     (
         "wasmhook_verification_failures_total",
@@ -51,6 +51,11 @@ pub const CATALOGUE: [(&str, &str, &str); 19] = [
         "time of one checkpoint, copying the journal's log into its database file, `by` the checkpointer thread or the writer",
     ),
     ("wasmhook_journal_max_pending", "gauge", "unfinished deliveries above which ingest answers 503"),
+    (
+        "wasmhook_requests_waited_for_room_total",
+        "counter",
+        "requests that found the journal at `max_pending` and waited for room, by `outcome` (room, refused)",
+    ),
     ("wasmhook_plugins_loaded", "gauge", "plugins serving now"),
 ];
 
@@ -136,6 +141,12 @@ pub fn request(source: &str, status: u16) {
 /// A request failed its signature check for `reason`.
 pub fn verification_failure(source: &str, reason: &'static str) {
     counter!("wasmhook_verification_failures_total", "source" => source.to_owned(), "reason" => reason).increment(1);
+}
+
+/// A request that found the journal full waited, then found room or was refused.
+pub fn waited_for_room(found: bool) {
+    counter!("wasmhook_requests_waited_for_room_total", "outcome" => if found { "room" } else { "refused" })
+        .increment(1);
 }
 
 /// An event was stored, or refused as a repeat.

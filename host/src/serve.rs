@@ -65,8 +65,13 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let ingest_listener = bind(config.listen, "webhook").await?;
     let admin_listener = bind(config.admin_listen, "admin").await?;
 
-    let ingest =
-        Arc::new(Ingest::new(config.sources.clone(), Arc::clone(&journal), Arc::clone(&registry), shutdown.clone()));
+    let ingest = Arc::new(Ingest::new(
+        config.sources.clone(),
+        Arc::clone(&journal),
+        Arc::clone(&registry),
+        config.max_pending_wait,
+        shutdown.clone(),
+    ));
     let admin =
         Arc::new(Admin::new(Arc::clone(&journal), Arc::clone(&registry), config.admin_token.clone(), shutdown.clone()));
     let tasks = TaskTracker::new();

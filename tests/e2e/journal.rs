@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::util::{EventStream, SECRET, TestHost, example, post};
+use crate::util::{EventStream, SECRET, TestHost, example, metric, post, scrape};
 
 /// Short backoffs so retry tests take milliseconds, not minutes.
 const FAST_RETRY: &str = "[retry]\nmax_attempts = 3\nfirst_delay = \"20ms\"\nmax_delay = \"100ms\"\n";
@@ -167,7 +167,9 @@ fn a_full_journal_answers_503_with_retry_after_and_delivers_everything_it_accept
     let host = TestHost::builder()
         .plugin_with_manifest("flaky", "[config]\nslow_ms = \"300\"\n")
         .setting("workers = 1")
-        .config("[journal]\nmax_pending = 2\n")
+        // Refused at once, without waiting for room: the runs of 503s stay in step with the
+        // requests.
+        .config("[journal]\nmax_pending = 2\nmax_pending_wait = \"0s\"\n")
         .start();
     let body = example("github/push.json");
     let mut accepted = Vec::new();
@@ -228,4 +230,25 @@ fn a_full_journal_refuses_before_verifying_the_signature() {
     let (status, answer) =
         post(&format!("{}/hooks/events", host.url), &[("content-type", "application/cloudevents-batch+json")], batch);
     assert_eq!(status, 503, "{answer}");
+    // Both waited the default 100 ms for room first.
+    let waited = |outcome| metric(&scrape(&host), "wasmhook_requests_waited_for_room_total", &[("outcome", outcome)]);
+    assert_eq!((waited("refused"), waited("room")), (2.0, 0.0));
+}
+
+#[test]
+fn a_request_that_finds_the_journal_full_waits_for_room_and_is_accepted() {
+    // One delivery that runs for 2 s fills a journal of one; the next event waits for it to
+    // finish, within max_pending_wait, instead of getting a 503.
+    let host = TestHost::builder()
+        .plugin_with_manifest("flaky", "[config]\nslow_ms = \"2000\"\n")
+        .config("[journal]\nmax_pending = 1\nmax_pending_wait = \"10s\"\n")
+        .start();
+    let body = example("github/push.json");
+    assert_eq!(host.github_reply("push", "first", &body, SECRET).status, 202);
+    let waited = host.github_reply("push", "waited", &body, SECRET);
+    assert_eq!(waited.status, 202, "{}", waited.json);
+    assert_eq!(host.wait_for_event("first")["status"], "done", "the room came from the first delivery");
+    let count = |outcome| metric(&scrape(&host), "wasmhook_requests_waited_for_room_total", &[("outcome", outcome)]);
+    assert_eq!((count("room"), count("refused")), (1.0, 0.0));
+    assert_eq!(host.wait_for_event("waited")["status"], "done");
 }

@@ -4,10 +4,12 @@
 # the same run (see docs/BENCHMARKS.md).
 #   1. the example host (`echo` and `github-push` both subscribe to pushes): closed loop
 #      beside the baseline, then open loop at 2 000, 5 000 and 18 000 requests/s (18 000:
-#      about twice what it sustains, so 503s are expected), sampling the host's resident memory;
+#      more than it sustains, over 512 connections, more than the 256 requests that may wait
+#      for room in a full journal, so 503s are expected), sampling the host's resident memory;
 #   2. `github-push` alone, a fresh instance per call, closed loop at 32 and at 64 connections;
-#   3. `github-push` alone with `reuse = 1000` in its manifest, closed loop at 32 and at 64
-#      connections; then the backlog 256 connections leave, drained after a kill -9 and a restart;
+#   3. `github-push` alone with `reuse = 1000` in its manifest, closed loop at 32, 64 and 256
+#      connections (256 outrun the plugin and fill the journal); then the backlog 256
+#      connections leave, drained after a kill -9 and a restart;
 #   4. ingest alone (no plugin loaded: each event is verified, deduplicated and stored, 202
 #      once on disk), closed loop beside the baseline at 32 and at 256 connections, then
 #      open loop at 5 000 requests/s beside the baseline at the same rate (the latency
@@ -48,7 +50,7 @@ start target/plugins
 $bench --compare --connections 32 --duration 10s --pid "$host_pid" --json target/bench-closed.json
 $bench --rate 2000 --connections 32 --duration 10s --json target/bench-open.json
 $bench --rate 5000 --connections 32 --duration 10s --pid "$host_pid" --json target/bench-5000.json
-$bench --rate 18000 --connections 128 --duration 20s --pid "$host_pid" --json target/bench-overload.json
+$bench --rate 18000 --connections 512 --duration 20s --pid "$host_pid" --json target/bench-overload.json
 
 echo "== github-push alone, a fresh instance per call"
 mkdir -p "$work/fresh" "$work/reuse"
@@ -65,6 +67,8 @@ start "$work/reuse"
 $bench --connections 32 --duration 10s --json target/bench-push-reuse.json
 start "$work/reuse"
 $bench --connections 64 --duration 10s --pid "$host_pid" --json target/bench-push-reuse-64.json
+start "$work/reuse"
+$bench --connections 256 --duration 10s --pid "$host_pid" --json target/bench-push-reuse-256.json
 
 echo "== a backlog drained after a restart: github-push alone, reuse = 1000"
 # 256 connections outrun the plugin and leave a backlog (up to max_pending); the host is

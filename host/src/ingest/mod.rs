@@ -2,8 +2,8 @@
 //! [`Journal::accept`] → `202` once durable.
 //!
 //! The checks run cheapest and safest first: route, method, content type, size (while
-//! reading, within a time limit), room in the journal (so that a 503 costs no verifying),
-//! signature (before parsing anything), body. A refused request is never stored. Turning a
+//! reading, within a time limit), room in the journal (waiting briefly for it when full, so
+//! that a 503 costs no verifying), signature (before parsing anything), body. A refused request is never stored. Turning a
 //! verified request into events is [`verify`]'s and [`cloudevents`]' job; this module only
 //! adds HTTP around it.
 
@@ -21,6 +21,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{HeaderMap, Method, Request, Response, StatusCode, header};
 use serde::Serialize;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub use error::{IngestError, RETRY_AFTER_SECONDS};
@@ -40,6 +41,11 @@ pub const HOOKS_PREFIX: &str = "/hooks/";
 pub const MAX_NAME_BYTES: usize = 256;
 /// How long a client may take to send its whole body (slow-client protection).
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most requests waiting for room in a full journal at once; beyond them a request is
+/// refused at once. Bounds the bodies held and the polling.
+pub const MAX_ROOM_WAITERS: usize = 256;
+/// How often a request waiting for room looks at the journal again.
+const ROOM_POLL: Duration = Duration::from_millis(10);
 
 /// The webhook endpoint: sources by name, and where accepted events go.
 pub struct Ingest {
@@ -47,6 +53,10 @@ pub struct Ingest {
     journal: Arc<dyn Journal>,
     registry: Arc<Registry>,
     shutdown: CancellationToken,
+    /// How long a request waits for room in a full journal before its `503`.
+    room_wait: Duration,
+    /// Places for the requests waiting for room.
+    room_waiters: Semaphore,
     refusals: Refusals,
 }
 
@@ -119,15 +129,25 @@ enum Received {
 }
 
 impl Ingest {
-    /// An endpoint for `sources` that stores into `journal`, routing with `registry`, and
-    /// refusing new events (503) once `shutdown` fires.
+    /// An endpoint for `sources` that stores into `journal`, routing with `registry`, waiting
+    /// up to `room_wait` for room while the journal is full, and refusing new events (503)
+    /// once `shutdown` fires.
     pub fn new(
         sources: BTreeMap<String, SourceConfig>,
         journal: Arc<dyn Journal>,
         registry: Arc<Registry>,
+        room_wait: Duration,
         shutdown: CancellationToken,
     ) -> Self {
-        Ingest { sources, journal, registry, shutdown, refusals: Refusals::default() }
+        Ingest {
+            sources,
+            journal,
+            registry,
+            shutdown,
+            room_wait,
+            room_waiters: Semaphore::new(MAX_ROOM_WAITERS),
+            refusals: Refusals::default(),
+        }
     }
 
     /// Answers one HTTP request.
@@ -205,7 +225,7 @@ impl Ingest {
             .map_err(|_| IngestError::Timeout(BODY_READ_TIMEOUT))??;
         // A request the journal could not take now is refused before the work of verifying
         // and parsing it: under overload that work would be spent on 503s.
-        self.has_room()?;
+        self.wait_for_room().await?;
 
         verify::verify(&source.verify, &parts.headers, &body, now_ms() / 1000).inspect_err(|err| {
             metrics::verification_failure(&name, failure_reason(&err.to_string()));
@@ -274,11 +294,44 @@ impl Ingest {
     }
 
     /// Refuses (503) while the host shuts down or the journal could not take an event now.
-    fn has_room(&self) -> Result<(), IngestError> {
-        if self.shutdown.is_cancelled() {
-            return Err(IngestError::Unavailable("the host is shutting down".to_owned()));
+    /// A full journal is given up to `room_wait` to make room (one of
+    /// [`MAX_ROOM_WAITERS`] places): an answer a little later is better than a `503`, which
+    /// some senders never retry, and a sender that retries at once spends the CPU that
+    /// deliveries need to make the room.
+    async fn wait_for_room(&self) -> Result<(), IngestError> {
+        let shutting_down = || IngestError::Unavailable("the host is shutting down".to_owned());
+        let mut waiting = None;
+        let deadline = tokio::time::Instant::now() + self.room_wait;
+        loop {
+            if self.shutdown.is_cancelled() {
+                return Err(shutting_down());
+            }
+            let full = match self.journal.has_room() {
+                Ok(()) => {
+                    if waiting.is_some() {
+                        metrics::waited_for_room(true);
+                    }
+                    return Ok(());
+                }
+                Err(full @ JournalError::Full { .. }) => full,
+                Err(other) => return Err(self.refusal(other)),
+            };
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                if waiting.is_some() {
+                    metrics::waited_for_room(false);
+                }
+                return Err(self.refusal(full));
+            }
+            if waiting.is_none() {
+                let Ok(place) = self.room_waiters.try_acquire() else { return Err(self.refusal(full)) };
+                waiting = Some(place);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(ROOM_POLL.min(deadline - now)) => {}
+                () = self.shutdown.cancelled() => return Err(shutting_down()),
+            }
         }
-        self.journal.has_room().map_err(|err| self.refusal(err))
     }
 
     /// Routes the event and stores it; answers only once it is durable.

@@ -16,7 +16,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use crate::journal::Stats;
 
 /// Every metric: name, kind, unit, and what it counts. The README's table is this list.
-pub const CATALOGUE: [(&str, &str, &str); 20] = [
+pub const CATALOGUE: [(&str, &str, &str); 21] = [
     ("wasmhook_requests_total", "counter", "webhook requests answered, by `source` and HTTP `status`"),
     (
         "wasmhook_verification_failures_total",
@@ -52,10 +52,11 @@ pub const CATALOGUE: [(&str, &str, &str); 20] = [
     ),
     ("wasmhook_journal_max_pending", "gauge", "unfinished deliveries above which ingest answers 503"),
     (
-        "wasmhook_requests_waited_for_room_total",
+        "wasmhook_requests_at_max_pending_total",
         "counter",
-        "requests that found the journal at `max_pending` and waited for room, by `outcome` (room, refused)",
+        "requests that found the journal at `max_pending`, by `outcome`: room (found within `max_pending_wait`), refused (503 after the wait), no_place (503 at once: 256 requests were waiting)",
     ),
+    ("wasmhook_requests_waiting_for_room", "gauge", "requests waiting now for room in a full journal (at most 256)"),
     ("wasmhook_plugins_loaded", "gauge", "plugins serving now"),
 ];
 
@@ -143,10 +144,26 @@ pub fn verification_failure(source: &str, reason: &'static str) {
     counter!("wasmhook_verification_failures_total", "source" => source.to_owned(), "reason" => reason).increment(1);
 }
 
-/// A request that found the journal full waited, then found room or was refused.
-pub fn waited_for_room(found: bool) {
-    counter!("wasmhook_requests_waited_for_room_total", "outcome" => if found { "room" } else { "refused" })
-        .increment(1);
+/// Counts one request waiting for room in a full journal for as long as it waits.
+pub struct WaitingForRoom;
+
+impl WaitingForRoom {
+    /// A request starts waiting.
+    pub fn start() -> Self {
+        gauge!("wasmhook_requests_waiting_for_room").increment(1.0);
+        WaitingForRoom
+    }
+}
+
+impl Drop for WaitingForRoom {
+    fn drop(&mut self) {
+        gauge!("wasmhook_requests_waiting_for_room").decrement(1.0);
+    }
+}
+
+/// A request found the journal at `max_pending`: `outcome` is what became of it.
+pub fn at_max_pending(outcome: &'static str) {
+    counter!("wasmhook_requests_at_max_pending_total", "outcome" => outcome).increment(1);
 }
 
 /// An event was stored, or refused as a repeat.

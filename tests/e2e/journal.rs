@@ -194,6 +194,8 @@ fn a_full_journal_answers_503_with_retry_after_and_delivers_everything_it_accept
         }
     }
     assert!(refused > 0 && !accepted.is_empty(), "accepted {accepted:?}, refused {refused}");
+    let at_max_pending = metric(&scrape(&host), "wasmhook_requests_at_max_pending_total", &[("outcome", "refused")]);
+    assert_eq!(at_max_pending, refused as f64, "each 503 refused at once, without waiting");
     for id in &accepted {
         assert_eq!(host.wait_for_event(id)["status"], "done");
     }
@@ -231,8 +233,8 @@ fn a_full_journal_refuses_before_verifying_the_signature() {
         post(&format!("{}/hooks/events", host.url), &[("content-type", "application/cloudevents-batch+json")], batch);
     assert_eq!(status, 503, "{answer}");
     // Both waited the default 100 ms for room first.
-    let waited = |outcome| metric(&scrape(&host), "wasmhook_requests_waited_for_room_total", &[("outcome", outcome)]);
-    assert_eq!((waited("refused"), waited("room")), (2.0, 0.0));
+    let count = |outcome| metric(&scrape(&host), "wasmhook_requests_at_max_pending_total", &[("outcome", outcome)]);
+    assert_eq!((count("refused"), count("room"), count("no_place")), (2.0, 0.0, 0.0));
 }
 
 #[test]
@@ -248,7 +250,34 @@ fn a_request_that_finds_the_journal_full_waits_for_room_and_is_accepted() {
     let waited = host.github_reply("push", "waited", &body, SECRET);
     assert_eq!(waited.status, 202, "{}", waited.json);
     assert_eq!(host.wait_for_event("first")["status"], "done", "the room came from the first delivery");
-    let count = |outcome| metric(&scrape(&host), "wasmhook_requests_waited_for_room_total", &[("outcome", outcome)]);
+    let count = |outcome| metric(&scrape(&host), "wasmhook_requests_at_max_pending_total", &[("outcome", outcome)]);
     assert_eq!((count("room"), count("refused")), (1.0, 0.0));
     assert_eq!(host.wait_for_event("waited")["status"], "done");
+}
+
+#[test]
+fn a_request_waiting_for_room_is_refused_at_once_when_the_host_shuts_down() {
+    let mut host = TestHost::builder()
+        .plugin_with_manifest("flaky", "[config]\nslow_ms = \"3000\"\n")
+        .config("[journal]\nmax_pending = 1\nmax_pending_wait = \"10s\"\n")
+        .start();
+    let body = example("github/push.json");
+    assert_eq!(host.github_reply("push", "fill", &body, SECRET).status, 202);
+    let waiting = std::thread::spawn({
+        let url = host.url.clone();
+        let body = body.clone();
+        move || crate::util::try_post_github(&url, "push", "held", &body, SECRET)
+    });
+    let waiters = || metric(&scrape(&host), "wasmhook_requests_waiting_for_room", &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while waiters() < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "the second request never waited for room");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    host.terminate();
+    // Told that the host is stopping, not that the journal is full: it stopped waiting for room.
+    let reply = waiting.join().expect("the waiting request").expect("an answer");
+    assert_eq!(reply.status, 503, "{}", reply.json);
+    assert!(reply.json["error"].as_str().is_some_and(|error| error.contains("shutting down")), "{}", reply.json);
+    assert!(host.wait_exit().success(), "{}", host.log());
 }

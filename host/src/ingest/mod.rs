@@ -2,8 +2,9 @@
 //! [`Journal::accept`] → `202` once durable.
 //!
 //! The checks run cheapest and safest first: route, method, content type, size (while
-//! reading, within a time limit), room in the journal (waiting briefly for it when full, so
-//! that a 503 costs no verifying), signature (before parsing anything), body. A refused request is never stored. Turning a
+//! reading, within a time limit), room in the journal (waiting briefly for it when full;
+//! checked before verifying, so that a 503 costs no verifying), signature (before parsing
+//! anything), body. A refused request is never stored. Turning a
 //! verified request into events is [`verify`]'s and [`cloudevents`]' job; this module only
 //! adds HTTP around it.
 
@@ -294,44 +295,44 @@ impl Ingest {
     }
 
     /// Refuses (503) while the host shuts down or the journal could not take an event now.
-    /// A full journal is given up to `room_wait` to make room (one of
-    /// [`MAX_ROOM_WAITERS`] places): an answer a little later is better than a `503`, which
-    /// some senders never retry, and a sender that retries at once spends the CPU that
-    /// deliveries need to make the room.
+    /// A full journal is given up to `room_wait` to make room, if one of the
+    /// [`MAX_ROOM_WAITERS`] places is free: an answer a little later is better than a `503`,
+    /// which some senders never retry, and a sender that retries at once spends the CPU the
+    /// deliveries need to make the room. Room found here can still be taken by another
+    /// request before this one reaches [`Journal::accept`], which then refuses it.
     async fn wait_for_room(&self) -> Result<(), IngestError> {
         let shutting_down = || IngestError::Unavailable("the host is shutting down".to_owned());
-        let mut waiting = None;
+        if self.shutdown.is_cancelled() {
+            return Err(shutting_down());
+        }
+        let full = match self.journal.has_room() {
+            Ok(()) => return Ok(()),
+            Err(full @ JournalError::Full { .. }) => full,
+            Err(other) => return Err(self.refusal(other)),
+        };
+        let Ok(_place) = self.room_waiters.try_acquire() else {
+            metrics::at_max_pending("no_place");
+            return Err(self.refusal(full));
+        };
+        let _waiting = metrics::WaitingForRoom::start();
         let deadline = tokio::time::Instant::now() + self.room_wait;
-        loop {
-            if self.shutdown.is_cancelled() {
-                return Err(shutting_down());
-            }
-            let full = match self.journal.has_room() {
-                Ok(()) => {
-                    if waiting.is_some() {
-                        metrics::waited_for_room(true);
-                    }
-                    return Ok(());
-                }
-                Err(full @ JournalError::Full { .. }) => full,
-                Err(other) => return Err(self.refusal(other)),
-            };
+        let waited = loop {
             let now = tokio::time::Instant::now();
             if now >= deadline {
-                if waiting.is_some() {
-                    metrics::waited_for_room(false);
-                }
-                return Err(self.refusal(full));
-            }
-            if waiting.is_none() {
-                let Ok(place) = self.room_waiters.try_acquire() else { return Err(self.refusal(full)) };
-                waiting = Some(place);
+                break Err(self.refusal(full));
             }
             tokio::select! {
                 () = tokio::time::sleep(ROOM_POLL.min(deadline - now)) => {}
-                () = self.shutdown.cancelled() => return Err(shutting_down()),
+                () = self.shutdown.cancelled() => break Err(shutting_down()),
             }
-        }
+            match self.journal.has_room() {
+                Ok(()) => break Ok(()),
+                Err(JournalError::Full { .. }) => {}
+                Err(other) => break Err(self.refusal(other)),
+            }
+        };
+        metrics::at_max_pending(if waited.is_ok() { "room" } else { "refused" });
+        waited
     }
 
     /// Routes the event and stores it; answers only once it is durable.

@@ -4,9 +4,8 @@
 //! The checks run cheapest and safest first: route, method, content type, size (while
 //! reading, within a time limit), room in the journal (waiting briefly for it when full;
 //! checked before verifying, so that a 503 costs no verifying), signature (before parsing
-//! anything), body. A refused request is never stored. Turning a
-//! verified request into events is [`verify`]'s and [`cloudevents`]' job; this module only
-//! adds HTTP around it.
+//! anything), body. A refused request is never stored. Turning a verified request into
+//! events is [`verify`]'s and [`cloudevents`]' job; this module only adds HTTP around it.
 
 pub mod cloudevents;
 mod error;

@@ -3,9 +3,9 @@
 # fresh data folder (but the drain, on the one its host left), next to a bare hyper server in
 # the same run (see docs/BENCHMARKS.md).
 #   1. the example host (`echo` and `github-push` both subscribe to pushes): closed loop
-#      beside the baseline, then open loop at 2 000, 5 000 and 18 000 requests/s (18 000:
-#      more than it sustains, over 512 connections, more than the 256 requests that may wait
-#      for room in a full journal, so 503s are expected), sampling the host's resident memory;
+#      beside the baseline, then open loop at 2 000, 5 000 and 28 000 requests/s (28 000:
+#      about twice what it sustains, over 512 connections, more than the 256 requests that may
+#      wait for room in a full journal, so 503s are expected), sampling the host's resident memory;
 #   2. `github-push` alone, a fresh instance per call, closed loop at 32 and at 64 connections;
 #   3. `github-push` alone with `reuse = 1000` in its manifest, closed loop at 32, 64 and 256
 #      connections (256 outrun the plugin and fill the journal); then the backlog 256
@@ -50,7 +50,7 @@ start target/plugins
 $bench --compare --connections 32 --duration 10s --pid "$host_pid" --json target/bench-closed.json
 $bench --rate 2000 --connections 32 --duration 10s --json target/bench-open.json
 $bench --rate 5000 --connections 32 --duration 10s --pid "$host_pid" --json target/bench-5000.json
-$bench --rate 18000 --connections 512 --duration 20s --pid "$host_pid" --json target/bench-overload.json
+$bench --rate 28000 --connections 512 --duration 20s --pid "$host_pid" --json target/bench-overload.json
 
 echo "== github-push alone, a fresh instance per call"
 mkdir -p "$work/fresh" "$work/reuse"

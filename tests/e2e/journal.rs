@@ -281,3 +281,40 @@ fn a_request_waiting_for_room_is_refused_at_once_when_the_host_shuts_down() {
     assert!(reply.json["error"].as_str().is_some_and(|error| error.contains("shutting down")), "{}", reply.json);
     assert!(host.wait_exit().success(), "{}", host.log());
 }
+
+#[test]
+fn at_most_256_requests_wait_for_room_and_the_next_is_refused_at_once() {
+    // A delivery that keeps failing stays unfinished (retrying, an hour apart at most) and
+    // keeps a journal of one full without using the CPU.
+    let host = TestHost::builder()
+        .plugin_with_manifest("flaky", "[config]\nmode = \"retry\"\n")
+        .config(
+            "[journal]\nmax_pending = 1\nmax_pending_wait = \"4s\"\n\
+             [retry]\nmax_attempts = 100\nfirst_delay = \"1h\"\nmax_delay = \"1h\"\n",
+        )
+        .start();
+    let body = example("github/push.json");
+    assert_eq!(host.github_reply("push", "fill", &body, SECRET).status, 202);
+    let places = wasmhook::ingest::MAX_ROOM_WAITERS;
+    let waiters: Vec<_> = (0..places)
+        .map(|n| {
+            let (url, body) = (host.url.clone(), body.clone());
+            std::thread::spawn(move || crate::util::try_post_github(&url, "push", &format!("wait-{n}"), &body, SECRET))
+        })
+        .collect();
+    let waiting = || metric(&scrape(&host), "wasmhook_requests_waiting_for_room", &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    while waiting() < places as f64 {
+        assert!(std::time::Instant::now() < deadline, "only {} requests waiting", waiting());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let turned_away = host.github_reply("push", "one-too-many", &body, SECRET);
+    assert_eq!(turned_away.status, 503, "{}", turned_away.json);
+    for waiter in waiters {
+        let reply = waiter.join().expect("a waiting request").expect("an answer");
+        assert_eq!(reply.status, 503, "the journal stayed full: {}", reply.json);
+    }
+    let count = |outcome| metric(&scrape(&host), "wasmhook_requests_at_max_pending_total", &[("outcome", outcome)]);
+    assert_eq!((count("no_place"), count("refused"), count("room")), (1.0, places as f64, 0.0));
+    assert_eq!(waiting(), 0.0, "every place given back");
+}

@@ -28,9 +28,15 @@ trap 'stop; rm -rf "$work" ${shm:+"$shm"}' EXIT
 # Polls until `$@` succeeds, for at most 30 s.
 ready() { for _ in $(seq 150); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done; echo "not ready: $*" >&2; exit 1; }
 
+# Writes every dirty page to disk before a step, so that the step does not pay for the
+# writeback of what earlier steps (or builds) wrote: on this VM an fsync waits behind it, and a
+# few GiB of it held acknowledgements at 5 000/s for up to a second (docs/BENCHMARKS.md).
+settle() { sync; }
+
 start() { # start PLUGINS_FOLDER [keep]: the example host on a fresh data folder ($data), or on the one there with "keep"
   stop
   [ "${2:-}" = keep ] || rm -rf "$data"
+  settle
   GITHUB_WEBHOOK_SECRET=dev-secret STRIPE_WEBHOOK_SECRET=x SLACK_SIGNING_SECRET=x \
     STANDARD_WEBHOOKS_SECRET=whsec_ZGV2 GITLAB_WEBHOOK_TOKEN=x CI_WEBHOOK_SECRET=x RUST_LOG=error \
     ./target/release/wasmhook serve --config examples/wasmhook.toml --data "$data" --plugins "$1" &
@@ -48,7 +54,9 @@ fi
 echo "== the example host: echo + github-push"
 start target/plugins
 $bench --compare --connections 32 --duration 10s --pid "$host_pid" --json target/bench-closed.json
+settle
 $bench --rate 2000 --connections 32 --duration 10s --json target/bench-open.json
+settle
 $bench --rate 5000 --connections 32 --duration 10s --pid "$host_pid" --json target/bench-5000.json
 $bench --rate 28000 --connections 512 --duration 20s --pid "$host_pid" --json target/bench-overload.json
 

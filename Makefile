@@ -42,9 +42,9 @@ bench-reload: plugins
 	$(CARGO) bench --bench reload
 
 ## make bench-load: the example host under wasmhook-bench next to a bare hyper server (closed
-## loop, then open loop at 2000, 5000 and 28000 requests/s with its memory sampled), then
-## github-push alone with a fresh instance per call and with reuse (up to 256 connections,
-## and a backlog drained after a restart), then ingest alone (no
+## loop, then open loop at 2000, 5000 and 28000 requests/s, the last over 512 connections, with
+## its memory sampled), then github-push alone with a fresh instance per call and with reuse
+## (up to 256 connections, and a backlog drained after a restart), then ingest alone (no
 ## plugin) at 32 and 256 connections and at 5000 requests/s, the last on disk and on tmpfs
 ## (tests/load/load.sh).
 bench-load: plugins

@@ -54,7 +54,7 @@ pub const CATALOGUE: [(&str, &str, &str); 21] = [
     (
         "wasmhook_requests_at_max_pending_total",
         "counter",
-        "requests that found the journal at `max_pending`, by `outcome`: room (found within `max_pending_wait`), refused (503 after the wait), no_place (503 at once: 256 requests were waiting)",
+        "requests that found the journal at `max_pending`, by `outcome`: room (found within `max_pending_wait`), refused (503 after waiting: the wait ran out, the journal went away or the host began to stop), no_place (503 at once: 256 requests were waiting)",
     ),
     ("wasmhook_requests_waiting_for_room", "gauge", "requests waiting now for room in a full journal (at most 256)"),
     ("wasmhook_plugins_loaded", "gauge", "plugins serving now"),

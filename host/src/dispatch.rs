@@ -178,7 +178,7 @@ async fn deliver(
 ) {
     let event = &lease.event;
     let started = Instant::now();
-    let in_flight = metrics::InFlight::start();
+    let in_flight = metrics::call_in_flight();
     let result = plugin.component.invoke(event, lease.attempt).await;
     drop((in_flight, permits));
     call_ended.notify_one();

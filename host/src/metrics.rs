@@ -144,23 +144,6 @@ pub fn verification_failure(source: &str, reason: &'static str) {
     counter!("wasmhook_verification_failures_total", "source" => source.to_owned(), "reason" => reason).increment(1);
 }
 
-/// Counts one request waiting for room in a full journal for as long as it waits.
-pub struct WaitingForRoom;
-
-impl WaitingForRoom {
-    /// A request starts waiting.
-    pub fn start() -> Self {
-        gauge!("wasmhook_requests_waiting_for_room").increment(1.0);
-        WaitingForRoom
-    }
-}
-
-impl Drop for WaitingForRoom {
-    fn drop(&mut self) {
-        gauge!("wasmhook_requests_waiting_for_room").decrement(1.0);
-    }
-}
-
 /// A request found the journal at `max_pending`: `outcome` is what became of it.
 pub fn at_max_pending(outcome: &'static str) {
     counter!("wasmhook_requests_at_max_pending_total", "outcome" => outcome).increment(1);
@@ -172,25 +155,29 @@ pub fn accepted(source: &str, duplicate: bool) {
     ACCEPTED.get(duplicate, source, || counter!(name, "source" => source.to_owned())).increment(1);
 }
 
-/// Counts one running call for as long as it lives.
-pub struct InFlight;
+/// Counts one in a gauge for as long as it lives: a running call, a request waiting for room.
+pub struct Held(Gauge);
 
-impl InFlight {
-    /// A call starts.
-    pub fn start() -> Self {
-        in_flight().increment(1.0);
-        InFlight
-    }
-}
-
-impl Drop for InFlight {
+impl Drop for Held {
     fn drop(&mut self) {
-        in_flight().decrement(1.0);
+        self.0.decrement(1.0);
     }
 }
 
-fn in_flight() -> Gauge {
-    IN_FLIGHT.get((), "", || gauge!("wasmhook_calls_in_flight"))
+fn hold(gauge: Gauge) -> Held {
+    gauge.increment(1.0);
+    Held(gauge)
+}
+
+/// A plugin call starts: `wasmhook_calls_in_flight` counts it until the guard drops.
+pub fn call_in_flight() -> Held {
+    hold(IN_FLIGHT.get((), "", || gauge!("wasmhook_calls_in_flight")))
+}
+
+/// A request starts waiting for room: `wasmhook_requests_waiting_for_room` counts it until the
+/// guard drops.
+pub fn waiting_for_room() -> Held {
+    hold(gauge!("wasmhook_requests_waiting_for_room"))
 }
 
 /// A call of `plugin` ended with `outcome` (done, retry, dead) after `took`.

@@ -194,8 +194,7 @@ fn a_full_journal_answers_503_with_retry_after_and_delivers_everything_it_accept
         }
     }
     assert!(refused > 0 && !accepted.is_empty(), "accepted {accepted:?}, refused {refused}");
-    let at_max_pending = metric(&scrape(&host), "wasmhook_requests_at_max_pending_total", &[("outcome", "refused")]);
-    assert_eq!(at_max_pending, refused as f64, "each 503 refused at once, without waiting");
+    assert_eq!(at_max_pending(&host, "refused"), refused as f64, "each 503 refused at once, without waiting");
     for id in &accepted {
         assert_eq!(host.wait_for_event(id)["status"], "done");
     }
@@ -211,15 +210,32 @@ fn a_full_journal_answers_503_with_retry_after_and_delivers_everything_it_accept
     assert_eq!(host.count_log("accepting again after answering 503"), ends, "statuses {statuses:?}");
 }
 
+/// A host whose journal of one is full for `slow_ms`: the delivery of the event "fill", which
+/// it has just accepted, runs that long. `config` follows `max_pending = 1` in `[journal]`.
+fn host_with_a_full_journal(slow_ms: u32, config: &str) -> TestHost {
+    let host = TestHost::builder()
+        .plugin_with_manifest("flaky", &format!("[config]\nslow_ms = \"{slow_ms}\"\n"))
+        .config(&format!("[journal]\nmax_pending = 1\n{config}"))
+        .start();
+    assert_eq!(host.github_reply("push", "fill", &example("github/push.json"), SECRET).status, 202);
+    host
+}
+
+/// How many requests found the journal full and ended with `outcome` (room, refused, no_place).
+fn at_max_pending(host: &TestHost, outcome: &str) -> f64 {
+    metric(&scrape(host), "wasmhook_requests_at_max_pending_total", &[("outcome", outcome)])
+}
+
+/// How many requests wait for room now.
+fn waiting_for_room(host: &TestHost) -> f64 {
+    metric(&scrape(host), "wasmhook_requests_waiting_for_room", &[])
+}
+
 #[test]
 fn a_full_journal_refuses_before_verifying_the_signature() {
-    // One delivery that runs for 2 s fills a journal of one: what comes meanwhile is refused.
-    let host = TestHost::builder()
-        .plugin_with_manifest("flaky", "[config]\nslow_ms = \"2000\"\n")
-        .config("[journal]\nmax_pending = 1\n[sources.events]\nverify = \"none\"\nformat = \"cloudevents\"\n")
-        .start();
+    // What comes while the one delivery runs (2 s) is refused.
+    let host = host_with_a_full_journal(2000, "[sources.events]\nverify = \"none\"\nformat = \"cloudevents\"\n");
     let body = example("github/push.json");
-    assert_eq!(host.github_reply("push", "fill", &body, SECRET).status, 202);
     // A forged request gets the 503, not the 401 that verifying it would have given, and the
     // refusal names no figure of the journal's.
     let forged = host.github_reply("push", "forged", &body, "wrong-secret");
@@ -233,44 +249,31 @@ fn a_full_journal_refuses_before_verifying_the_signature() {
         post(&format!("{}/hooks/events", host.url), &[("content-type", "application/cloudevents-batch+json")], batch);
     assert_eq!(status, 503, "{answer}");
     // Both waited the default 100 ms for room first.
-    let count = |outcome| metric(&scrape(&host), "wasmhook_requests_at_max_pending_total", &[("outcome", outcome)]);
-    assert_eq!((count("refused"), count("room"), count("no_place")), (2.0, 0.0, 0.0));
+    let counts = ["refused", "room", "no_place"].map(|outcome| at_max_pending(&host, outcome));
+    assert_eq!(counts, [2.0, 0.0, 0.0]);
 }
 
 #[test]
 fn a_request_that_finds_the_journal_full_waits_for_room_and_is_accepted() {
-    // One delivery that runs for 2 s fills a journal of one; the next event waits for it to
-    // finish, within max_pending_wait, instead of getting a 503.
-    let host = TestHost::builder()
-        .plugin_with_manifest("flaky", "[config]\nslow_ms = \"2000\"\n")
-        .config("[journal]\nmax_pending = 1\nmax_pending_wait = \"10s\"\n")
-        .start();
-    let body = example("github/push.json");
-    assert_eq!(host.github_reply("push", "first", &body, SECRET).status, 202);
-    let waited = host.github_reply("push", "waited", &body, SECRET);
+    // The next event waits for the one delivery (2 s) to finish, within max_pending_wait,
+    // instead of getting a 503.
+    let host = host_with_a_full_journal(2000, "max_pending_wait = \"10s\"\n");
+    let waited = host.github_reply("push", "waited", &example("github/push.json"), SECRET);
     assert_eq!(waited.status, 202, "{}", waited.json);
-    assert_eq!(host.wait_for_event("first")["status"], "done", "the room came from the first delivery");
-    let count = |outcome| metric(&scrape(&host), "wasmhook_requests_at_max_pending_total", &[("outcome", outcome)]);
-    assert_eq!((count("room"), count("refused")), (1.0, 0.0));
+    assert_eq!(host.wait_for_event("fill")["status"], "done", "the room came from the first delivery");
+    assert_eq!((at_max_pending(&host, "room"), at_max_pending(&host, "refused")), (1.0, 0.0));
     assert_eq!(host.wait_for_event("waited")["status"], "done");
 }
 
 #[test]
 fn a_request_waiting_for_room_is_refused_at_once_when_the_host_shuts_down() {
-    let mut host = TestHost::builder()
-        .plugin_with_manifest("flaky", "[config]\nslow_ms = \"3000\"\n")
-        .config("[journal]\nmax_pending = 1\nmax_pending_wait = \"10s\"\n")
-        .start();
-    let body = example("github/push.json");
-    assert_eq!(host.github_reply("push", "fill", &body, SECRET).status, 202);
+    let mut host = host_with_a_full_journal(3000, "max_pending_wait = \"10s\"\n");
     let waiting = std::thread::spawn({
         let url = host.url.clone();
-        let body = body.clone();
-        move || crate::util::try_post_github(&url, "push", "held", &body, SECRET)
+        move || crate::util::try_post_github(&url, "push", "held", &example("github/push.json"), SECRET)
     });
-    let waiters = || metric(&scrape(&host), "wasmhook_requests_waiting_for_room", &[]);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while waiters() < 1.0 {
+    while waiting_for_room(&host) < 1.0 {
         assert!(std::time::Instant::now() < deadline, "the second request never waited for room");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -302,10 +305,9 @@ fn at_most_256_requests_wait_for_room_and_the_next_is_refused_at_once() {
             std::thread::spawn(move || crate::util::try_post_github(&url, "push", &format!("wait-{n}"), &body, SECRET))
         })
         .collect();
-    let waiting = || metric(&scrape(&host), "wasmhook_requests_waiting_for_room", &[]);
     let deadline = std::time::Instant::now() + Duration::from_secs(4);
-    while waiting() < places as f64 {
-        assert!(std::time::Instant::now() < deadline, "only {} requests waiting", waiting());
+    while waiting_for_room(&host) < places as f64 {
+        assert!(std::time::Instant::now() < deadline, "only {} requests waiting", waiting_for_room(&host));
         std::thread::sleep(Duration::from_millis(20));
     }
     let turned_away = host.github_reply("push", "one-too-many", &body, SECRET);
@@ -314,7 +316,7 @@ fn at_most_256_requests_wait_for_room_and_the_next_is_refused_at_once() {
         let reply = waiter.join().expect("a waiting request").expect("an answer");
         assert_eq!(reply.status, 503, "the journal stayed full: {}", reply.json);
     }
-    let count = |outcome| metric(&scrape(&host), "wasmhook_requests_at_max_pending_total", &[("outcome", outcome)]);
-    assert_eq!((count("no_place"), count("refused"), count("room")), (1.0, places as f64, 0.0));
-    assert_eq!(waiting(), 0.0, "every place given back");
+    let counts = ["no_place", "refused", "room"].map(|outcome| at_max_pending(&host, outcome));
+    assert_eq!(counts, [1.0, places as f64, 0.0]);
+    assert_eq!(waiting_for_room(&host), 0.0, "every place given back");
 }

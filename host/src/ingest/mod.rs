@@ -313,7 +313,7 @@ impl Ingest {
             metrics::at_max_pending("no_place");
             return Err(self.refusal(full));
         };
-        let _waiting = metrics::WaitingForRoom::start();
+        let _waiting = metrics::waiting_for_room();
         let deadline = tokio::time::Instant::now() + self.room_wait;
         let waited = loop {
             let now = tokio::time::Instant::now();

@@ -41,8 +41,11 @@ use rusqlite::Connection;
 const RESTART_AT: u64 = 4_000;
 /// The log length at which SQLite checkpoints on the writer anyway (64 MiB of pages).
 pub(super) const WRITER_CHECKPOINT_AT: u32 = 16_000;
-/// How long commits gather before a pass, after one that copied [`BUSY_PASS`] frames or more.
-const GATHER_BUSY: Duration = Duration::from_millis(20);
+/// How long commits gather before a pass, after one that copied [`BUSY_PASS`] frames or more:
+/// a page committed several times meanwhile (an index leaf, the event table's last leaf) is
+/// copied once, and the database file synced once (100 ms rather than 20 took the
+/// checkpointer from 8 – 9 to 5 – 6 µs of CPU per event under load, docs/BENCHMARKS-HISTORY.md).
+const GATHER_BUSY: Duration = Duration::from_millis(100);
 /// How long they gather after a pass that copied fewer: a quiet host pays a few passes a
 /// second, not one per commit.
 const GATHER_QUIET: Duration = Duration::from_millis(250);

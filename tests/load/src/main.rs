@@ -63,6 +63,11 @@ struct Args {
     /// left by an earlier run), and report how fast they were done.
     #[arg(long, conflicts_with_all = ["compare", "baseline_only", "rate"])]
     drain_only: bool,
+    /// Send random (version 4) UUIDs as delivery ids, as many CloudEvents producers do,
+    /// rather than ids that follow the order they are sent in, as GitHub's time-based
+    /// (version 1) GUIDs do. Random ids land all over the journal's index of dedup keys.
+    #[arg(long)]
+    random_ids: bool,
     /// Write the results as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -255,6 +260,7 @@ async fn load(
             body: body.clone(),
             signature: signature.to_owned(),
             run: run_id.clone(),
+            random_ids: args.random_ids,
         }));
     }
     let cpu_before = cpu_seconds(std::process::id());
@@ -334,6 +340,14 @@ struct Target {
     body: Bytes,
     signature: String,
     run: String,
+    random_ids: bool,
+}
+
+impl Target {
+    /// The delivery id of request `n`: unique across runs, in order unless random.
+    fn delivery_id(&self, n: u64) -> String {
+        if self.random_ids { uuid::Uuid::new_v4().to_string() } else { format!("{}-{n}", self.run) }
+    }
 }
 
 /// Which request a run sends next, and from when its latency counts.
@@ -485,7 +499,7 @@ async fn connection(target: &Target, schedule: &Schedule) -> anyhow::Result<Tall
             .header("host", target.authority.as_str())
             .header("content-type", "application/json")
             .header("x-github-event", "push")
-            .header("x-github-delivery", format!("{}-{n}", target.run))
+            .header("x-github-delivery", target.delivery_id(n))
             .header("x-hub-signature-256", target.signature.as_str())
             .body(Full::new(target.body.clone()))?;
         match send.send_request(request).await {
@@ -712,6 +726,25 @@ mod tests {
             assert_eq!(name, want_name);
             assert!((us - want_us).abs() < 1e-6, "{name}: {us} µs, want {want_us}");
         }
+    }
+
+    #[test]
+    fn delivery_ids_follow_the_send_order_unless_random() {
+        let target = |random_ids| Target {
+            authority: String::new(),
+            path: String::new(),
+            body: Bytes::new(),
+            signature: String::new(),
+            run: "wasmhook-1700000000000".to_owned(),
+            random_ids,
+        };
+        let ordered = target(false);
+        assert_eq!(ordered.delivery_id(7), "wasmhook-1700000000000-7");
+        let random = target(true);
+        let (first, second) = (random.delivery_id(7), random.delivery_id(7));
+        assert_ne!(first, second, "a random id is new each time, even for the same request number");
+        let parsed = uuid::Uuid::parse_str(&first).expect("a UUID");
+        assert_eq!(parsed.get_version_num(), 4, "random, like a CloudEvents producer's");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -425,7 +425,12 @@ fn start_syncer(path: &Path) -> Result<Syncer<(Write, Done)>, JournalError> {
         .write(true)
         .open(&wal)
         .map_err(|err| JournalError::Storage(format!("cannot open {}: {err}", wal.display())))?;
-    Syncer::start(file, |(write, done), synced: Result<(), &std::io::Error>| {
+    syncer_of(file)
+}
+
+/// A syncer of the write-ahead log `wal` that answers each write once synced.
+fn syncer_of(wal: std::fs::File) -> Result<Syncer<(Write, Done)>, JournalError> {
+    Syncer::start(wal, |(write, done), synced: Result<(), &std::io::Error>| {
         let result =
             synced.map(|()| done).map_err(|err| JournalError::Storage(format!("cannot sync the journal: {err}")));
         respond(write, result);
@@ -679,18 +684,26 @@ fn write_loop(
         batch.push(first);
         gather(&mut queue, &mut batch);
         // After a failed sync of the database file, its copied pages may be lost while SQLite
-        // counts them as copied: the log must keep them until a restart copies it again, and
-        // nothing more is promised the disk (as after a failed sync of the log).
-        if checkpointer.failed() {
-            if !checkpoints_off {
-                if let Err(err) = connection.pragma_update(None, "wal_autocheckpoint", 0) {
-                    tracing::error!(error = %err, "cannot turn SQLite's own checkpoint off");
-                }
-                checkpoints_off = true;
+        // counts them as copied: the log must keep them until a restart copies it again.
+        if checkpointer.failed() && !checkpoints_off {
+            if let Err(err) = connection.pragma_update(None, "wal_autocheckpoint", 0) {
+                tracing::error!(error = %err, "cannot turn SQLite's own checkpoint off");
             }
+            checkpoints_off = true;
+        }
+        // After a failed sync of either file, nothing more is promised the disk: what must
+        // reach it is refused before it is committed, so that no plugin runs an event whose
+        // sender was told it was not accepted.
+        let unsyncable = if checkpointer.failed() {
+            Some("the journal's database file could not be synced; restart the host")
+        } else if syncer.is_some_and(Syncer::failed) {
+            Some("the journal's log could not be synced; restart the host")
+        } else {
+            None
+        };
+        if let Some(reason) = unsyncable {
             let (refused, kept): (Vec<Write>, Vec<Write>) = batch.drain(..).partition(Write::must_reach_disk);
             for write in refused {
-                let reason = "the journal's database file could not be synced; restart the host";
                 respond(write, Err(JournalError::Storage(reason.to_owned())));
             }
             batch.extend(kept);
@@ -1400,6 +1413,50 @@ mod tests {
             connection.query_row("SELECT COUNT(*) FROM deliveries", [], |row| row.get(0)).expect("count");
         assert_eq!(deliveries, 2, "nothing of the poisoned write is left");
         assert_eq!(lock(&tracked).counts.unfinished(), 2, "only committed writes are counted");
+    }
+
+    #[test]
+    fn after_a_failed_sync_of_the_log_acceptances_are_refused_before_they_are_committed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(FILE_NAME);
+        let mut connection = Connection::open(&path).expect("open");
+        connection.pragma_update(None, "journal_mode", "WAL").expect("wal");
+        migrate(&mut connection, &path).expect("schema");
+        // A pipe cannot be synced: fdatasync fails with EINVAL.
+        let (unsyncable, _writer) = std::io::pipe().expect("pipe");
+        let syncer = syncer_of(std::fs::File::from(std::os::fd::OwnedFd::from(unsyncable))).expect("syncer");
+        let database = Arc::new(std::fs::File::open(&path).expect("database file"));
+        let checkpointer =
+            Checkpointer::start(Connection::open(&path).expect("open"), Arc::clone(&database)).expect("checkpointer");
+        let tracked = Arc::new(Mutex::new(Tracked {
+            counts: Counts::default(),
+            leases: Leases::default(),
+            ready: Ready::default(),
+        }));
+        let (writes, queue) = mpsc::channel(8);
+        let writer = {
+            let tracked = Arc::clone(&tracked);
+            std::thread::spawn(move || {
+                let clock = ManualClock::at(START_MS);
+                write_loop(connection, queue, &clock, Some(&syncer), &checkpointer, &tracked, &Notify::new());
+            })
+        };
+        let accept = |id: &str| {
+            let (reply, answer) = oneshot::channel();
+            writes.blocking_send(Write::Accept { new: new("github", id, &["echo"]), reply }).expect("queued");
+            answer.blocking_recv().expect("answered")
+        };
+        let first = accept("a");
+        assert!(first.as_ref().is_err_and(|err| err.to_string().contains("cannot sync")), "{first:?}");
+        let second = accept("b");
+        assert!(second.as_ref().is_err_and(|err| err.to_string().contains("log could not be synced")), "{second:?}");
+        drop(writes);
+        writer.join().expect("the writer ends");
+        let stored: Vec<String> = Connection::open(&path)
+            .and_then(|reader| reader.prepare("SELECT id FROM events")?.query_map([], |row| row.get(0))?.collect())
+            .expect("read");
+        assert_eq!(stored, ["a"], "the event after the failure was never committed");
+        assert_eq!(lock(&tracked).counts.unfinished(), 1, "nor queued for a plugin");
     }
 
     fn wants(plugins: &[&str]) -> Vec<Want> {

@@ -8,7 +8,8 @@
 //! A sync that fails is final: Linux may drop the pages it could not write and report that
 //! only once, so a later sync that succeeds proves nothing about them. Every write handed over
 //! after it is answered with the same error (ingest answers 500) until the host restarts and
-//! SQLite recovers from what really is on disk.
+//! SQLite recovers from what really is on disk; [`Syncer::failed`] tells the writer, which
+//! then refuses such writes before committing them.
 //!
 //! Why this is as durable as SQLite's `synchronous = FULL` in WAL mode: a commit is its frames
 //! in the WAL file, written before the commit returns; syncing that file puts them, and every
@@ -16,6 +17,7 @@
 //! reused, and a checkpoint syncs the log before copying it and the database after.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -34,6 +36,8 @@ pub(super) struct Syncer<T: Send + 'static> {
     groups: Option<SyncSender<Vec<T>>>,
     /// Groups handed over whose sync has not ended yet.
     unsynced: Arc<(Mutex<usize>, Condvar)>,
+    /// Set once a sync has failed; final until the host restarts.
+    failed: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -46,13 +50,20 @@ impl<T: Send + 'static> Syncer<T> {
     ) -> std::io::Result<Self> {
         let (groups, queue) = sync_channel(DEPTH);
         let unsynced = Arc::new((Mutex::new(0), Condvar::new()));
+        let failed = Arc::new(AtomicBool::new(false));
         let thread = {
-            let unsynced = Arc::clone(&unsynced);
+            let (unsynced, failed) = (Arc::clone(&unsynced), Arc::clone(&failed));
             std::thread::Builder::new()
                 .name("journal-sync".into())
-                .spawn(move || sync_loop(&wal, &queue, &unsynced, &answer))?
+                .spawn(move || sync_loop(&wal, &queue, &unsynced, &failed, &answer))?
         };
-        Ok(Syncer { groups: Some(groups), unsynced, thread: Some(thread) })
+        Ok(Syncer { groups: Some(groups), unsynced, failed, thread: Some(thread) })
+    }
+
+    /// Whether a sync of the log has failed: nothing handed over since, or from now on, is
+    /// answered as on disk.
+    pub(super) fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
     }
 
     /// Answers `items`, all committed, once a sync that started after now has ended.
@@ -96,16 +107,17 @@ fn sync_loop<T>(
     wal: &File,
     queue: &Receiver<Vec<T>>,
     unsynced: &(Mutex<usize>, Condvar),
+    failed: &AtomicBool,
     answer: &impl Fn(T, Result<(), &std::io::Error>),
 ) {
-    let mut failed: Option<std::io::Error> = None;
+    let mut error: Option<std::io::Error> = None;
     while let Ok(mut items) = queue.recv() {
         let mut groups = 1;
         while let Ok(more) = queue.try_recv() {
             items.extend(more);
             groups += 1;
         }
-        if failed.is_none() {
+        if error.is_none() {
             let started = Instant::now();
             let synced = wal.sync_data();
             crate::metrics::journal_sync(started.elapsed());
@@ -114,11 +126,12 @@ fn sync_loop<T>(
                     error = %err, writes = items.len(),
                     "cannot sync the journal to disk; no event is accepted until the host restarts"
                 );
-                failed = Some(err);
+                error = Some(err);
+                failed.store(true, Ordering::Release);
             }
         }
         for item in items {
-            answer(item, failed.as_ref().map_or(Ok(()), Err));
+            answer(item, error.as_ref().map_or(Ok(()), Err));
         }
         *lock(&unsynced.0) -= groups;
         unsynced.1.notify_all();
@@ -155,6 +168,7 @@ mod tests {
         for group in [vec![1, 2], vec![3], vec![4, 5, 6]] {
             syncer.after_sync(group);
         }
+        assert!(!syncer.failed());
         drop(syncer);
         let seen = seen.lock().expect("lock").clone();
         assert_eq!(seen, [(1, true), (2, true), (3, true), (4, true), (5, true), (6, true)]);
@@ -184,6 +198,7 @@ mod tests {
         while seen.lock().expect("lock").is_empty() {
             std::thread::yield_now();
         }
+        assert!(syncer.failed(), "the writer can see the failure");
         syncer.after_sync(vec![8]);
         drop(syncer);
         assert_eq!(*seen.lock().expect("lock"), [(7, false), (8, false)], "and every write after it fails too");

@@ -16,7 +16,8 @@ pub(super) struct Held {
     pub attempt: u32,
     /// The attempts on disk when it was taken.
     pub recorded: u32,
-    /// When the lease runs out: another take may lease the delivery again after that.
+    /// When the lease runs out, on the clock that never jumps ([`crate::clock::Clock::elapsed_ms`]):
+    /// another take may lease the delivery again after that.
     pub until_ms: u64,
     /// Its status on disk (pending or retrying), unchanged while it is leased.
     pub stored: DeliveryStatus,
@@ -97,12 +98,14 @@ impl Leases {
         }
     }
 
-    /// Shows a leased delivery as running, with the attempts started and the lease's end.
-    pub(super) fn overlay_delivery(&self, delivery: &mut DeliveryRecord) {
+    /// Shows a leased delivery as running, with the attempts started and the lease's end on
+    /// the wall clock, which reads `wall_ms` while the clock the leases run on reads
+    /// `elapsed_ms`.
+    pub(super) fn overlay_delivery(&self, delivery: &mut DeliveryRecord, wall_ms: u64, elapsed_ms: u64) {
         if let Some(held) = self.held.get(&delivery.delivery).filter(|held| !held.is_free()) {
             delivery.status = DeliveryStatus::Running;
             delivery.attempts = held.attempt;
-            delivery.next_attempt_ms = Some(held.until_ms);
+            delivery.next_attempt_ms = Some(held.until_ms.saturating_add(wall_ms).saturating_sub(elapsed_ms));
         }
     }
 }

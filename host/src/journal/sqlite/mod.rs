@@ -209,9 +209,24 @@ struct Tracked {
     ready: Ready,
 }
 
+/// "Now" as one batch of writes sees it ([`Clock`]): the wall clock for what is written (due
+/// times, dedup windows, when a delivery finished), and the clock that never jumps for the
+/// leases and queues held in memory.
+#[derive(Debug, Clone, Copy)]
+struct Now {
+    wall_ms: u64,
+    elapsed_ms: u64,
+}
+
+impl Now {
+    fn of(clock: &dyn Clock) -> Self {
+        Now { wall_ms: clock.now_ms(), elapsed_ms: clock.elapsed_ms() }
+    }
+}
+
 impl Tracked {
     /// Adds a committed write's changes.
-    fn apply(&mut self, mut tally: Tally, now_ms: u64) {
+    fn apply(&mut self, mut tally: Tally, now: Now) {
         if let Some((delivery, attempt)) = tally.lease_done {
             self.leases.forget(delivery, attempt);
         }
@@ -219,9 +234,9 @@ impl Tracked {
             self.ready.all_on_disk();
         }
         for fresh in tally.fresh.drain(..) {
-            self.ready.offer(fresh, now_ms);
+            self.ready.offer(fresh, now.elapsed_ms);
         }
-        self.counts.apply(tally, now_ms);
+        self.counts.apply(tally, now.wall_ms);
     }
 
     /// Leases up to `max` queued deliveries of the `wants`' plugins until `until_ms`, within
@@ -354,7 +369,7 @@ impl SqliteJournal {
         lease_ms: u64,
     ) -> Result<Vec<Lease>, JournalError> {
         let mut leases = Vec::new();
-        let look_first = lock(&self.tracked).ready.look_due(plugins, self.clock.now_ms());
+        let look_first = lock(&self.tracked).ready.look_due(plugins, self.clock.elapsed_ms());
         if look_first {
             let plugins = plugins.to_vec();
             leases = self.call(|reply| Write::Take { plugins, max, lease_ms, reply }).await?;
@@ -362,7 +377,7 @@ impl SqliteJournal {
         if leases.len() >= max {
             return Ok(leases);
         }
-        let until = self.clock.now_ms().saturating_add(lease_ms);
+        let until = self.clock.elapsed_ms().saturating_add(lease_ms);
         let dry: Vec<String> = {
             let mut tracked = lock(&self.tracked);
             let fresh = tracked.take_fresh(wants, &leases, max - leases.len(), until);
@@ -604,9 +619,10 @@ impl Journal for SqliteJournal {
         let id = id.to_owned();
         let mut found = self.read(move |connection| read_event(connection, &id)).await?;
         if let Some(record) = &mut found {
+            let now = Now::of(self.clock.as_ref());
             let tracked = lock(&self.tracked);
             for delivery in &mut record.deliveries {
-                tracked.leases.overlay_delivery(delivery);
+                tracked.leases.overlay_delivery(delivery, now.wall_ms, now.elapsed_ms);
             }
             record.status = EventStatus::of(&record.deliveries);
         }
@@ -725,7 +741,7 @@ fn write_loop(
             gather(&mut queue, &mut batch);
         }
         let changes = connection.total_changes();
-        commit_batch(&mut connection, batch.drain(..), clock.now_ms(), tracked, work, syncer);
+        commit_batch(&mut connection, batch.drain(..), Now::of(clock), tracked, work, syncer);
         if connection.total_changes() != changes {
             checkpointer.wrote();
         }
@@ -764,7 +780,7 @@ impl Write {
 fn commit_batch(
     connection: &mut Connection,
     batch: impl Iterator<Item = Write>,
-    now: u64,
+    now: Now,
     tracked: &Mutex<Tracked>,
     work: &Notify,
     syncer: Option<&Syncer<(Write, Done)>>,
@@ -879,12 +895,13 @@ fn respond(write: Write, result: Result<Done, JournalError>) {
 }
 
 /// Runs one write; returns what it produced and how it changes the counts once committed.
-fn apply(tx: &Connection, write: &Write, now: u64, tracked: &Mutex<Tracked>) -> Result<(Done, Tally), JournalError> {
+fn apply(tx: &Connection, write: &Write, now: Now, tracked: &Mutex<Tracked>) -> Result<(Done, Tally), JournalError> {
     let mut tally = Tally::default();
+    let wall = now.wall_ms;
     let done = match write {
-        Write::Accept { new, .. } => Done::Accepted(accept(tx, new, now, &mut tally)?),
+        Write::Accept { new, .. } => Done::Accepted(accept(tx, new, wall, &mut tally)?),
         Write::Take { plugins, max, lease_ms, .. } => {
-            Done::Leases(take(tx, tracked, plugins, *max, now, now.saturating_add(*lease_ms))?)
+            Done::Leases(take(tx, tracked, plugins, *max, now, now.elapsed_ms.saturating_add(*lease_ms))?)
         }
         Write::Finish { delivery, attempt, outcome, sha256, emitted, .. } => {
             let held = lock(tracked).leases.current(*delivery, *attempt).cloned();
@@ -898,18 +915,18 @@ fn apply(tx: &Connection, write: &Write, now: u64, tracked: &Mutex<Tracked>) -> 
                     Done::Settled(false)
                 }
                 Some(held) => {
-                    finish(tx, *delivery, *attempt, &held, outcome, sha256, now, &mut tally)?;
+                    finish(tx, *delivery, *attempt, &held, outcome, sha256, wall, &mut tally)?;
                     for new in emitted {
-                        accept(tx, new, now, &mut tally)?;
+                        accept(tx, new, wall, &mut tally)?;
                     }
                     Done::Settled(true)
                 }
             }
         }
-        Write::ReplayDead { selector, .. } => Done::Count(replay_dead(tx, selector, now, &mut tally)?),
+        Write::ReplayDead { selector, .. } => Done::Count(replay_dead(tx, selector, wall, &mut tally)?),
         Write::PurgeDead { selector, .. } => Done::Count(purge_dead(tx, selector, &mut tally)?),
-        Write::Redeliver { items, .. } => Done::Count(redeliver(tx, items, now, &mut tally)?),
-        Write::Expire { retention_ms, .. } => Done::Expired(expire(tx, now, *retention_ms, &mut tally)?),
+        Write::Redeliver { items, .. } => Done::Count(redeliver(tx, items, wall, &mut tally)?),
+        Write::Expire { retention_ms, .. } => Done::Expired(expire(tx, wall, *retention_ms, &mut tally)?),
         Write::Ping { .. } => Done::Nothing,
     };
     Ok((done, tally))
@@ -971,13 +988,13 @@ fn take(
     tracked: &Mutex<Tracked>,
     plugins: &[String],
     max: usize,
-    now: u64,
+    now: Now,
     lease_until: u64,
 ) -> Result<Vec<Lease>, JournalError> {
     let (queued, skipped) = {
         let mut tracked = lock(tracked);
-        let queued = tracked.ready.before_look(plugins, now);
-        let mut skipped = tracked.leases.running(now);
+        let queued = tracked.ready.before_look(plugins, now.elapsed_ms);
+        let mut skipped = tracked.leases.running(now.elapsed_ms);
         skipped.extend_from_slice(&queued.deliveries);
         (queued, serde_json::to_string(&skipped).map_err(json_error)?)
     };
@@ -993,7 +1010,7 @@ fn take(
         )
         .map_err(storage)?;
     let limit = i64::try_from(max).unwrap_or(i64::MAX);
-    let mut rows = select.query(params![sql_ms(now), plugins_json, limit, skipped]).map_err(storage)?;
+    let mut rows = select.query(params![sql_ms(now.wall_ms), plugins_json, limit, skipped]).map_err(storage)?;
     let mut read = Vec::new();
     while let Some(row) = rows.next().map_err(storage)? {
         let attributes: String = row.get(10).map_err(storage)?;
@@ -1020,7 +1037,7 @@ fn take(
         read.into_iter().partition(|(lease, _, _)| queued.allows(&lease.plugin, lease.delivery));
     let held_back: Vec<&str> = waiting.iter().map(|(lease, _, _)| lease.plugin.as_str()).collect();
     let mut tracked = lock(tracked);
-    tracked.ready.looked(plugins, came_up_short, &held_back, now);
+    tracked.ready.looked(plugins, came_up_short, &held_back, now.elapsed_ms);
     Ok(read
         .into_iter()
         .map(|(mut lease, recorded, stored)| {
@@ -1400,7 +1417,8 @@ mod tests {
                 Write::Accept { new: new("github", id, &["echo"]), reply }
             })
             .collect();
-        commit_batch(&mut connection, batch.into_iter(), START_MS, &tracked, &Notify::new(), None);
+        let now = Now { wall_ms: START_MS, elapsed_ms: START_MS };
+        commit_batch(&mut connection, batch.into_iter(), now, &tracked, &Notify::new(), None);
         let results: Vec<_> = answers.into_iter().map(|mut answer| answer.try_recv().expect("answered")).collect();
         assert!(matches!(results[0], Ok(Accepted::New)) && matches!(results[2], Ok(Accepted::New)), "{results:?}");
         assert!(results[1].as_ref().is_err_and(|err| err.to_string().contains("poisoned")), "{results:?}");
@@ -1714,6 +1732,22 @@ mod tests {
         let errors: Vec<_> = record.deliveries[0].errors.iter().map(|e| (e.attempt, e.error.as_str())).collect();
         assert_eq!(errors, [(1, "retry: busy"), (2, "permanent: bad")]);
         assert_eq!(record.status, EventStatus::Dead);
+    }
+
+    #[tokio::test]
+    async fn a_jump_of_the_wall_clock_does_not_end_a_running_lease() {
+        let f = open(Options::default());
+        f.journal.accept(new("github", "a", &["echo"])).await.expect("accept");
+        let first = f.take(&["echo"]).await.remove(0);
+        let jump = 10 * LEASE.as_millis() as u64;
+        f.clock.jump_wall(jump);
+        assert!(f.take(&["echo"]).await.is_empty(), "the delivery still runs: no second lease");
+        let running = &f.status("a").await.deliveries[0];
+        assert_eq!(running.status, DeliveryStatus::Running);
+        let lease_end = START_MS + LEASE.as_millis() as u64 + jump;
+        assert_eq!(running.next_attempt_ms, Some(lease_end), "the lease's end as the wall clock now reads");
+        assert!(f.journal.finish(&first, Outcome::Done, "v1", Vec::new()).await.expect("finish"), "its outcome counts");
+        assert_eq!(f.status("a").await.deliveries[0].status, DeliveryStatus::Done);
     }
 
     #[tokio::test]

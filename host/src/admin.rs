@@ -327,11 +327,14 @@ fn selector(body: &SelectorBody) -> Result<DeadSelector, Refusal> {
 }
 
 async fn read_json<T: serde::de::DeserializeOwned>(request: Request<Incoming>) -> Result<T, Refusal> {
-    let body = Limited::new(request.into_body(), MAX_ADMIN_BODY_BYTES)
-        .collect()
-        .await
-        .map_err(|err| bad_request(format!("cannot read the body: {err}")))?
-        .to_bytes();
+    let body = match Limited::new(request.into_body(), MAX_ADMIN_BODY_BYTES).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            let limit = MAX_ADMIN_BODY_BYTES / 1024;
+            return Err(Refusal(StatusCode::PAYLOAD_TOO_LARGE, format!("body is over {limit} KiB")));
+        }
+        Err(err) => return Err(bad_request(format!("cannot read the body: {err}"))),
+    };
     serde_json::from_slice(&body).map_err(|err| bad_request(format!("body is not what this route takes: {err}")))
 }
 

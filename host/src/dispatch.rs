@@ -16,7 +16,7 @@ use crate::journal::{DEFAULT_DEDUP_WINDOW, Journal, Lease, NewEvent, Outcome, Wa
 use crate::metrics;
 use crate::registry::{Plugin, Registry};
 use crate::retry::RetryPolicy;
-use crate::runtime::{CHAIN_DEPTH_ATTRIBUTE, CallError, Emitted};
+use crate::runtime::{CHAIN_DEPTH_ATTRIBUTE, CallError, Emitted, chain_depth};
 
 /// The type of the event emitted when a delivery goes dead.
 pub const DEAD_LETTER_TYPE: &str = "wasmhook.dead_letter";
@@ -236,7 +236,9 @@ fn emitted_event(plugin: &str, emitted: Emitted) -> Event {
     }
 }
 
-/// The `wasmhook.dead_letter` event: which event, which plugin, how many attempts, why.
+/// The `wasmhook.dead_letter` event: which event, which plugin, how many attempts, why. It is
+/// one step deeper in a chain than the event that died, so that a plugin that emits work
+/// from dead letters cannot loop past the chain depth guard through them.
 fn dead_letter_event(plugin: &str, lease: &Lease, error: &str) -> Event {
     let data = serde_json::json!({
         "event_id": lease.event.id,
@@ -254,7 +256,7 @@ fn dead_letter_event(plugin: &str, lease: &Lease, error: &str) -> Event {
         time_ms: now_ms(),
         content_type: "application/json".to_owned(),
         data: Bytes::from(data.to_string()),
-        attributes: Vec::new(),
+        attributes: vec![(CHAIN_DEPTH_ATTRIBUTE.to_owned(), (chain_depth(&lease.event) + 1).to_string())],
     }
 }
 
@@ -383,6 +385,17 @@ mod tests {
             let data: serde_json::Value = serde_json::from_slice(&alert.data).expect("json");
             assert_eq!((data["event_id"].as_str(), data["plugin"].as_str()), (Some("e"), Some("p")));
             assert_eq!((data["attempts"].as_u64(), data["delivery"].as_i64()), (Some(u64::from(attempt)), Some(7)));
+        }
+    }
+
+    #[test]
+    fn an_alert_is_one_step_deeper_in_a_chain_than_the_event_that_died() {
+        let mut emitted = lease("audit.pushed", 1);
+        Arc::get_mut(&mut emitted.event).expect("sole owner").attributes =
+            vec![(CHAIN_DEPTH_ATTRIBUTE.to_owned(), "3".to_owned())];
+        for (lease, depth) in [(lease("github.push", 1), "1"), (emitted, "4")] {
+            let (_, alert) = settle("p", &POLICY, &lease, Err(CallError::Permanent("bad".into())));
+            assert_eq!(alert[0].attributes, [(CHAIN_DEPTH_ATTRIBUTE.to_owned(), depth.to_owned())]);
         }
     }
 

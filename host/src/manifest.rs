@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config::Env;
+use crate::config::MAX_WORKERS;
 use crate::retry::{RetryPolicy, RetrySettings, parse_duration};
 use crate::runtime::{DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT, HttpAllow, MAX_MEMORY_BYTES};
 
@@ -145,8 +146,9 @@ impl Manifest {
             }
         };
         let concurrency = self.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
-        if concurrency == 0 {
-            problems.push("concurrency must be at least 1".to_owned());
+        if !(1..=MAX_WORKERS).contains(&concurrency) {
+            // More could never run: no more than `workers` calls run at once, 256 at most.
+            problems.push(format!("concurrency must be between 1 and {MAX_WORKERS}"));
         }
         let mut config = self.config.clone();
         for (key, var) in &self.config_env {
@@ -236,6 +238,17 @@ mod tests {
         let problems = manifest.grants(&env(&[]), &RetryPolicy::default()).expect_err("five problems");
         assert_eq!(problems.len(), 5, "{problems:?}");
         assert!(problems.iter().any(|p| p.contains("MISSING")), "{problems:?}");
+    }
+
+    #[test]
+    fn a_concurrency_no_host_could_run_is_refused_not_a_panic() {
+        for too_many in ["257", "3000000000000000000"] {
+            let manifest = Manifest::parse(&format!("concurrency = {too_many}\n")).expect("valid toml");
+            let problems = manifest.grants(&env(&[]), &RetryPolicy::default()).expect_err("refused");
+            assert!(problems.iter().any(|p| p.contains("between 1 and 256")), "{too_many}: {problems:?}");
+        }
+        let most = Manifest::parse("concurrency = 256\n").expect("valid toml");
+        assert_eq!(most.grants(&env(&[]), &RetryPolicy::default()).expect("granted").concurrency, 256);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The admin API: health, unknown events, and the bearer token.
 
-use crate::util::{TestHost, get};
+use crate::util::{TestHost, get, post};
 
 #[test]
 fn health_answers_and_an_unknown_event_is_404() {
@@ -30,4 +30,16 @@ fn a_configured_token_guards_everything_but_health() {
     let url = format!("{}/v1/plugins", host.admin);
     assert_eq!(get(&url, &[("authorization", "Bearer wrong")]).0, 401);
     assert_eq!(get(&url, &[("authorization", "Bearer t0ken")]).0, 200);
+}
+
+#[test]
+fn an_admin_body_over_its_limit_is_413_and_a_bad_one_400() {
+    let host = TestHost::builder().start();
+    let url = format!("{}/v1/dead-letters/replay", host.admin);
+    let json = [("content-type", "application/json")];
+    let (status, body) = post(&url, &json, &vec![b' '; 65 * 1024]);
+    assert_eq!(status, 413, "{body}");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("64 KiB")), "{body}");
+    let (status, body) = post(&url, &json, br#"{"nothing": true}"#);
+    assert_eq!(status, 400, "{body}");
 }

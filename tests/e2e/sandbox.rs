@@ -69,6 +69,14 @@ fn an_emit_storm_ends_at_the_emit_limit() {
 }
 
 #[test]
+fn an_emitted_content_type_over_256_bytes_is_refused() {
+    assert_reason(
+        &fault("[config]\nfault = \"emit-content-type\"\n", &[]),
+        "permanent: emit refused: content type must be at most 256 bytes",
+    );
+}
+
+#[test]
 fn a_request_to_a_host_not_granted_is_an_error_value_and_never_sent() {
     let receiver = Receiver::start();
     let manifest =

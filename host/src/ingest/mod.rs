@@ -118,6 +118,21 @@ struct BatchResult {
     error: Option<String>,
 }
 
+/// A batch's own status. `200` when each item was stored, was a duplicate, or was refused for
+/// good (a `4xx` that `results` names). When an item may succeed if sent again (a `503`, or
+/// another `5xx`), the batch gets that status, so that a sender that reads only the status
+/// sends the whole batch again: the items already stored then come back as duplicates, and
+/// none is lost or run twice.
+fn batch_status(results: &[BatchResult]) -> StatusCode {
+    if results.iter().any(|result| result.status == StatusCode::SERVICE_UNAVAILABLE.as_u16()) {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else if results.iter().any(|result| result.status >= 500) {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::OK
+    }
+}
+
 /// What a verified request turned out to be.
 enum Received {
     /// One event, accepted or a duplicate.
@@ -177,7 +192,12 @@ impl Ingest {
                 if results.iter().any(|result| result.status < 300) {
                     self.refusals.accepted();
                 }
-                http::json(StatusCode::OK, &serde_json::json!({ "results": results }))
+                let status = batch_status(&results);
+                let mut response = http::json(status, &serde_json::json!({ "results": results }));
+                if status == StatusCode::SERVICE_UNAVAILABLE {
+                    response.headers_mut().insert(header::RETRY_AFTER, RETRY_AFTER_SECONDS.into());
+                }
+                response
             }
             Ok(Received::Answer(answer)) => http::json(StatusCode::OK, &answer),
             Err(err) => {
@@ -454,6 +474,32 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, value.parse().expect("header value"));
         headers
+    }
+
+    #[test]
+    fn a_batch_with_an_item_worth_sending_again_gets_that_item_s_status() {
+        let batch = |statuses: &[u16]| -> Vec<BatchResult> {
+            statuses
+                .iter()
+                .enumerate()
+                .map(|(index, &status)| BatchResult {
+                    index,
+                    status,
+                    id: None,
+                    event_type: None,
+                    duplicate: status == 200,
+                    error: None,
+                })
+                .collect()
+        };
+        assert_eq!(
+            batch_status(&batch(&[202, 200, 400, 413])),
+            StatusCode::OK,
+            "stored, duplicate or refused for good"
+        );
+        assert_eq!(batch_status(&batch(&[])), StatusCode::OK);
+        assert_eq!(batch_status(&batch(&[202, 500, 400])), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(batch_status(&batch(&[202, 500, 503])), StatusCode::SERVICE_UNAVAILABLE, "the one to retry later");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use wasmtime::component::Linker;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
 use super::bindings::{self, HandlerError, PluginPre};
-use super::host_api::{CHAIN_DEPTH_ATTRIBUTE, CallGrants, CallState, Emitted, LimitExceeded};
+use super::host_api::{CallGrants, CallState, Emitted, LimitExceeded, chain_depth};
 use super::http::HttpAllow;
 use super::{DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT, EPOCH_TICK, MAX_WASM_STACK_BYTES};
 use crate::event::Event;
@@ -162,12 +162,7 @@ impl Component {
     /// instance is dropped). On success, returns the events the plugin emitted, for the caller
     /// to commit with the outcome.
     pub async fn invoke(&self, event: &Event, attempt: u32) -> Result<Vec<Emitted>, CallError> {
-        let depth = event
-            .attributes
-            .iter()
-            .find(|(name, _)| name == CHAIN_DEPTH_ATTRIBUTE)
-            .and_then(|(_, depth)| depth.parse().ok())
-            .unwrap_or(0);
+        let depth = chain_depth(event);
         let warm = if self.limits.reuse > 0 { self.take_warm() } else { None };
         let (mut store, mut instance, calls) = match warm {
             Some(Warm { mut store, plugin, calls }) => {

@@ -30,6 +30,16 @@ pub const MAX_EMIT_BYTES: usize = 1024 * 1024;
 pub const MAX_CHAIN_DEPTH: u32 = 8;
 /// The attribute carrying how many emits deep an event is.
 pub const CHAIN_DEPTH_ATTRIBUTE: &str = "wasmhook-chain-depth";
+
+/// How many emits deep `event` is: 0 for an event a sender sent.
+pub fn chain_depth(event: &crate::event::Event) -> u32 {
+    event
+        .attributes
+        .iter()
+        .find(|(name, _)| name == CHAIN_DEPTH_ATTRIBUTE)
+        .and_then(|(_, depth)| depth.parse().ok())
+        .unwrap_or(0)
+}
 /// Instances, tables and memories one call may create, and table elements per table.
 const MAX_INSTANCES: usize = 64;
 const MAX_TABLES: usize = 64;
@@ -208,6 +218,12 @@ impl host::Host for CallState {
             || event_type.chars().any(|c| c.is_control() || c.is_whitespace())
         {
             return Ok(Err(format!("event type {event_type:?} must be 1 to 256 bytes without spaces")));
+        }
+        if content_type.len() > 256 || content_type.chars().any(char::is_control) {
+            return Ok(Err(format!(
+                "content type must be at most 256 bytes without control characters (this one has {} bytes)",
+                content_type.len()
+            )));
         }
         let parent = self.event_id.as_deref().unwrap_or("load");
         let id = format!("{parent}.{}", self.emitted.len() + 1);

@@ -21,6 +21,7 @@ pub use component::{CallError, Component, Limits, LoadError, MAX_ERROR_BYTES, Me
 use host_api::CallState;
 pub use host_api::{
     CHAIN_DEPTH_ATTRIBUTE, Emitted, MAX_CHAIN_DEPTH, MAX_EMIT_BYTES, MAX_EMITS, MAX_LOG_BYTES, MAX_LOG_LINES,
+    chain_depth,
 };
 pub use http::{CONNECT_TIMEOUT, HttpAllow, MAX_RESPONSE_BYTES, RESPONSE_TIMEOUT};
 

@@ -53,6 +53,10 @@ impl Plugin for Faulty {
                 }
                 Ok(())
             }
+            "emit-content-type" => match emit("test.typed", b"{}", &"x".repeat(100_000)) {
+                Ok(id) => permanent(format!("emitted {id} with a 100 000-byte content type")),
+                Err(reason) => permanent(format!("emit refused: {reason}")),
+            },
             "emit-chain" => {
                 match emit("test.chain", b"{}", "application/json") {
                     Ok(id) => info!("emitted {id}"),

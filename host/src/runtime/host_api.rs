@@ -110,7 +110,7 @@ impl CallState {
             http: WasiHttpCtx::new(),
             http_grant: HttpGrant::new(grants.http_allow, Arc::clone(&grants.plugin)),
             table: ResourceTable::new(),
-            limiter: CallLimiter { memory_bytes: grants.memory_bytes },
+            limiter: CallLimiter::new(grants.memory_bytes),
             plugin: grants.plugin,
             event_id,
             depth,
@@ -299,20 +299,42 @@ impl OutputStream for CappedOutput {
 
 /// The store's resource limiter: memory per the plugin's grant, and fixed caps on tables and
 /// instances. Going over is an error naming the limit, which ends the call.
+#[derive(Debug)]
 pub(super) struct CallLimiter {
+    /// The grant: linear memory of all the store's memories together (a component may hold
+    /// several core modules, each with a memory of its own).
     memory_bytes: usize,
+    /// What the store's memories hold together.
+    memory_used: usize,
+    /// The last growth allowed, given back if it then fails.
+    last_growth: usize,
+}
+
+impl CallLimiter {
+    pub(super) fn new(memory_bytes: usize) -> Self {
+        CallLimiter { memory_bytes, memory_used: 0, last_growth: 0 }
+    }
 }
 
 impl ResourceLimiter for CallLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.memory_bytes {
+    /// Also called when a memory is created, growing from 0.
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let growth = desired.saturating_sub(current);
+        let used = self.memory_used.saturating_add(growth);
+        if used > self.memory_bytes {
             return Err(wasmtime::Error::new(LimitExceeded(format!(
                 "memory limit {} MiB (the plugin asked for {} MiB)",
                 self.memory_bytes >> 20,
-                desired >> 20
+                used >> 20
             ))));
         }
+        (self.memory_used, self.last_growth) = (used, growth);
         Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.memory_used -= std::mem::take(&mut self.last_growth);
+        Ok(())
     }
 
     fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
@@ -332,5 +354,31 @@ impl ResourceLimiter for CallLimiter {
 
     fn memories(&self) -> usize {
         MAX_MEMORIES
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    #[test]
+    fn the_memory_grant_covers_a_call_s_memories_together() {
+        let mut limiter = CallLimiter::new(64 * MIB);
+        assert!(limiter.memory_growing(0, 40 * MIB, None).expect("the first memory"));
+        let err = limiter.memory_growing(0, 40 * MIB, None).expect_err("a second memory past the grant");
+        assert!(err.to_string().contains("memory limit 64 MiB (the plugin asked for 80 MiB)"), "{err}");
+        assert!(limiter.memory_growing(0, 16 * MIB, None).expect("a second memory within it"));
+        assert!(limiter.memory_growing(40 * MIB, 48 * MIB, None).expect("the first grows into the rest"));
+        assert!(limiter.memory_growing(48 * MIB, 49 * MIB, None).is_err(), "nothing is left");
+    }
+
+    #[test]
+    fn a_growth_that_then_fails_is_given_back() {
+        let mut limiter = CallLimiter::new(64 * MIB);
+        assert!(limiter.memory_growing(0, 60 * MIB, None).expect("allowed"));
+        limiter.memory_grow_failed(wasmtime::Error::msg("no room in the pool")).expect("noted");
+        assert!(limiter.memory_growing(0, 60 * MIB, None).expect("allowed again"));
     }
 }

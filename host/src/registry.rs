@@ -171,6 +171,7 @@ impl Registry {
         progress.set_length(files.len() as u64);
         let current = self.snapshot();
         let mut next = BTreeMap::new();
+        let mut fresh = Vec::new();
         let mut reloaded = Reloaded::default();
         for file in files {
             let Some(name) = file.file_stem().and_then(|stem| stem.to_str()).map(str::to_owned) else {
@@ -191,7 +192,7 @@ impl Registry {
                         previous = existing.as_ref().map_or("", |old| old.sha256.as_str()), "{verb}"
                     );
                     if existing.is_some() { &mut reloaded.replaced } else { &mut reloaded.loaded }.push(name.clone());
-                    next.insert(name, plugin);
+                    fresh.push((name, plugin));
                     continue;
                 }
                 Scanned::Failed => reloaded.failed.push(name.clone()),
@@ -202,6 +203,15 @@ impl Registry {
             }
         }
         progress.finish_and_clear();
+        // The serving versions' permits carry over only now, with nothing left to wait for
+        // before the swap: a rescan abandoned midway (its caller gone) leaves them as they were.
+        for (name, mut plugin) in fresh {
+            if let Some(old) = current.get(&name) {
+                // Calls of the old version still running count against the new one.
+                plugin.calls = carry_calls(&old.calls, old.concurrency, plugin.concurrency);
+            }
+            next.insert(name, Arc::new(*plugin));
+        }
         for name in current.keys().filter(|name| !next.contains_key(*name)) {
             tracing::info!(plugin = %name, "plugin removed: no new deliveries; pending ones wait for its return");
             self.slot(name, |slot| slot.removed_at = Some(now_ms()));
@@ -247,14 +257,10 @@ impl Registry {
         }
         let started = std::time::Instant::now();
         match self.load_plugin(name, file, bytes, hashes.clone(), &manifest_text).await {
-            Ok(mut plugin) => {
-                if let Some(old) = existing {
-                    // Calls of the old version still running count against the new one.
-                    plugin.calls = carry_calls(&old.calls, old.concurrency, plugin.concurrency);
-                }
+            Ok(plugin) => {
                 metrics::plugin_loaded(name, started.elapsed());
                 self.slot(name, |slot| *slot = Slot { file: file.to_owned(), ..Slot::default() });
-                Scanned::Loaded(Arc::new(plugin))
+                Scanned::Loaded(Box::new(plugin))
             }
             Err(reason) => self.failed(name, file, hashes, reason, existing.is_some()),
         }
@@ -394,7 +400,8 @@ fn loading_bar() -> indicatif::ProgressBar {
 /// What scanning one file found.
 enum Scanned {
     Unchanged,
-    Loaded(Arc<Plugin>),
+    /// A new version, whose permits are not yet carried over from the serving one.
+    Loaded(Box<Plugin>),
     Failed,
     /// The same content failed before; nothing new to say.
     FailedBefore,

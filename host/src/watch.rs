@@ -81,11 +81,12 @@ impl FolderWatch {
 }
 
 /// Whether `event` changes a plugin or manifest file. Reads (opens, accesses) do not count:
-/// the rescan itself reads every file, and must not wake the watcher again.
+/// the rescan itself reads every file, and must not wake the watcher again. A notice that
+/// events were lost (the kernel's queue overflowed) names no file and always counts.
 fn changes_plugins(event: &notify::Event) -> bool {
     use notify::EventKind;
-    matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_))
-        && event.paths.iter().any(|path| is_plugin_file(path))
+    let changes = matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_));
+    event.need_rescan() || (changes && event.paths.iter().any(|path| is_plugin_file(path)))
 }
 
 /// A plugin (`.wasm`) or manifest (`.toml`) file: the only changes worth a rescan.
@@ -125,6 +126,13 @@ mod tests {
         assert!(changes_plugins(&on(EventKind::Create(CreateKind::File))));
         assert!(changes_plugins(&on(EventKind::Modify(ModifyKind::Name(RenameMode::To)))));
         assert!(!changes_plugins(&on(EventKind::Access(AccessKind::Open(notify::event::AccessMode::Read)))));
+    }
+
+    #[test]
+    fn events_lost_to_an_overflow_wake_the_watcher() {
+        let overflow = notify::Event::new(notify::EventKind::Other).set_flag(notify::event::Flag::Rescan);
+        assert!(changes_plugins(&overflow));
+        assert!(!changes_plugins(&notify::Event::new(notify::EventKind::Other)));
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub fn chain_depth(event: &crate::event::Event) -> u32 {
         .and_then(|(_, depth)| depth.parse().ok())
         .unwrap_or(0)
 }
+
 /// Instances, tables and memories one call may create, and table elements per table.
 const MAX_INSTANCES: usize = 64;
 const MAX_TABLES: usize = 64;
@@ -299,7 +300,6 @@ impl OutputStream for CappedOutput {
 
 /// The store's resource limiter: memory per the plugin's grant, and fixed caps on tables and
 /// instances. Going over is an error naming the limit, which ends the call.
-#[derive(Debug)]
 pub(super) struct CallLimiter {
     /// The grant: linear memory of all the store's memories together (a component may hold
     /// several core modules, each with a memory of its own).

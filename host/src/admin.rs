@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
 use serde::{Deserialize, Serialize};
@@ -327,14 +326,12 @@ fn selector(body: &SelectorBody) -> Result<DeadSelector, Refusal> {
 }
 
 async fn read_json<T: serde::de::DeserializeOwned>(request: Request<Incoming>) -> Result<T, Refusal> {
-    let body = match Limited::new(request.into_body(), MAX_ADMIN_BODY_BYTES).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(err) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            let limit = MAX_ADMIN_BODY_BYTES / 1024;
-            return Err(Refusal(StatusCode::PAYLOAD_TOO_LARGE, format!("body is over {limit} KiB")));
+    let body = http::read_limited(request.into_body(), MAX_ADMIN_BODY_BYTES).await.map_err(|err| match err {
+        http::BodyError::TooLarge => {
+            Refusal(StatusCode::PAYLOAD_TOO_LARGE, format!("body is over {} KiB", MAX_ADMIN_BODY_BYTES / 1024))
         }
-        Err(err) => return Err(bad_request(format!("cannot read the body: {err}"))),
-    };
+        http::BodyError::Read(err) => bad_request(format!("cannot read the body: {err}")),
+    })?;
     serde_json::from_slice(&body).map_err(|err| bad_request(format!("body is not what this route takes: {err}")))
 }
 

@@ -232,7 +232,7 @@ fn emitted_event(plugin: &str, emitted: Emitted) -> Event {
         time_ms: now_ms(),
         content_type: emitted.content_type,
         data: Bytes::from(emitted.data),
-        attributes: vec![(CHAIN_DEPTH_ATTRIBUTE.to_owned(), emitted.depth.to_string())],
+        attributes: vec![chain_depth_attribute(emitted.depth)],
     }
 }
 
@@ -256,8 +256,13 @@ fn dead_letter_event(plugin: &str, lease: &Lease, error: &str) -> Event {
         time_ms: now_ms(),
         content_type: "application/json".to_owned(),
         data: Bytes::from(data.to_string()),
-        attributes: vec![(CHAIN_DEPTH_ATTRIBUTE.to_owned(), (chain_depth(&lease.event) + 1).to_string())],
+        attributes: vec![chain_depth_attribute(chain_depth(&lease.event) + 1)],
     }
+}
+
+/// The attribute that puts an event `depth` emits deep in a chain.
+fn chain_depth_attribute(depth: u32) -> (String, String) {
+    (CHAIN_DEPTH_ATTRIBUTE.to_owned(), depth.to_string())
 }
 
 fn route(registry: &Registry, event: Event) -> NewEvent {

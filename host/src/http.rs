@@ -6,7 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -39,6 +39,24 @@ pub fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response<Bo
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body)))
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+/// Why a request body could not be read whole.
+#[derive(Debug)]
+pub enum BodyError {
+    /// It goes past the limit (`413`).
+    TooLarge,
+    /// The connection failed while sending it.
+    Read(String),
+}
+
+/// Reads `body` whole, refusing it once it goes past `limit` bytes.
+pub async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => Err(BodyError::TooLarge),
+        Err(err) => Err(BodyError::Read(err.to_string())),
+    }
 }
 
 /// A JSON error body `{"error": message}`.

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::Env;
-use crate::config::MAX_WORKERS;
+use crate::config::{Env, MAX_WORKERS};
 use crate::retry::{RetryPolicy, RetrySettings, parse_duration};
 use crate::runtime::{DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT, HttpAllow, MAX_MEMORY_BYTES};
 

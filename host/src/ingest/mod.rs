@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{HeaderMap, Method, Request, Response, StatusCode, header};
 use serde::Serialize;
@@ -441,13 +440,10 @@ async fn read_body(body: Incoming, headers: &HeaderMap, limit: usize) -> Result<
     if declared.is_some_and(|length| length > limit as u64) {
         return Err(IngestError::PayloadTooLarge(limit));
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            Err(IngestError::PayloadTooLarge(limit))
-        }
-        Err(err) => Err(IngestError::BadRequest(format!("could not read the body: {err}"))),
-    }
+    http::read_limited(body, limit).await.map_err(|err| match err {
+        http::BodyError::TooLarge => IngestError::PayloadTooLarge(limit),
+        http::BodyError::Read(err) => IngestError::BadRequest(format!("could not read the body: {err}")),
+    })
 }
 
 /// Provider event types are lower-case with `_` for spaces (`Push Hook` → `push_hook`).

@@ -26,6 +26,8 @@ pub const MAX_LOG_BYTES: usize = 64 * 1024;
 pub const MAX_EMITS: usize = 100;
 /// The largest event one call may emit.
 pub const MAX_EMIT_BYTES: usize = 1024 * 1024;
+/// The longest event type and content type an emitted event may have, in bytes.
+const MAX_EMIT_NAME_BYTES: usize = 256;
 /// How many emitted events deep a chain may go before `emit` refuses (a loop guard).
 pub const MAX_CHAIN_DEPTH: u32 = 8;
 /// The attribute carrying how many emits deep an event is.
@@ -215,14 +217,16 @@ impl host::Host for CallState {
             )));
         }
         if event_type.is_empty()
-            || event_type.len() > 256
+            || event_type.len() > MAX_EMIT_NAME_BYTES
             || event_type.chars().any(|c| c.is_control() || c.is_whitespace())
         {
-            return Ok(Err(format!("event type {event_type:?} must be 1 to 256 bytes without spaces")));
-        }
-        if content_type.len() > 256 || content_type.chars().any(char::is_control) {
             return Ok(Err(format!(
-                "content type must be at most 256 bytes without control characters (this one has {} bytes)",
+                "event type {event_type:?} must be 1 to {MAX_EMIT_NAME_BYTES} bytes without spaces"
+            )));
+        }
+        if content_type.len() > MAX_EMIT_NAME_BYTES || content_type.chars().any(char::is_control) {
+            return Ok(Err(format!(
+                "content type must be at most {MAX_EMIT_NAME_BYTES} bytes without control characters (this one has {} bytes)",
                 content_type.len()
             )));
         }

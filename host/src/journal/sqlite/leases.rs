@@ -99,13 +99,12 @@ impl Leases {
     }
 
     /// Shows a leased delivery as running, with the attempts started and the lease's end on
-    /// the wall clock, which reads `wall_ms` while the clock the leases run on reads
-    /// `elapsed_ms`.
-    pub(super) fn overlay_delivery(&self, delivery: &mut DeliveryRecord, wall_ms: u64, elapsed_ms: u64) {
+    /// the wall clock as it reads `now`.
+    pub(super) fn overlay_delivery(&self, delivery: &mut DeliveryRecord, now: super::Now) {
         if let Some(held) = self.held.get(&delivery.delivery).filter(|held| !held.is_free()) {
             delivery.status = DeliveryStatus::Running;
             delivery.attempts = held.attempt;
-            delivery.next_attempt_ms = Some(held.until_ms.saturating_add(wall_ms).saturating_sub(elapsed_ms));
+            delivery.next_attempt_ms = Some(held.until_ms.saturating_add(now.wall_ms).saturating_sub(now.elapsed_ms));
         }
     }
 }

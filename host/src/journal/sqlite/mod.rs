@@ -622,7 +622,7 @@ impl Journal for SqliteJournal {
             let now = Now::of(self.clock.as_ref());
             let tracked = lock(&self.tracked);
             for delivery in &mut record.deliveries {
-                tracked.leases.overlay_delivery(delivery, now.wall_ms, now.elapsed_ms);
+                tracked.leases.overlay_delivery(delivery, now);
             }
             record.status = EventStatus::of(&record.deliveries);
         }

@@ -184,7 +184,10 @@ async fn deliver(
     call_ended.notify_one();
     let took = started.elapsed();
     let duration_ms = crate::event::millis(took);
-    let (outcome, emitted) = settle(&plugin.name, &plugin.retry, &lease, result);
+    let (mut outcome, mut emitted) = settle(&plugin.name, &plugin.retry, &lease, result);
+    if let Some(fault) = emitted_too_large(journal, &outcome, &emitted) {
+        (outcome, emitted) = settle(&plugin.name, &plugin.retry, &lease, Err(fault));
+    }
     log_outcome(plugin, &lease, &outcome, duration_ms);
     let label = match outcome {
         Outcome::Done => "done",
@@ -221,6 +224,19 @@ fn settle(
     }
     let alert = (lease.event.event_type != DEAD_LETTER_TYPE).then(|| dead_letter_event(plugin, lease, &error));
     (Outcome::Dead { error }, alert.into_iter().collect())
+}
+
+/// The fault, if a call that succeeded emitted an event the journal cannot store: the
+/// delivery then fails as if the plugin had gone over a limit, since committing its outcome
+/// would fail on every attempt.
+fn emitted_too_large(journal: &dyn Journal, outcome: &Outcome, emitted: &[Event]) -> Option<CallError> {
+    if !matches!(outcome, Outcome::Done) {
+        return None;
+    }
+    emitted.iter().find_map(|event| {
+        let err = journal.check_size(event).err()?;
+        Some(CallError::Limit(format!("emitted event {} of {} bytes: {err}", event.id, event.data.len())))
+    })
 }
 
 /// An event a plugin emitted, as source `plugin.NAME`, carrying its chain depth.

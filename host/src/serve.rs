@@ -24,7 +24,8 @@ use crate::{dispatch, http};
 /// The folder, inside the data folder, of compiled plugin code.
 pub const COMPILE_CACHE_DIR: &str = "compiled";
 
-/// What an event's headers may take in a NATS message, beside its body.
+/// What an event's headers, and room for its dead letter's, may take in a NATS message
+/// beside its body.
 const NATS_HEADER_ROOM: usize = 16 * 1024;
 
 /// How often old handled events are removed.
@@ -40,7 +41,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             let sources: Vec<String> = config.sources.keys().cloned().collect();
             let journal = NatsJournal::open(options.clone(), &sources).await?;
             tracing::info!(journal = ?options, "journal on NATS JetStream");
-            // An event travels as one message: its body plus a few KiB of headers.
+            // An event travels as one message: its body, its headers, room for its dead letter.
             let room = journal.max_payload().saturating_sub(NATS_HEADER_ROOM);
             for (name, source) in config.sources.iter().filter(|(_, source)| source.max_body_bytes > room) {
                 tracing::warn!(

@@ -57,9 +57,13 @@ fn logs(hosts: &[&TestHost]) -> String {
 
 /// Polls the dead letters of `flaky` until one is for `event_id`, and returns it.
 fn wait_for_dead_letter(host: &TestHost, event_id: &str) -> serde_json::Value {
+    wait_for_dead_letter_of(host, "flaky", event_id)
+}
+
+fn wait_for_dead_letter_of(host: &TestHost, plugin: &str, event_id: &str) -> serde_json::Value {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let (_, letters) = host.admin_get("/v1/dead-letters?plugin=flaky");
+        let (_, letters) = host.admin_get(&format!("/v1/dead-letters?plugin={plugin}"));
         let found = letters["dead_letters"].as_array().and_then(|all| all.iter().find(|l| l["event_id"] == event_id));
         if let Some(found) = found {
             return found.clone();
@@ -234,4 +238,34 @@ fn retries_and_dead_letters_behave_as_in_the_embedded_journal() {
         assert!(Instant::now() < deadline, "replay did not run flaky-1 again; log:\n{}", host.log());
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn what_would_not_fit_in_a_nats_message_is_refused_up_front_and_never_redelivered_forever() {
+    let nats = Nats::start();
+    let journal = format!("[journal]\nbackend = \"nats\"\nurl = \"{}\"\nlease_margin = \"1s\"\n", nats.url());
+    let host = TestHost::builder()
+        .plugin_with_manifest("faulty", "timeout = \"2s\"\n[config]\nfault = \"emit-large\"\n")
+        .config(&journal)
+        .config(FAST)
+        .start();
+
+    // A body within a few KiB of the server's 1 MiB max_payload would leave its dead letter no room.
+    let mut body = br#"{"pad":""#.to_vec();
+    body.resize((1 << 20) - 4096, b'x');
+    body.extend_from_slice(br#""}"#);
+    let reply = host.github_reply("push", "near-limit", &body, SECRET);
+    assert_eq!(reply.status, 413, "{}", reply.json);
+    let error = reply.json["error"].as_str().unwrap_or_default();
+    let limit: usize =
+        error.trim_start_matches("body larger than the limit of ").trim_end_matches(" bytes").parse().unwrap_or(0);
+    assert!((1 << 19..body.len()).contains(&limit), "{}", reply.json);
+
+    // A 1 MiB emitted event does not fit either: the call fails as over a limit, is retried and
+    // goes dead, instead of being redelivered for ever after a commit that cannot succeed.
+    host.post_github("push", "emits-too-much", &example("github/push.json"), SECRET);
+    let letter = wait_for_dead_letter_of(&host, "faulty", "emits-too-much");
+    assert_eq!(letter["attempts"], 3, "{letter}");
+    let error = letter["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("of 1048576 bytes") && error.contains("journal's limit"), "{letter}");
 }

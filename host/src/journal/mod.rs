@@ -297,7 +297,7 @@ pub enum JournalError {
     /// The event is larger than the storage engine takes in one message.
     #[error("the event is larger than the journal's limit of {max} bytes per message")]
     TooLarge {
-        /// The engine's limit, headers included.
+        /// The most an event's message may take, headers included.
         max: usize,
     },
     /// This backend cannot do what was asked.
@@ -334,6 +334,13 @@ pub trait Journal: Send + Sync {
     /// of its store (`Unavailable`): a cheap check, so that ingest can refuse before it
     /// verifies and parses a request it could not store.
     fn has_room(&self) -> Result<(), JournalError>;
+
+    /// Whether `event` fits in one of the journal's records (`TooLarge` when not), checked
+    /// before a plugin's emitted events are committed with its outcome. The embedded journal
+    /// takes any event a plugin may emit.
+    fn check_size(&self, _event: &Event) -> Result<(), JournalError> {
+        Ok(())
+    }
 
     /// Leases up to `max` due deliveries in all, for the plugins with some `free` capacity.
     /// The nats backend also keeps to each plugin's `free` and `lease`; the embedded one

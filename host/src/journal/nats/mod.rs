@@ -198,6 +198,8 @@ impl NatsJournal {
 
     /// Publishes an event unless Redis or JetStream has seen its (source, id).
     async fn publish(&self, event: &Event, window: Duration) -> Result<Accepted, JournalError> {
+        let (headers, payload) = record::event_message(event, &record::message_id(&event.source, &event.id));
+        self.leaves_room(&headers, &payload)?;
         let mut claim = None;
         if let Some(dedup) = &self.dedup {
             let (found, token) = dedup.claim(&event.source, &event.id).await?;
@@ -212,7 +214,6 @@ impl NatsJournal {
             }
         }
         let subject = subjects::event_subject(&self.options.prefix, &event.source, &event.event_type);
-        let (headers, payload) = record::event_message(event, &record::message_id(&event.source, &event.id));
         let ack = match self.send(subject, headers, payload).await {
             Ok(ack) => ack,
             Err(err) => {
@@ -250,6 +251,17 @@ impl NatsJournal {
             }
         })?;
         ack.await.map_err(unavailable)
+    }
+
+    /// Refuses an event's message unless its dead letter would fit in a message too: the
+    /// server refuses anything over `max_payload`, and a delivery whose outcome cannot be
+    /// stored would run again and again.
+    fn leaves_room(&self, headers: &HeaderMap, payload: &Bytes) -> Result<(), JournalError> {
+        let max = self.max_payload().saturating_sub(record::DEAD_LETTER_ROOM);
+        if record::wire_len(headers, payload.len()) > max {
+            return Err(JournalError::TooLarge { max });
+        }
+        Ok(())
     }
 
     /// The largest message the NATS server takes, headers included.
@@ -563,6 +575,11 @@ impl Stored {
 
 #[async_trait::async_trait]
 impl Journal for NatsJournal {
+    fn check_size(&self, event: &Event) -> Result<(), JournalError> {
+        let (headers, payload) = record::event_message(event, &record::message_id(&event.source, &event.id));
+        self.leaves_room(&headers, &payload)
+    }
+
     async fn accept(&self, new: NewEvent) -> Result<Accepted, JournalError> {
         self.has_room()?;
         self.publish(&new.event, new.dedup_window).await

@@ -15,6 +15,12 @@ pub const EVENT_HEADER: &str = "Wasmhook-Event";
 pub const PLUGINS_HEADER: &str = "Wasmhook-Plugins";
 /// The header of a dead letter's facts.
 pub const DEAD_HEADER: &str = "Wasmhook-Dead";
+/// The most a dead letter's failed attempts take in its header: the newest that fit are kept.
+const DEAD_ERRORS_BYTES: usize = 8 * 1024;
+/// What a dead letter's message may add to its event's: the attempts' errors, the plugin's
+/// name, the letter's own message id. An event is stored only with this much room to spare,
+/// so that its dead letter always fits in a message too.
+pub const DEAD_LETTER_ROOM: usize = DEAD_ERRORS_BYTES + 2 * 1024;
 
 #[derive(Serialize, Deserialize)]
 struct Meta {
@@ -71,12 +77,41 @@ pub fn is_for(headers: Option<&HeaderMap>, plugin: &str) -> bool {
     }
 }
 
-/// The headers and payload of a dead letter of `event`.
+/// The headers and payload of a dead letter of `event`. Of its failed attempts, the newest
+/// that fit in [`DEAD_ERRORS_BYTES`] are kept (the last one always: an error is at most
+/// 4 KiB).
 pub fn dead_message(event: &Event, dead: &Dead) -> (HeaderMap, Bytes) {
+    let mut kept = dead.errors.len();
+    let mut bytes = 0;
+    for error in dead.errors.iter().rev() {
+        bytes += serde_json::to_string(error).map_or(0, |json| json.len() + 1);
+        if bytes > DEAD_ERRORS_BYTES && kept < dead.errors.len() {
+            break;
+        }
+        kept -= 1;
+    }
+    let dead = Dead { errors: dead.errors[kept..].to_vec(), ..dead.clone() };
     let mut headers = HeaderMap::new();
     headers.insert(EVENT_HEADER, meta_json(event).as_str());
-    headers.insert(DEAD_HEADER, serde_json::to_string(dead).unwrap_or_default().as_str());
+    headers.insert(DEAD_HEADER, serde_json::to_string(&dead).unwrap_or_default().as_str());
     (headers, event.data.clone())
+}
+
+/// The bytes a message with `headers` and a `payload` of that length takes against the
+/// server's `max_payload`: the header block as NATS writes it (`NATS/1.0`, one line per value,
+/// a blank line; none without headers), then the payload.
+pub fn wire_len(headers: &HeaderMap, payload: usize) -> usize {
+    if headers.is_empty() {
+        return payload;
+    }
+    let lines: usize = headers
+        .iter()
+        .flat_map(|(name, values)| {
+            let name: &[u8] = name.as_ref();
+            values.iter().map(move |value| name.len() + ": \r\n".len() + value.as_str().len())
+        })
+        .sum();
+    "NATS/1.0\r\n\r\n".len() + lines + payload
 }
 
 /// A dead letter's facts, if the message holds them.
@@ -138,6 +173,30 @@ mod tests {
         let (headers, payload) = dead_message(&event(), &dead);
         assert_eq!(read_dead(Some(&headers)), Some(dead));
         assert_eq!(read_event(Some(&headers), &payload), Some(event()));
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_its_newest_errors_that_fit() {
+        let error = |attempt| AttemptError { attempt, time_ms: 5, error: "x".repeat(3000) };
+        let dead = Dead { plugin: "p".into(), attempts: 10, errors: (1..=10).map(error).collect(), died_ms: 9 };
+        let (headers, _) = dead_message(&event(), &dead);
+        let kept = read_dead(Some(&headers)).expect("dead").errors;
+        assert_eq!(kept.iter().map(|e| e.attempt).collect::<Vec<_>>(), [9, 10]);
+        assert!(headers.get(DEAD_HEADER).expect("header").as_str().len() <= DEAD_ERRORS_BYTES);
+
+        let huge = Dead { errors: vec![AttemptError { error: "y".repeat(20_000), ..error(1) }], ..dead };
+        let (headers, _) = dead_message(&event(), &huge);
+        assert_eq!(read_dead(Some(&headers)).expect("dead").errors.len(), 1, "the last error is always kept");
+    }
+
+    #[test]
+    fn wire_len_counts_the_header_block_as_nats_writes_it() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(wire_len(&headers, 7), 7);
+        headers.insert("Ab", "cde");
+        headers.append("Ab", "f");
+        // "NATS/1.0\r\n" "Ab: cde\r\n" "Ab: f\r\n" "\r\n"
+        assert_eq!(wire_len(&headers, 100), 10 + 9 + 7 + 2 + 100);
     }
 
     #[test]

@@ -57,6 +57,12 @@ impl Plugin for Faulty {
                 Ok(id) => permanent(format!("emitted {id} with a 100 000-byte content type")),
                 Err(reason) => permanent(format!("emit refused: {reason}")),
             },
+            // 1 MiB, as much as the host lets a plugin emit, and more than NATS takes in one message.
+            "emit-large" if event.event_type != "wasmhook.dead_letter" => {
+                emit("test.large", &vec![b'x'; 1 << 20], "application/octet-stream")
+                    .map_err(HandlerError::Permanent)?;
+                Ok(())
+            }
             "emit-chain" => {
                 match emit("test.chain", b"{}", "application/json") {
                     Ok(id) => info!("emitted {id}"),

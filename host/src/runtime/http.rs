@@ -80,11 +80,14 @@ impl Rule {
     fn parse(entry: &str) -> Result<Rule, String> {
         let bad = || format!("{entry:?} is not a host like \"hooks.slack.com\", \"*.example.com\" or \"127.0.0.1:*\"");
         let entry = entry.trim().to_ascii_lowercase();
+        // An IPv6 address is bracketed, as in a URL; a bare colon only ever starts the port.
         let (host, port) = if let Some(rest) = entry.strip_prefix('[') {
             let (host, after) = rest.split_once(']').ok_or_else(bad)?;
-            (host.to_owned(), after.strip_prefix(':'))
+            host.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?;
+            let port = if after.is_empty() { None } else { Some(after.strip_prefix(':').ok_or_else(bad)?) };
+            (host.to_owned(), port)
         } else {
-            match entry.rsplit_once(':') {
+            match entry.split_once(':') {
                 Some((host, port)) => (host.to_owned(), Some(port)),
                 None => (entry.clone(), None),
             }
@@ -206,7 +209,7 @@ mod tests {
 
     #[test]
     fn bad_entries_are_named() {
-        for bad in ["", "a b", "host:port", "*.", "http://x.com"] {
+        for bad in ["", "a b", "host:port", "*.", "http://x.com", "[::1]junk", "[::1]:", "::1", "[nope]:80", "a:1:2"] {
             let err = HttpAllow::parse(&[bad.to_owned()]).expect_err(bad);
             assert!(err.contains(&format!("{bad:?}")), "{err}");
         }

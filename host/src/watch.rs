@@ -86,12 +86,19 @@ impl FolderWatch {
 fn changes_plugins(event: &notify::Event) -> bool {
     use notify::EventKind;
     let changes = matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_));
-    event.need_rescan() || (changes && event.paths.iter().any(|path| is_plugin_file(path)))
+    event.need_rescan() || (changes && event.paths.iter().any(|path| is_plugin_file(path) || is_swapped_link(path)))
 }
 
 /// A plugin (`.wasm`) or manifest (`.toml`) file: the only changes worth a rescan.
 fn is_plugin_file(path: &std::path::Path) -> bool {
     path.extension().is_some_and(|ext| ext == "wasm" || ext == "toml")
+}
+
+/// The `..data` link of a folder that Kubernetes mounts from a ConfigMap or Secret: each
+/// update renames a new `..data` into place, and every `NAME.wasm` is a link through it, so
+/// that swap is the only change the folder itself sees.
+fn is_swapped_link(path: &std::path::Path) -> bool {
+    path.file_name().is_some_and(|name| name == "..data")
 }
 
 /// Wakes the watcher on each SIGHUP. The handler is installed before this returns, so a
@@ -141,5 +148,16 @@ mod tests {
         assert!(is_plugin_file("plugins/echo.toml".as_ref()));
         assert!(!is_plugin_file("plugins/.echo.wasm.swp".as_ref()));
         assert!(!is_plugin_file("plugins/echo.wasm.tmp".as_ref()));
+    }
+
+    #[test]
+    fn a_kubernetes_volume_update_wakes_the_watcher() {
+        use notify::event::{CreateKind, EventKind, ModifyKind, RenameMode};
+        let renamed = notify::Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::Both)))
+            .add_path("plugins/..data_tmp".into())
+            .add_path("plugins/..data".into());
+        assert!(changes_plugins(&renamed));
+        let staged = notify::Event::new(EventKind::Create(CreateKind::Folder)).add_path("plugins/..2026_12_03".into());
+        assert!(!changes_plugins(&staged), "the new files are not reachable until ..data is swapped");
     }
 }

@@ -170,6 +170,29 @@ fn a_manifest_only_change_takes_effect() {
 }
 
 #[test]
+fn a_kubernetes_style_volume_update_swapping_its_data_link_reloads() {
+    use std::os::unix::fs::symlink;
+    let (echo, flaky) =
+        (std::fs::read(plugin_wasm("echo")).expect("echo"), std::fs::read(plugin_wasm("flaky")).expect("flaky"));
+    let host = TestHost::builder().start();
+    let dir = host.plugins_dir();
+    // As the kubelet lays out a ConfigMap: a timestamped folder, `..data` linking to it, and
+    // each file a link through `..data`.
+    std::fs::create_dir(dir.join("..v1")).expect("mkdir");
+    std::fs::write(dir.join("..v1/target.wasm"), &echo).expect("write");
+    symlink("..v1", dir.join("..data")).expect("link ..data");
+    symlink("..data/target.wasm", dir.join("target.wasm")).expect("link target.wasm");
+    wait_for_plugin(&host, "target", "loaded", |entry| entry["sha256"] == sha256(&echo).as_str());
+
+    // An update: a new folder, then `..data` renamed over in one step; no `*.wasm` changes.
+    std::fs::create_dir(dir.join("..v2")).expect("mkdir");
+    std::fs::write(dir.join("..v2/target.wasm"), &flaky).expect("write");
+    symlink("..v2", dir.join("..data_tmp")).expect("link ..data_tmp");
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).expect("swap ..data");
+    wait_for_plugin(&host, "target", "updated", |entry| entry["sha256"] == sha256(&flaky).as_str());
+}
+
+#[test]
 fn the_reload_endpoint_and_sighup_rescan_the_folder() {
     let mut host = TestHost::builder().plugin("echo").start();
     let answer = crate::util::post(&format!("{}/v1/plugins/reload", host.admin), &[], b"");

@@ -87,9 +87,11 @@ impl Leases {
         true
     }
 
-    /// Counts leased deliveries as running rather than as their status on disk.
-    pub(super) fn overlay_stats(&self, stats: &mut Stats) {
-        for held in self.held.values().filter(|held| !held.is_free()) {
+    /// Counts deliveries whose lease runs at `now_ms` as running rather than as their status
+    /// on disk. One whose lease ran out (its outcome never stored, and its plugin perhaps
+    /// removed since) is back to that status until a take leases it again.
+    pub(super) fn overlay_stats(&self, stats: &mut Stats, now_ms: u64) {
+        for held in self.held.values().filter(|held| held.until_ms > now_ms) {
             stats.running += 1;
             match held.stored {
                 DeliveryStatus::Retrying => stats.retrying = stats.retrying.saturating_sub(1),
@@ -98,12 +100,13 @@ impl Leases {
         }
     }
 
-    /// Shows a leased delivery as running, with the attempts started and the lease's end on
-    /// the wall clock as it reads `now`.
+    /// Counts the attempts leases started, and shows a delivery whose lease runs at `now` as
+    /// running, with the lease's end on the wall clock as it reads `now`.
     pub(super) fn overlay_delivery(&self, delivery: &mut DeliveryRecord, now: super::Now) {
-        if let Some(held) = self.held.get(&delivery.delivery).filter(|held| !held.is_free()) {
+        let Some(held) = self.held.get(&delivery.delivery) else { return };
+        delivery.attempts = delivery.attempts.max(held.attempt);
+        if held.until_ms > now.elapsed_ms {
             delivery.status = DeliveryStatus::Running;
-            delivery.attempts = held.attempt;
             delivery.next_attempt_ms = Some(held.until_ms.saturating_add(now.wall_ms).saturating_sub(now.elapsed_ms));
         }
     }
@@ -149,7 +152,31 @@ mod tests {
         leases.hold(1, "a".into(), 0, DeliveryStatus::Pending, 100);
         leases.hold(2, "a".into(), 1, DeliveryStatus::Retrying, 100);
         let mut stats = Stats { pending: 3, retrying: 1, ..Stats::default() };
-        leases.overlay_stats(&mut stats);
+        leases.overlay_stats(&mut stats, 99);
         assert_eq!((stats.pending, stats.retrying, stats.running), (2, 0, 2));
+    }
+
+    #[test]
+    fn a_lease_that_ran_out_no_longer_shows_as_running() {
+        let mut leases = Leases::default();
+        leases.hold(1, "gone".into(), 0, DeliveryStatus::Pending, 100);
+        let mut stats = Stats { pending: 1, ..Stats::default() };
+        leases.overlay_stats(&mut stats, 100);
+        assert_eq!((stats.pending, stats.running), (1, 0));
+
+        let mut record = DeliveryRecord {
+            delivery: 1,
+            plugin: "gone".into(),
+            status: DeliveryStatus::Pending,
+            attempts: 0,
+            last_error: None,
+            next_attempt_ms: None,
+            errors: Vec::new(),
+            sha256: None,
+        };
+        leases.overlay_delivery(&mut record, super::super::Now { wall_ms: 5_000, elapsed_ms: 100 });
+        assert_eq!((record.status, record.attempts), (DeliveryStatus::Pending, 1), "the attempt that ran out counts");
+        leases.overlay_delivery(&mut record, super::super::Now { wall_ms: 5_000, elapsed_ms: 99 });
+        assert_eq!((record.status, record.next_attempt_ms), (DeliveryStatus::Running, Some(5_001)));
     }
 }

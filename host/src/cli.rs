@@ -117,6 +117,8 @@ enum ConfigAction {
     Check {
         /// The config file.
         file: PathBuf,
+        #[command(flatten)]
+        overrides: OverrideArgs,
     },
 }
 
@@ -170,6 +172,14 @@ struct ServeArgs {
     /// The TOML config file.
     #[arg(long, env = "WASMHOOK_CONFIG")]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: OverrideArgs,
+}
+
+/// What the command line and the environment set over the config file; `config check` reads
+/// them as `serve` does, so that it checks what `serve` would run.
+#[derive(Debug, clap::Args)]
+struct OverrideArgs {
     /// Address for webhooks (overrides `listen`).
     #[arg(long, env = "WASMHOOK_LISTEN")]
     listen: Option<SocketAddr>,
@@ -182,6 +192,17 @@ struct ServeArgs {
     /// Folder of the journal (overrides `data_dir`).
     #[arg(long, env = "WASMHOOK_DATA")]
     data: Option<PathBuf>,
+}
+
+impl From<OverrideArgs> for Overrides {
+    fn from(args: OverrideArgs) -> Overrides {
+        Overrides {
+            listen: args.listen,
+            admin_listen: args.admin_listen,
+            plugins_dir: args.plugins,
+            data_dir: args.data,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -273,8 +294,8 @@ impl Cli {
             Command::Send { scheme } => send(scheme, &ProcessEnv),
             Command::Dlq { admin, action } => dlq(&admin, action, &ProcessEnv),
             Command::Plugin { action } => plugin(action),
-            Command::Config { action: ConfigAction::Check { file } } => {
-                let config = config::load(Some(&file), Overrides::default(), &ProcessEnv)?;
+            Command::Config { action: ConfigAction::Check { file, overrides } } => {
+                let config = config::load(Some(&file), overrides.into(), &ProcessEnv)?;
                 let sources: Vec<&String> = config.sources.keys().collect();
                 let journal = match &config.backend {
                     crate::config::Backend::Sqlite => format!("sqlite in {}", config.data_dir.display()),
@@ -301,14 +322,8 @@ impl Cli {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let overrides = Overrides {
-        listen: args.listen,
-        admin_listen: args.admin_listen,
-        plugins_dir: args.plugins,
-        data_dir: args.data,
-    };
     // The whole configuration is checked before anything starts or binds.
-    let config = config::load(args.config.as_deref(), overrides, &ProcessEnv)?;
+    let config = config::load(args.config.as_deref(), args.overrides.into(), &ProcessEnv)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();

@@ -38,6 +38,26 @@ fn a_missing_secret_stops_start_up_naming_the_variable() {
 }
 
 #[test]
+fn config_check_reads_the_environment_overrides_as_serve_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("wasmhook.toml");
+    std::fs::write(&config, "admin_listen = \"127.0.0.1:9090\"\n").expect("write");
+    let check = |admin: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wasmhook"));
+        command.args(["config", "check"]).arg(&config).env_remove("WASMHOOK_ADMIN_LISTEN");
+        if let Some(admin) = admin {
+            command.env("WASMHOOK_ADMIN_LISTEN", admin);
+        }
+        command.output().expect("run wasmhook config check")
+    };
+    assert!(check(None).status.success());
+    // Beyond loopback without a token, serve would refuse to start: so must the check.
+    let output = check(Some("0.0.0.0:9090"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("admin_token_env"), "{stderr}");
+}
+
+#[test]
 fn an_unknown_config_key_is_reported_with_its_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("wasmhook.toml");

@@ -68,14 +68,14 @@ impl std::fmt::Debug for Options {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // URLs may hold credentials: show the servers only.
         f.debug_struct("Options")
-            .field("server", &split_credentials(&self.url).0)
+            .field("server", &server_only(&self.url))
             .field("stream", &self.stream)
             .field("prefix", &self.prefix)
             .field("replicas", &self.replicas)
             .field("duplicate_window", &self.duplicate_window)
             .field("retention", &self.retention)
             .field("max_pending", &self.max_pending)
-            .field("redis", &self.redis_url.as_deref().map(|url| split_credentials(url).0))
+            .field("redis", &self.redis_url.as_deref().map(server_only))
             .finish()
     }
 }
@@ -866,6 +866,14 @@ fn split_credentials(url: &str) -> (String, Option<(String, Option<String>)>) {
     (format!("{scheme}://{server}"), Some(credentials))
 }
 
+/// `url` without what may hold a secret: the user and password before `@`, and the query and
+/// fragment (Redis reads a password from `?pass=`).
+fn server_only(url: &str) -> String {
+    let server = split_credentials(url).0;
+    let end = server.find(['?', '#']).unwrap_or(server.len());
+    server[..end].to_owned()
+}
+
 fn unavailable(err: impl std::fmt::Display) -> JournalError {
     JournalError::Unavailable(format!("NATS: {err}"))
 }
@@ -900,6 +908,9 @@ mod tests {
             shown.contains("nats.example:4222") && !shown.contains("secret") && !shown.contains("hunter2"),
             "{shown}"
         );
+        let in_query = Options { redis_url: Some("redis+unix:///run/redis.sock?db=1&pass=hunter2".into()), ..options };
+        let shown = format!("{in_query:?}");
+        assert!(shown.contains("/run/redis.sock") && !shown.contains("hunter2"), "{shown}");
     }
 
     #[test]

@@ -112,8 +112,9 @@ enum PluginAction {
 
 #[derive(Debug, Subcommand)]
 enum ConfigAction {
-    /// Parse and check a config file (secret variables included); errors name the file, line
-    /// and column.
+    /// Parse and check a config file (secret variables included), with the same overrides as
+    /// `serve`; syntax, type and unknown-key errors name the file, line and column, other
+    /// problems the file and the key.
     Check {
         /// The config file.
         file: PathBuf,

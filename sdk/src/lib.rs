@@ -55,7 +55,10 @@ pub use bindings::wasmhook::plugin::types::{Event, HandlerError, Metadata};
 
 /// A plugin: say who you are, then handle events.
 ///
-/// The host creates a fresh instance for each call, so a plugin keeps no state between events.
+/// By default the host creates a fresh instance for each call. If the operator sets
+/// `reuse = N` in the plugin's manifest, one instance serves up to N calls in a row, and its
+/// memory (statics, caches, the previous event's data) persists between them. Do not rely on
+/// memory being either kept or cleared between calls.
 pub trait Plugin {
     /// Names the plugin and lists the event types it subscribes to. Called once at load time.
     fn metadata() -> Metadata;

@@ -100,6 +100,13 @@ impl From<JournalError> for Refusal {
     }
 }
 
+/// Whether a `Host` header names a loopback address or `localhost`, with or without a port.
+fn is_loopback_name(host: &str) -> bool {
+    let Ok(authority) = host.parse::<hyper::http::uri::Authority>() else { return false };
+    let name = authority.host().trim_start_matches('[').trim_end_matches(']');
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 fn bad_request(message: impl Into<String>) -> Refusal {
     Refusal(StatusCode::BAD_REQUEST, message.into())
 }
@@ -150,6 +157,9 @@ impl Admin {
 
     /// Answers one HTTP request.
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        if let Some(refusal) = self.from_a_web_page(&request) {
+            return http::error(StatusCode::FORBIDDEN, refusal);
+        }
         match request.uri().path() {
             "/healthz" => return http::json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
             "/readyz" => return self.ready().await,
@@ -234,6 +244,27 @@ impl Admin {
                 ok(serde_json::json!({ "replayed": self.replay(body).await? }))
             }
             _ => Err(Refusal(StatusCode::NOT_FOUND, format!("no admin route {path}"))),
+        }
+    }
+
+    /// Why a request looks sent by a web page, which the admin API never serves: a browser
+    /// adds `Origin` to every request a page makes across sites, and a page that rebinds its
+    /// own name to 127.0.0.1 still sends that name as `Host`. Without a token, loopback is the
+    /// only guard, so only requests addressed to a loopback address or `localhost` pass.
+    fn from_a_web_page(&self, request: &Request<Incoming>) -> Option<String> {
+        if request.headers().contains_key(header::ORIGIN) {
+            return Some("requests from web pages (with an Origin header) are refused".to_owned());
+        }
+        if self.token.is_some() {
+            return None;
+        }
+        let host = request.headers().get(header::HOST).map(|host| host.to_str().unwrap_or("(not text)"));
+        match host {
+            Some(host) if is_loopback_name(host) => None,
+            _ => Some(format!(
+                "without admin_token_env, only requests addressed to loopback are answered (Host: {})",
+                host.unwrap_or("none")
+            )),
         }
     }
 

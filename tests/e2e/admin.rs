@@ -1,6 +1,34 @@
-//! The admin API: health, unknown events, and the bearer token.
+//! The admin API: health, unknown events, the bearer token, and web pages kept out.
+
+use std::io::{Read, Write};
 
 use crate::util::{TestHost, get, post};
+
+/// The status line of a raw `GET path` to `admin` with `host` as its `Host` header.
+fn status_line_with_host(admin: &str, path: &str, host: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(admin.trim_start_matches("http://")).expect("connect");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").expect("send");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read");
+    answer.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn requests_from_web_pages_are_refused() {
+    let host = TestHost::builder().start();
+    // A page posting across sites (no preflight for a text/plain body) carries an Origin.
+    let url = format!("{}/v1/dead-letters/purge", host.admin);
+    let (status, body) = post(&url, &[("origin", "https://evil.example")], br#"{"all":true}"#);
+    assert_eq!(status, 403, "{body}");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("Origin")), "{body}");
+    // A page that rebound its own name to 127.0.0.1 sends that name as Host.
+    let port = host.admin.rsplit(':').next().expect("port");
+    assert!(status_line_with_host(&host.admin, "/v1/stats", &format!("rebound.example:{port}")).contains(" 403 "));
+    for name in ["127.0.0.1", "localhost", "[::1]"] {
+        let line = status_line_with_host(&host.admin, "/v1/stats", &format!("{name}:{port}"));
+        assert!(line.contains(" 200 "), "{name}: {line}");
+    }
+}
 
 #[test]
 fn health_answers_and_an_unknown_event_is_404() {
@@ -30,6 +58,9 @@ fn a_configured_token_guards_everything_but_health() {
     let url = format!("{}/v1/plugins", host.admin);
     assert_eq!(get(&url, &[("authorization", "Bearer wrong")]).0, 401);
     assert_eq!(get(&url, &[("authorization", "Bearer t0ken")]).0, 200);
+    // With a token, any Host will do (the admin API may listen beyond loopback).
+    let port = host.admin.rsplit(':').next().expect("port");
+    assert!(status_line_with_host(&host.admin, "/healthz", &format!("wasmhook.internal:{port}")).contains(" 200 "));
 }
 
 #[test]

@@ -157,7 +157,7 @@ impl Admin {
 
     /// Answers one HTTP request.
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
-        if let Some(refusal) = self.from_a_web_page(&request) {
+        if let Some(refusal) = self.web_page_refusal(&request) {
             return http::error(StatusCode::FORBIDDEN, refusal);
         }
         match request.uri().path() {
@@ -251,7 +251,7 @@ impl Admin {
     /// adds `Origin` to every request a page makes across sites, and a page that rebinds its
     /// own name to 127.0.0.1 still sends that name as `Host`. Without a token, loopback is the
     /// only guard, so only requests addressed to a loopback address or `localhost` pass.
-    fn from_a_web_page(&self, request: &Request<Incoming>) -> Option<String> {
+    fn web_page_refusal(&self, request: &Request<Incoming>) -> Option<String> {
         if request.headers().contains_key(header::ORIGIN) {
             return Some("requests from web pages (with an Origin header) are refused".to_owned());
         }

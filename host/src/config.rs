@@ -160,6 +160,19 @@ pub enum Verify {
     None,
 }
 
+impl Verify {
+    /// How far a signed timestamp may be from now, for the schemes that sign one.
+    pub fn tolerance(&self) -> Option<Duration> {
+        match self {
+            Verify::Stripe { tolerance, .. }
+            | Verify::Slack { tolerance, .. }
+            | Verify::StandardWebhooks { tolerance, .. } => Some(*tolerance),
+            Verify::Hmac(scheme) => scheme.timestamp_header.as_ref().map(|_| scheme.tolerance),
+            Verify::Github { .. } | Verify::Token { .. } | Verify::None => None,
+        }
+    }
+}
+
 /// The `hmac` scheme's settings.
 #[derive(Debug, Clone)]
 pub struct HmacScheme {
@@ -604,6 +617,7 @@ fn validate(raw: RawConfig, overrides: Overrides, env: &dyn Env, base: &Path) ->
     if matches!(backend, Backend::Sqlite) {
         check_retention_covers_dedup(journal.retention, &sources, &mut problems);
     }
+    check_dedup_outlasts_tolerance(&backend, &sources, &mut problems);
 
     if problems.is_empty() {
         Ok(Config {
@@ -675,6 +689,14 @@ fn validate_backend(
     }
     let duplicate_window =
         duration(raw.duplicate_window.as_deref(), "journal.duplicate_window", DEFAULT_DUPLICATE_WINDOW, problems);
+    if journal.retention < duplicate_window.max(Duration::from_secs(1)) {
+        problems.push(format!(
+            "journal.retention ({}) must be at least journal.duplicate_window ({}) with backend = \"nats\" \
+             (JetStream refuses a shorter one, and reads 0 as keep for ever)",
+            humantime::format_duration(journal.retention),
+            humantime::format_duration(duplicate_window)
+        ));
+    }
     if redis_url.is_some() && duplicate_window < crate::journal::nats::dedup::CLAIM {
         problems.push(format!(
             "journal.duplicate_window must be at least {} s with Redis dedup (the claim a host holds while it stores)",
@@ -776,23 +798,21 @@ fn validate_source(
         ));
     }
     let secret_field = field("secret_env");
-    let mut secrets: Vec<Secret> = if scheme == RawVerify::None {
+    let secrets: Vec<Secret> = if scheme == RawVerify::None {
         Vec::new()
     } else {
-        vars.iter().filter_map(|var| secret_from(env, var, &secret_field, problems)).collect()
-    };
-    if scheme == RawVerify::StandardWebhooks {
-        secrets = secrets
-            .iter()
-            .zip(&vars)
-            .filter_map(|(secret, var)| {
-                let text = String::from_utf8_lossy(secret.expose());
-                Secret::from_standard_webhooks(&text)
+        vars.iter()
+            .filter_map(|var| {
+                let secret = secret_from(env, var, &secret_field, problems)?;
+                if scheme != RawVerify::StandardWebhooks {
+                    return Some(secret);
+                }
+                Secret::from_standard_webhooks(&String::from_utf8_lossy(secret.expose()))
                     .map_err(|err| problems.push(format!("{secret_field}: the value of {var} {err}")))
                     .ok()
             })
-            .collect();
-    }
+            .collect()
+    };
     let mut header_name = |key: &str, value: Option<String>| {
         let value = value?;
         match hyper::header::HeaderName::from_bytes(value.as_bytes()) {
@@ -882,6 +902,36 @@ fn check_retention_covers_dedup(
             humantime::format_duration(window),
             humantime::format_duration(window),
         ));
+    }
+}
+
+/// A signed timestamp stops a replayed request only once it is too old, and until then only
+/// dedup does: the id must be remembered for as long as the timestamp passes, which is up to
+/// twice `tolerance` after the first acceptance (a timestamp may be ahead of the clock or behind
+/// it).
+fn check_dedup_outlasts_tolerance(
+    backend: &Backend,
+    sources: &BTreeMap<String, SourceConfig>,
+    problems: &mut Vec<String>,
+) {
+    for (name, source) in sources {
+        let Some(tolerance) = source.verify.tolerance() else { continue };
+        let (key, window) = match backend {
+            Backend::Nats(nats) if nats.redis_url.is_none() => (
+                "journal.duplicate_window (the only dedup without [dedup] backend = \"redis\")".to_owned(),
+                nats.duplicate_window,
+            ),
+            _ => (format!("sources.{name}.dedup_window"), source.dedup_window),
+        };
+        if window < tolerance * 2 {
+            problems.push(format!(
+                "sources.{name}.tolerance ({}) needs {key} of at least twice that, not {}: a signed request replayed \
+                 after its id is forgotten, while its timestamp still passes, would be stored again; lower tolerance \
+                 or lengthen the window",
+                humantime::format_duration(tolerance),
+                humantime::format_duration(window),
+            ));
+        }
     }
 }
 
@@ -1064,6 +1114,35 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_standard_webhooks_secret_is_named_by_its_own_variable() {
+        let source = "[sources.w]\nverify = \"standard-webhooks\"\nsecret_env = [\"A\", \"B\"]\n";
+        let err = check(source, &env(&[("B", "whsec_!!")])).expect_err("A unset, B malformed");
+        let text = err.to_string();
+        assert!(text.contains("A is not set") || text.contains("variable A"), "{text}");
+        assert!(text.contains("the value of B "), "{text}");
+    }
+
+    #[test]
+    fn the_dedup_window_must_outlast_a_signed_timestamps_tolerance_both_ways() {
+        let stripe = "[sources.stripe]\nverify = \"stripe\"\nsecret_env = \"S\"\n";
+        let secret = env(&[("S", "whsec_x")]);
+        let err = check(&format!("{stripe}dedup_window = \"9m\"\n"), &secret).expect_err("9m < 2 x 5m");
+        assert!(err.to_string().contains("sources.stripe.tolerance (5m) needs sources.stripe.dedup_window"), "{err}");
+        assert!(check(&format!("{stripe}dedup_window = \"10m\"\n"), &secret).is_ok());
+        assert!(check(&format!("{stripe}dedup_window = \"9m\"\ntolerance = \"4m\"\n"), &secret).is_ok());
+        // GitHub signs no timestamp: nothing to outlast.
+        let github = "[sources.gh]\nverify = \"github\"\nsecret_env = \"S\"\ndedup_window = \"1s\"\n";
+        assert!(check(github, &secret).is_ok());
+        // On NATS without Redis, JetStream's duplicate window is the only dedup.
+        let nats = "[journal]\nbackend = \"nats\"\n";
+        let err = check(&format!("{nats}{stripe}"), &secret).expect_err("2m < 2 x 5m");
+        assert!(err.to_string().contains("journal.duplicate_window"), "{err}");
+        assert!(check(&format!("{nats}duplicate_window = \"10m\"\n{stripe}"), &secret).is_ok());
+        assert!(check(&format!("{nats}{stripe}tolerance = \"1m\"\n"), &secret).is_ok());
+        assert!(check(&format!("{nats}[dedup]\nbackend = \"redis\"\n{stripe}"), &secret).is_ok());
+    }
+
+    #[test]
     fn a_standard_webhooks_secret_with_no_key_after_its_prefix_is_refused() {
         let source = "[sources.w]\nverify = \"standard-webhooks\"\nsecret_env = \"W\"\n";
         for empty in ["whsec_", " whsec_ "] {
@@ -1156,6 +1235,8 @@ mod tests {
             ("[journal]\nbackend = \"nats\"\nurl = \"u\"\nurl_env = \"V\"\n", "are exclusive"),
             ("[journal]\nbackend = \"kafka\"\n", "kafka"),
             ("[journal]\nbackend = \"nats\"\n[sources.dlq]\nverify = \"none\"\n", "source name \"dlq\" is reserved"),
+            ("[journal]\nbackend = \"nats\"\nretention = \"0s\"\n", "journal.retention (0s) must be at least"),
+            ("[journal]\nbackend = \"nats\"\nretention = \"1m\"\n", "journal.duplicate_window (2m)"),
         ];
         for (text, expected) in cases {
             let err = check(text, &env(&[])).expect_err(text);

@@ -96,18 +96,45 @@ impl RetrySettings {
                 }
             }
         }
+        if policy.first_delay > policy.max_delay {
+            problems.push(format!(
+                "retry.first_delay ({}) is longer than retry.max_delay ({}), which caps every wait",
+                humantime::format_duration(policy.first_delay),
+                humantime::format_duration(policy.max_delay)
+            ));
+        }
         if problems.is_empty() { Ok(policy) } else { Err(problems) }
     }
 }
 
-/// A duration as people write it: `"500ms"`, `"30s"`, `"5m"`, `"1h"`, `"7d"`.
+/// The longest duration any setting takes: sums of durations (a timeout plus a margin) and
+/// NATS's nanosecond counts stay far from overflowing.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// A duration as people write it: `"500ms"`, `"30s"`, `"5m"`, `"1h"`, `"7d"`; at most
+/// [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|err| format!("{text:?} is not a duration like \"30s\" or \"1h\" ({err})"))
+    let duration = humantime::parse_duration(text)
+        .map_err(|err| format!("{text:?} is not a duration like \"30s\" or \"1h\" ({err})"))?;
+    if duration > MAX_DURATION {
+        return Err(format!("{text:?} is longer than the 10 years any setting takes"));
+    }
+    Ok(duration)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_first_delay_over_the_cap_and_durations_past_ten_years_are_refused() {
+        let settings = RetrySettings { first_delay: Some("2h".into()), ..Default::default() };
+        let problems = settings.apply(&RetryPolicy::default()).expect_err("first_delay over max_delay");
+        assert!(problems[0].contains("first_delay (2h) is longer than retry.max_delay (1h)"), "{problems:?}");
+        assert!(parse_duration("3650d").is_ok());
+        assert!(parse_duration("18446744073709551000s").is_err());
+        assert!(parse_duration("3651d").expect_err("too long").contains("10 years"));
+    }
 
     #[test]
     fn backoff_doubles_from_the_first_delay_up_to_the_cap() {

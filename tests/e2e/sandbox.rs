@@ -104,7 +104,12 @@ fn the_hosts_environment_is_out_of_reach() {
 fn emitted_events_chain_until_the_depth_guard() {
     let mut host = TestHost::builder().plugin_with_manifest("faulty", "[config]\nfault = \"emit-chain\"\n").start();
     host.post_github("push", "root", &example("github/push.json"), SECRET);
-    let deepest = format!("root{}", ".1".repeat(8));
+    // Each emitted id is its parent's source and id, then its position.
+    let emitted_from = |source: &str, id: &str| format!("{source}:{id}.1");
+    let mut deepest = emitted_from("github", "root");
+    for _ in 1..8 {
+        deepest = emitted_from("plugin.faulty", &deepest);
+    }
     let event = host.wait_for_event(&deepest);
     assert_eq!(
         (event["source"].as_str(), event["type"].as_str()),
@@ -112,7 +117,8 @@ fn emitted_events_chain_until_the_depth_guard() {
         "{event}"
     );
     host.wait_for_log("emit refused: chain depth limit 8");
-    assert_eq!(host.admin_get(&format!("/v1/events/{deepest}.1")).0, 404, "the chain went past the guard");
+    let past_the_guard = emitted_from("plugin.faulty", &deepest);
+    assert_eq!(host.admin_get(&format!("/v1/events/{past_the_guard}")).0, 404, "the chain went past the guard");
 }
 
 #[test]

@@ -10,7 +10,7 @@ use wasmtime::component::Linker;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
 use super::bindings::{self, HandlerError, PluginPre};
-use super::host_api::{CallGrants, CallState, Emitted, LimitExceeded, chain_depth};
+use super::host_api::{CallEvent, CallGrants, CallState, Emitted, LimitExceeded};
 use super::http::HttpAllow;
 use super::{DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT, EPOCH_TICK, MAX_WASM_STACK_BYTES};
 use crate::event::Event;
@@ -162,15 +162,14 @@ impl Component {
     /// instance is dropped). On success, returns the events the plugin emitted, for the caller
     /// to commit with the outcome.
     pub async fn invoke(&self, event: &Event, attempt: u32) -> Result<Vec<Emitted>, CallError> {
-        let depth = chain_depth(event);
         let warm = if self.limits.reuse > 0 { self.take_warm() } else { None };
         let (mut store, mut instance, calls) = match warm {
             Some(Warm { mut store, plugin, calls }) => {
-                store.data_mut().begin(event.id.clone(), depth);
+                store.data_mut().begin(CallEvent::of(event));
                 self.arm_deadline(&mut store);
                 (store, Some(plugin), calls)
             }
-            None => (self.store(Some((event.id.clone(), depth))), None, 0),
+            None => (self.store(Some(CallEvent::of(event))), None, 0),
         };
         let input = bindings::Event {
             id: event.id.clone(),
@@ -256,7 +255,7 @@ impl Component {
 
     /// A fresh store for one call: limits set, and the deadline armed before instantiation
     /// (a plugin's start-up code runs then, and must already be bounded).
-    fn store(&self, event: Option<(String, u32)>) -> Store<CallState> {
+    fn store(&self, event: Option<CallEvent>) -> Store<CallState> {
         let state = CallState::new(CallGrants {
             plugin: Arc::clone(&self.name),
             event,

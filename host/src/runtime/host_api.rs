@@ -57,7 +57,7 @@ pub struct LimitExceeded(pub String);
 /// An event a plugin emitted, waiting for its call to succeed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Emitted {
-    /// The new event's id (the parent's id and its position).
+    /// The new event's id: the parent's source and id, and its position (`github:abc.1`).
     pub id: String,
     /// Its type.
     pub event_type: String,
@@ -77,8 +77,7 @@ pub struct CallState {
     table: ResourceTable,
     pub(super) limiter: CallLimiter,
     plugin: Arc<str>,
-    event_id: Option<String>,
-    depth: u32,
+    event: Option<CallEvent>,
     config: Arc<BTreeMap<String, String>>,
     logged_lines: usize,
     logged_bytes: usize,
@@ -87,12 +86,35 @@ pub struct CallState {
     pub(super) stderr: CappedOutput,
 }
 
+/// The event a call handles, as its host functions need it.
+pub struct CallEvent {
+    /// Its id, for the call's log lines.
+    id: String,
+    /// What the ids of the events the call emits start with: the event's source and id, so
+    /// that two sources' events with the same id never emit the same ids (a second one would
+    /// be dropped as a duplicate).
+    emit_prefix: String,
+    /// How many emits deep it is.
+    depth: u32,
+}
+
+impl CallEvent {
+    /// The parts of `event` a call needs.
+    pub fn of(event: &crate::event::Event) -> Self {
+        CallEvent {
+            id: event.id.clone(),
+            emit_prefix: format!("{}:{}", event.source, event.id),
+            depth: chain_depth(event),
+        }
+    }
+}
+
 /// What a call may use, and who it is for.
 pub struct CallGrants {
     /// The plugin's name.
     pub plugin: Arc<str>,
-    /// The event's id (none while loading) and how many emits deep it is.
-    pub event: Option<(String, u32)>,
+    /// The event it handles (none while loading).
+    pub event: Option<CallEvent>,
     /// `config(key)` values.
     pub config: Arc<BTreeMap<String, String>>,
     /// Where outbound HTTP may go.
@@ -107,7 +129,6 @@ impl CallState {
         let (stdout, stderr) = (CappedOutput::default(), CappedOutput::default());
         // No environment, no preopened folders, no sockets, stdin closed; output captured.
         let wasi = WasiCtx::builder().stdout(stdout.clone()).stderr(stderr.clone()).build();
-        let (event_id, depth) = grants.event.map_or((None, 0), |(id, depth)| (Some(id), depth));
         CallState {
             wasi,
             http: WasiHttpCtx::new(),
@@ -115,8 +136,7 @@ impl CallState {
             table: ResourceTable::new(),
             limiter: CallLimiter::new(grants.memory_bytes),
             plugin: grants.plugin,
-            event_id,
-            depth,
+            event: grants.event,
             config: grants.config,
             logged_lines: 0,
             logged_bytes: 0,
@@ -128,9 +148,8 @@ impl CallState {
 
     /// Makes a reused instance's state ready for a new call: the event, and fresh counters,
     /// emitted events and captured output. (The plugin's own memory is kept: that is reuse.)
-    pub(super) fn begin(&mut self, event_id: String, depth: u32) {
-        self.event_id = Some(event_id);
-        self.depth = depth;
+    pub(super) fn begin(&mut self, event: CallEvent) {
+        self.event = Some(event);
         self.logged_lines = 0;
         self.logged_bytes = 0;
         self.emitted.clear();
@@ -141,7 +160,7 @@ impl CallState {
     /// Writes a line to the host's log with the plugin's name and the event's id.
     pub(super) fn write_log(&self, level: Level, stream: &str, message: &str) {
         let plugin = &*self.plugin;
-        let event_id = self.event_id.as_deref().unwrap_or("");
+        let event_id = self.event.as_ref().map_or("", |event| event.id.as_str());
         match level {
             Level::Trace => tracing::trace!(target: "plugin", plugin, event.id = event_id, stream, "{message}"),
             Level::Debug => tracing::debug!(target: "plugin", plugin, event.id = event_id, stream, "{message}"),
@@ -210,10 +229,13 @@ impl host::Host for CallState {
                 data.len()
             ))));
         }
-        if self.depth >= MAX_CHAIN_DEPTH {
+        let Some(parent) = &self.event else {
+            return Ok(Err("emit works only while handling an event, not in metadata()".to_owned()));
+        };
+        if parent.depth >= MAX_CHAIN_DEPTH {
             return Ok(Err(format!(
                 "chain depth limit {MAX_CHAIN_DEPTH}: this event was itself emitted {} deep",
-                self.depth
+                parent.depth
             )));
         }
         if event_type.is_empty()
@@ -230,10 +252,10 @@ impl host::Host for CallState {
                 content_type.len()
             )));
         }
-        let parent = self.event_id.as_deref().unwrap_or("load");
-        let id = format!("{parent}.{}", self.emitted.len() + 1);
+        let id = format!("{}.{}", parent.emit_prefix, self.emitted.len() + 1);
+        let depth = parent.depth + 1;
         let content_type = if content_type.is_empty() { "application/json".to_owned() } else { content_type };
-        self.emitted.push(Emitted { id: id.clone(), event_type, content_type, data, depth: self.depth + 1 });
+        self.emitted.push(Emitted { id: id.clone(), event_type, content_type, data, depth });
         Ok(Ok(id))
     }
 }
@@ -384,5 +406,44 @@ mod tests {
         assert!(limiter.memory_growing(0, 60 * MIB, None).expect("allowed"));
         limiter.memory_grow_failed(wasmtime::Error::msg("no room in the pool")).expect("noted");
         assert!(limiter.memory_growing(0, 60 * MIB, None).expect("allowed again"));
+    }
+
+    fn call(event: Option<&crate::event::Event>) -> CallState {
+        CallState::new(CallGrants {
+            plugin: "p".into(),
+            event: event.map(CallEvent::of),
+            config: Arc::default(),
+            http_allow: Arc::default(),
+            memory_bytes: MIB,
+        })
+    }
+
+    fn event(source: &str, id: &str) -> crate::event::Event {
+        crate::event::Event {
+            id: id.into(),
+            source: source.into(),
+            event_type: "t".into(),
+            time_ms: 0,
+            content_type: "application/json".into(),
+            data: Bytes::new(),
+            attributes: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn events_emitted_from_two_sources_events_with_one_id_get_different_ids() {
+        use host::Host as _;
+        let emit = |mut state: CallState| async move {
+            state.emit("derived".into(), b"{}".to_vec(), String::new()).await.expect("no trap").expect("emitted")
+        };
+        let (a, b) = (emit(call(Some(&event("github", "42")))).await, emit(call(Some(&event("gitlab", "42")))).await);
+        assert_eq!((a.as_str(), b.as_str()), ("github:42.1", "gitlab:42.1"));
+    }
+
+    #[tokio::test]
+    async fn metadata_cannot_emit() {
+        use host::Host as _;
+        let refused = call(None).emit("derived".into(), Vec::new(), String::new()).await.expect("no trap");
+        assert!(refused.expect_err("no event").contains("metadata()"));
     }
 }

@@ -138,8 +138,10 @@ impl Component {
             let plugin = component.pre.instantiate_async(&mut store).await?;
             plugin.call_metadata(&mut store).await
         };
-        let metadata = tokio::time::timeout(component.limits.timeout, metadata)
-            .await
+        let metadata = tokio::time::timeout(component.limits.timeout, metadata).await;
+        // What it printed (a panic's message, say) goes to the log whether or not it loads.
+        store.data().flush_output();
+        let metadata = metadata
             .map_err(|_| LoadError::Metadata(format!("timeout after {} ms", component.limits.timeout.as_millis())))?
             .map_err(|err| LoadError::Metadata(describe(&err)))?;
         component.metadata =
@@ -289,7 +291,8 @@ fn capped(mut message: String) -> String {
     message
 }
 
-/// An error's whole chain (and wasm backtrace, when there is one) on one line.
+/// An error's whole chain (and wasm backtrace, when there is one) on one line, cut at
+/// [`MAX_ERROR_BYTES`]: a backtrace names functions as the plugin's own name section does.
 pub(super) fn describe(err: &wasmtime::Error) -> String {
-    format!("{err:?}").lines().map(str::trim).filter(|line| !line.is_empty()).collect::<Vec<_>>().join(" | ")
+    capped(format!("{err:?}").lines().map(str::trim).filter(|line| !line.is_empty()).collect::<Vec<_>>().join(" | "))
 }

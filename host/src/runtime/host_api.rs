@@ -26,6 +26,14 @@ pub const MAX_LOG_BYTES: usize = 64 * 1024;
 pub const MAX_EMITS: usize = 100;
 /// The largest event one call may emit.
 pub const MAX_EMIT_BYTES: usize = 1024 * 1024;
+/// The most data all of one call's emitted events may hold together: the host keeps it until
+/// the call's outcome is stored.
+pub const MAX_EMIT_TOTAL_BYTES: usize = 4 * 1024 * 1024;
+/// Resources (streams, HTTP requests and headers, pollables) one call may hold at once: each
+/// lives in the host's memory, outside the plugin's `memory` grant.
+const MAX_RESOURCES: usize = 1024;
+/// The in-memory size of one set of HTTP headers a plugin builds or receives.
+const MAX_HEADER_FIELDS_BYTES: usize = 32 * 1024;
 /// The longest event type and content type an emitted event may have, in bytes.
 const MAX_EMIT_NAME_BYTES: usize = 256;
 /// How many emitted events deep a chain may go before `emit` refuses (a loop guard).
@@ -47,7 +55,7 @@ pub fn chain_depth(event: &crate::event::Event) -> u32 {
 const MAX_INSTANCES: usize = 64;
 const MAX_TABLES: usize = 64;
 const MAX_MEMORIES: usize = 8;
-const MAX_TABLE_ELEMENTS: usize = 100_000;
+pub(super) const MAX_TABLE_ELEMENTS: usize = 20_000;
 
 /// A per-call limit was hit; the text names it. The call ends as a retryable failure.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -129,11 +137,15 @@ impl CallState {
         let (stdout, stderr) = (CappedOutput::default(), CappedOutput::default());
         // No environment, no preopened folders, no sockets, stdin closed; output captured.
         let wasi = WasiCtx::builder().stdout(stdout.clone()).stderr(stderr.clone()).build();
+        let mut http = WasiHttpCtx::new();
+        http.set_field_size_limit(MAX_HEADER_FIELDS_BYTES);
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
         CallState {
             wasi,
-            http: WasiHttpCtx::new(),
+            http,
             http_grant: HttpGrant::new(grants.http_allow, Arc::clone(&grants.plugin)),
-            table: ResourceTable::new(),
+            table,
             limiter: CallLimiter::new(grants.memory_bytes),
             plugin: grants.plugin,
             event: grants.event,
@@ -157,8 +169,10 @@ impl CallState {
         self.stderr.clear();
     }
 
-    /// Writes a line to the host's log with the plugin's name and the event's id.
+    /// Writes a line to the host's log with the plugin's name and the event's id; line breaks
+    /// and other control characters are escaped, so that a plugin cannot forge log lines.
     pub(super) fn write_log(&self, level: Level, stream: &str, message: &str) {
+        let message = one_line(message);
         let plugin = &*self.plugin;
         let event_id = self.event.as_ref().map_or("", |event| event.id.as_str());
         match level {
@@ -170,15 +184,31 @@ impl CallState {
         }
     }
 
-    /// Logs what the plugin printed to stdout and stderr, one line each.
+    /// Logs what the plugin printed to stdout and stderr, one line each, at most
+    /// [`MAX_LOG_LINES`] of each (then one line saying how many more were left out).
     pub(super) fn flush_output(&self) {
         for (stream, pipe, level) in [("stdout", &self.stdout, Level::Info), ("stderr", &self.stderr, Level::Warn)] {
             let contents = pipe.contents();
-            for line in String::from_utf8_lossy(&contents).lines().filter(|line| !line.trim().is_empty()) {
+            let text = String::from_utf8_lossy(&contents);
+            let mut lines = text.lines().filter(|line| !line.trim().is_empty());
+            for line in lines.by_ref().take(MAX_LOG_LINES) {
                 self.write_log(level, stream, line);
+            }
+            let left_out = lines.count();
+            if left_out > 0 {
+                self.write_log(level, stream, &format!("… {left_out} more lines not logged (at most {MAX_LOG_LINES})"));
             }
         }
     }
+}
+
+/// `message` with its control characters (tab aside) escaped, as one line.
+fn one_line(message: &str) -> std::borrow::Cow<'_, str> {
+    let control = |c: char| c.is_control() && c != '\t';
+    if !message.contains(control) {
+        return message.into();
+    }
+    message.chars().map(|c| if control(c) { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 impl WasiView for CallState {
@@ -227,6 +257,13 @@ impl host::Host for CallState {
                 "emit limit {} MiB per event (this one has {} bytes)",
                 MAX_EMIT_BYTES >> 20,
                 data.len()
+            ))));
+        }
+        let emitted_bytes: usize = self.emitted.iter().map(|event| event.data.len()).sum();
+        if emitted_bytes + data.len() > MAX_EMIT_TOTAL_BYTES {
+            return Err(wasmtime::Error::new(LimitExceeded(format!(
+                "emit limit {} MiB per call in all",
+                MAX_EMIT_TOTAL_BYTES >> 20
             ))));
         }
         let Some(parent) = &self.event else {
@@ -438,6 +475,63 @@ mod tests {
         };
         let (a, b) = (emit(call(Some(&event("github", "42")))).await, emit(call(Some(&event("gitlab", "42")))).await);
         assert_eq!((a.as_str(), b.as_str()), ("github:42.1", "gitlab:42.1"));
+    }
+
+    #[tokio::test]
+    async fn a_call_emits_at_most_4_mib_in_all() {
+        use host::Host as _;
+        let mut state = call(Some(&event("github", "1")));
+        for _ in 0..4 {
+            state.emit("big".into(), vec![0; MIB], String::new()).await.expect("within").expect("emitted");
+        }
+        let err = state.emit("big".into(), vec![0], String::new()).await.expect_err("over the total");
+        assert!(err.to_string().contains("emit limit 4 MiB per call in all"), "{err}");
+    }
+
+    #[test]
+    fn a_call_holds_a_bounded_number_of_host_resources() {
+        let mut state = call(None);
+        for _ in 0..MAX_RESOURCES {
+            state.table.push(0_u8).expect("within the cap");
+        }
+        assert!(state.table.push(0_u8).is_err(), "past the cap");
+    }
+
+    #[test]
+    fn printed_output_is_logged_as_at_most_100_lines_a_stream() {
+        let logged = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let writer = {
+            let logged = Arc::clone(&logged);
+            move || LogSink(Arc::clone(&logged))
+        };
+        let subscriber = tracing_subscriber::fmt().with_writer(writer).with_ansi(false).finish();
+        let mut state = call(None);
+        for line in 0..500 {
+            state.stdout.write(Bytes::from(format!("line {line}\n"))).expect("within 64 KiB");
+        }
+        tracing::subscriber::with_default(subscriber, || state.flush_output());
+        let text = String::from_utf8(logged.lock().expect("log").clone()).expect("utf-8");
+        assert_eq!(text.lines().count(), MAX_LOG_LINES + 1, "{text}");
+        assert!(text.contains("line 99") && !text.contains("line 100\n") && !text.contains("line 100 "), "{text}");
+        assert!(text.contains("400 more lines not logged"), "{text}");
+    }
+
+    struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for LogSink {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("log").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_log_message_stays_on_one_line() {
+        assert_eq!(one_line("plain\ttext"), "plain\ttext");
+        assert_eq!(one_line("a\n{\"level\":\"ERROR\"}\r"), "a\\n{\"level\":\"ERROR\"}\\r");
     }
 
     #[tokio::test]

@@ -140,10 +140,11 @@ impl WasiHttpHooks for HttpGrant {
             > + Send,
     > {
         if !self.allow.permits(request.uri()) {
-            // Only scheme and authority: a URL's path can be a secret (a Slack webhook's is).
+            // Only scheme, host and port: a URL's path can be a secret (a Slack webhook's is),
+            // and so can the user and password before the host.
             let uri = request.uri();
-            let target =
-                format!("{}://{}", uri.scheme_str().unwrap_or("?"), uri.authority().map_or("?", |a| a.as_str()));
+            let port = uri.port().map(|port| format!(":{port}")).unwrap_or_default();
+            let target = format!("{}://{}{port}", uri.scheme_str().unwrap_or("?"), uri.host().unwrap_or("?"));
             tracing::warn!(plugin = %self.plugin, %target, "outbound HTTP refused: the host is not in http_allow");
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }

@@ -71,6 +71,8 @@ impl Runtime {
             .total_stacks(POOL_INSTANCES)
             .total_core_instances(POOL_INSTANCES)
             .max_memory_size(MAX_MEMORY_BYTES)
+            // The per-call limiter's figure, so that its error names the limit a plugin hit.
+            .table_elements(host_api::MAX_TABLE_ELEMENTS)
             .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
             .async_stack_keep_resident(KEEP_RESIDENT_BYTES)
             // Without this a fresh instance's first table write faults on a zero page and

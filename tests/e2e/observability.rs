@@ -116,7 +116,7 @@ fn plugin_run_calls_each_example_once() {
     let (ok, output) = run("forward", &push, &[]);
     assert!(!ok && output.contains("no url"), "{output}");
     let (ok, output) = run("faulty", &push, &["--config", "fault=emit-chain"]);
-    assert!(ok && output.contains("emitted: test.chain sample-"), "{output}");
+    assert!(ok && output.contains("emitted: test.chain cli:sample-"), "{output}");
     let (ok, output) = run("faulty", &push, &["--config", "fault=recursion"]);
     assert!(!ok && output.contains("wasm stack limit"), "{output}");
 }

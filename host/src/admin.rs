@@ -211,12 +211,12 @@ impl Admin {
                 None => Err(Refusal(StatusCode::NOT_FOUND, format!("no event with id {id:?}"))),
             },
             ["v1", "dead-letters"] => {
-                let plugin = query_value(&query, "plugin");
+                let plugin = query_value(&query, "plugin").map(percent_decoded);
                 let limit = match query_value(&query, "limit") {
                     Some(limit) => limit.parse().map_err(|_| bad_request(format!("limit={limit} is not a number")))?,
                     None => DEFAULT_LIST_LIMIT,
                 };
-                let letters = self.journal.dead_letters(plugin, limit.min(MAX_LIST_LIMIT)).await?;
+                let letters = self.journal.dead_letters(plugin.as_deref(), limit.min(MAX_LIST_LIMIT)).await?;
                 ok(serde_json::json!({ "dead_letters": letters }))
             }
             ["v1", "dead-letters", "replay"] => {
@@ -366,13 +366,13 @@ async fn read_json<T: serde::de::DeserializeOwned>(request: Request<Incoming>) -
     serde_json::from_slice(&body).map_err(|err| bad_request(format!("body is not what this route takes: {err}")))
 }
 
-/// A query parameter's raw value (names and ids here never need percent-decoding).
+/// A query parameter's raw value, still percent-encoded.
 fn query_value<'q>(query: &'q str, name: &str) -> Option<&'q str> {
     query.split('&').filter_map(|pair| pair.split_once('=')).find(|(key, _)| *key == name).map(|(_, value)| value)
 }
 
-/// A path segment with its `%XX` escapes decoded: an event id may hold `/`, `?`, `#` or `%`,
-/// which a client sends escaped.
+/// A path segment or query value with its `%XX` escapes decoded: an event id or a plugin name
+/// may hold `/`, `?`, `#`, `&` or `%`, which a client sends escaped.
 fn percent_decoded(segment: &str) -> String {
     percent_encoding::percent_decode_str(segment).decode_utf8_lossy().into_owned()
 }
@@ -429,5 +429,7 @@ mod tests {
     fn query_values_are_found_by_name() {
         assert_eq!(query_value("plugin=echo&limit=5", "limit"), Some("5"));
         assert_eq!(query_value("plugin=echo", "limit"), None);
+        let named = query_value("plugin=a%20%26%2Bb&limit=5", "plugin").map(percent_decoded);
+        assert_eq!(named.as_deref(), Some("a &+b"), "what the CLI encodes comes back whole");
     }
 }

@@ -521,6 +521,7 @@ fn dlq(admin: &AdminArgs, action: DlqAction, env: &dyn Env) -> anyhow::Result<Ex
         DlqAction::List { plugin, limit } => {
             let mut path = format!("/v1/dead-letters?limit={limit}");
             if let Some(plugin) = plugin {
+                let plugin = percent_encoding::utf8_percent_encode(&plugin, percent_encoding::NON_ALPHANUMERIC);
                 path.push_str(&format!("&plugin={plugin}"));
             }
             let answer = call_admin(admin, Method::GET, &path, None, env)?;

@@ -8,6 +8,10 @@ use hyper::{Method, Request, StatusCode, Uri, header};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+/// How long a connection, then the request and its answer, may each take. A replay of many
+/// events answers once they are all due, well within this.
+const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Sends one request and returns the status and the body as text.
 pub async fn request(
     method: Method,
@@ -21,8 +25,11 @@ pub async fn request(
     }
     let authority = uri.authority().context("the URL has no host")?.clone();
     let port = authority.port_u16().unwrap_or(80);
-    let stream =
-        TcpStream::connect((authority.host(), port)).await.with_context(|| format!("cannot connect to {authority}"))?;
+    let connect = tokio::time::timeout(TIMEOUT, TcpStream::connect((host_to_connect(&authority), port)));
+    let stream = connect
+        .await
+        .map_err(|_| anyhow::anyhow!("no connection to {authority} within {} s", TIMEOUT.as_secs()))?
+        .with_context(|| format!("cannot connect to {authority}"))?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
 
@@ -31,10 +38,21 @@ pub async fn request(
     for (name, value) in headers {
         request = request.header(name, value);
     }
-    let response = sender.send_request(request.body(Full::new(Bytes::from(body)))?).await?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    let exchange = async {
+        let response = sender.send_request(request.body(Full::new(Bytes::from(body)))?).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(TIMEOUT, exchange)
+        .await
+        .map_err(|_| anyhow::anyhow!("{authority} gave no whole answer within {} s", TIMEOUT.as_secs()))?
+}
+
+/// The host an authority names, as a connection takes it: an IPv6 address is bracketed in a
+/// URL (`[::1]:9090`), never in what a connection is opened to.
+fn host_to_connect(authority: &hyper::http::uri::Authority) -> &str {
+    authority.host().trim_start_matches('[').trim_end_matches(']')
 }
 
 /// Runs `request` on a small single-threaded runtime, for commands that are not async.
@@ -46,4 +64,17 @@ pub fn blocking_request(
 ) -> anyhow::Result<(StatusCode, String)> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(request(method, url, headers, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_address_is_connected_to_without_its_brackets() {
+        let host = |text: &str| host_to_connect(&text.parse().expect("authority")).to_owned();
+        assert_eq!(host("[::1]:9090"), "::1");
+        assert_eq!(host("127.0.0.1:9090"), "127.0.0.1");
+        assert_eq!(host("localhost"), "localhost");
+    }
 }

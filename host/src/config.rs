@@ -561,7 +561,8 @@ fn validate(raw: RawConfig, overrides: Overrides, env: &dyn Env, base: &Path) ->
              holding its bearer token: the admin API replays and purges events"
         ));
     }
-    let admin_token = raw.admin_token_env.and_then(|var| secret_from(env, &var, "admin_token_env", &mut problems));
+    let admin_token =
+        raw.admin_token_env.and_then(|var| exact_secret_from(env, &var, "admin_token_env", &mut problems));
 
     let workers = raw.workers.unwrap_or(DEFAULT_WORKERS);
     if workers == 0 {
@@ -803,10 +804,10 @@ fn validate_source(
     } else {
         vars.iter()
             .filter_map(|var| {
-                let secret = secret_from(env, var, &secret_field, problems)?;
                 if scheme != RawVerify::StandardWebhooks {
-                    return Some(secret);
+                    return exact_secret_from(env, var, &secret_field, problems);
                 }
+                let secret = secret_from(env, var, &secret_field, problems)?;
                 Secret::from_standard_webhooks(&String::from_utf8_lossy(secret.expose()))
                     .map_err(|err| problems.push(format!("{secret_field}: the value of {var} {err}")))
                     .ok()
@@ -966,6 +967,21 @@ fn secret_from(env: &dyn Env, var: &str, field: &str, problems: &mut Vec<String>
     }
 }
 
+/// [`secret_from`] for a secret used as written: one that starts or ends with white space (a
+/// line break left by a file, most often) could never match what a sender signs or sends, so
+/// it is refused rather than answering `401` to every request.
+fn exact_secret_from(env: &dyn Env, var: &str, field: &str, problems: &mut Vec<String>) -> Option<Secret> {
+    let secret = secret_from(env, var, field, problems)?;
+    let text = secret.expose();
+    if text.first().is_some_and(u8::is_ascii_whitespace) || text.last().is_some_and(u8::is_ascii_whitespace) {
+        problems.push(format!(
+            "{field}: the value of {var} starts or ends with white space (a line break from a file?); remove it"
+        ));
+        return None;
+    }
+    Some(secret)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1120,6 +1136,17 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("A is not set") || text.contains("variable A"), "{text}");
         assert!(text.contains("the value of B "), "{text}");
+    }
+
+    #[test]
+    fn a_secret_with_a_trailing_line_break_is_refused_naming_its_variable() {
+        let github = "[sources.gh]\nverify = \"github\"\nsecret_env = \"S\"\n";
+        let err = check(github, &env(&[("S", "s3cret\n")])).expect_err("never matches");
+        let text = err.to_string();
+        assert!(text.contains("the value of S starts or ends with white space") && !text.contains("s3cret"), "{text}");
+        assert!(check(github, &env(&[("S", "two words")])).is_ok(), "white space inside is the sender's business");
+        let token = "admin_token_env = \"T\"\n";
+        assert!(check(token, &env(&[("T", " t0ken")])).is_err());
     }
 
     #[test]

@@ -60,6 +60,13 @@ fn non_json_content_type_is_415() {
     let (status, body) = post(&format!("{}/hooks/github", host.url), &[("content-type", "text/plain")], b"hello");
     assert_eq!(status, 415);
     assert!(body["error"].as_str().is_some_and(|e| e.contains("text/plain")), "{body}");
+    // What the sender wrote is repeated only in part, in the answer and in the log.
+    let long = format!("text/{}", "x".repeat(10_000));
+    let (status, body) = post(&format!("{}/hooks/github", host.url), &[("content-type", &long)], b"hello");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(status == 415 && error.len() < 200 && error.contains("(10005 bytes)"), "{body}");
+    host.sync_log();
+    assert!(!host.log().contains(&"x".repeat(100)), "the log repeats the whole content type");
 }
 
 #[test]

@@ -76,6 +76,9 @@ pub fn from_binary(headers: &HeaderMap, body: Bytes) -> Result<CloudEvent, Inges
                 "binary mode takes the data's type from Content-Type, not ce-datacontenttype".into(),
             ));
         }
+        if attributes.iter().any(|(seen, _)| seen == attribute) {
+            return Err(IngestError::BadRequest(format!("header {name} appears more than once")));
+        }
         attributes.push((attribute.to_owned(), decoded.into_owned()));
     }
     let content_type =
@@ -167,8 +170,9 @@ fn check_attribute_name(name: &str) -> Result<(), IngestError> {
     Ok(())
 }
 
+/// Whether a media type is JSON; media types are case-insensitive.
 fn is_json(content_type: &str) -> bool {
-    let essence = content_type.split(';').next().unwrap_or("").trim();
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     essence.ends_with("/json") || essence.ends_with("+json")
 }
 
@@ -216,6 +220,20 @@ mod tests {
         let mut pairs = REQUIRED.to_vec();
         pairs[2] = ("ce-specversion", "0.3");
         assert!(from_binary(&binary_headers(&pairs), Bytes::new()).expect_err("0.3").to_string().contains("0.3"));
+    }
+
+    #[test]
+    fn a_repeated_attribute_header_is_refused() {
+        let mut headers = binary_headers(&REQUIRED);
+        headers.append("ce-id", "other".parse().expect("value"));
+        let err = from_binary(&headers, Bytes::new()).expect_err("two ids");
+        assert!(err.to_string().contains("ce-id appears more than once"), "{err}");
+    }
+
+    #[test]
+    fn media_types_are_json_whatever_their_case() {
+        assert!(is_json("Application/JSON; charset=utf-8") && is_json("application/cloudevents+JSON"));
+        assert!(!is_json("text/plain"));
     }
 
     #[test]

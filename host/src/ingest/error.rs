@@ -8,6 +8,22 @@ use crate::http::{self, Body};
 /// Seconds a sender is asked to wait when the host cannot take more events right now.
 pub const RETRY_AFTER_SECONDS: u32 = 5;
 
+/// The most of a sender's own text (a path, a content type, an id) an error repeats.
+const MAX_SHOWN_BYTES: usize = 64;
+
+/// `text` as an error repeats it: cut after [`MAX_SHOWN_BYTES`], so that a request cannot
+/// make its refusal, or the log line about it, as long as itself.
+pub fn shown(text: &str) -> String {
+    if text.len() <= MAX_SHOWN_BYTES {
+        return text.to_owned();
+    }
+    let mut end = MAX_SHOWN_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len())
+}
+
 /// Why a webhook request was not accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {

@@ -23,6 +23,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use error::shown;
 pub use error::{IngestError, RETRY_AFTER_SECONDS};
 
 use crate::config::{Format, SourceConfig};
@@ -201,12 +202,12 @@ impl Ingest {
             Ok(Received::Answer(answer)) => http::json(StatusCode::OK, &answer),
             Err(err) => {
                 if matches!(err, IngestError::Internal) {
-                    tracing::error!(%path, status = err.status().as_u16(), reason = %err, "request not accepted");
+                    tracing::error!(path = %shown(path), status = err.status().as_u16(), reason = %err, "request not accepted");
                 } else if err.status().is_server_error() {
                     // Backpressure or an outage the sender is told to retry: not a host fault.
                     self.refusals.refused(path, &err);
                 } else {
-                    tracing::info!(%path, status = err.status().as_u16(), reason = %err, "request refused");
+                    tracing::info!(path = %shown(path), status = err.status().as_u16(), reason = %err, "request refused");
                 }
                 err.into_response()
             }
@@ -215,15 +216,15 @@ impl Ingest {
 
     async fn receive(&self, request: Request<Incoming>) -> Result<Received, IngestError> {
         let path = request.uri().path();
-        let name = path.strip_prefix(HOOKS_PREFIX).ok_or_else(|| IngestError::NoRoute(path.to_owned()))?;
+        let name = path.strip_prefix(HOOKS_PREFIX).ok_or_else(|| IngestError::NoRoute(shown(path)))?;
         if name.is_empty() || name.contains('/') {
-            return Err(IngestError::NoRoute(path.to_owned()));
+            return Err(IngestError::NoRoute(shown(path)));
         }
         let name = name.to_owned();
         if request.method() != Method::POST {
-            return Err(IngestError::MethodNotAllowed(request.method().to_string()));
+            return Err(IngestError::MethodNotAllowed(shown(request.method().as_str())));
         }
-        let source = self.sources.get(&name).ok_or_else(|| IngestError::UnknownSource(name.clone()))?;
+        let source = self.sources.get(&name).ok_or_else(|| IngestError::UnknownSource(shown(&name)))?;
         let content_type = content_type(request.headers());
         let mode = match source.format {
             Format::Json => {
@@ -231,7 +232,7 @@ impl Ingest {
                     return Err(IngestError::UnsupportedMediaType(if content_type.is_empty() {
                         "(none)".to_owned()
                     } else {
-                        content_type
+                        shown(&content_type)
                     }));
                 }
                 None
@@ -456,7 +457,8 @@ fn normalise_type(event_type: &str) -> String {
 fn checked_name(what: &str, value: String) -> Result<String, IngestError> {
     if value.is_empty() || value.len() > MAX_NAME_BYTES || value.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(IngestError::BadRequest(format!(
-            "{what} {value:?} must be 1 to {MAX_NAME_BYTES} bytes without spaces or control characters"
+            "{what} {:?} must be 1 to {MAX_NAME_BYTES} bytes without spaces or control characters",
+            shown(&value)
         )));
     }
     Ok(value)

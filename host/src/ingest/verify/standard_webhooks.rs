@@ -2,6 +2,8 @@
 //! `webhook-signature` (space-separated `v1,<base64>` entries), an HMAC-SHA256 of
 //! `"{id}.{timestamp}.{body}"` keyed with the base64 secret after its `whsec_` prefix; five
 //! minutes' tolerance. Id: `webhook-id`; type: the body's `type`, after the source's name.
+//! Svix sends the same headers named `svix-id`, `svix-timestamp` and `svix-signature`, which
+//! are read first, as Svix's own libraries do.
 
 use std::time::Duration;
 
@@ -19,6 +21,13 @@ pub const ID_HEADER: &str = "webhook-id";
 pub const TIMESTAMP_HEADER: &str = "webhook-timestamp";
 /// Header carrying the signatures.
 pub const SIGNATURE_HEADER: &str = "webhook-signature";
+
+/// The header `name` (one of the three above), or its Svix name (`svix-` for `webhook-`).
+fn scheme_header<'h>(headers: &'h HeaderMap, name: &str) -> Result<&'h str, IngestError> {
+    let svix = name.replacen("webhook-", "svix-", 1);
+    if headers.contains_key(&svix) { required_header(headers, &svix) } else { required_header(headers, name) }
+}
+
 /// The `webhook-signature` value for message `id` sent at Unix time `timestamp`.
 pub fn sign(key: &[u8], id: &str, timestamp: u64, body: &[u8]) -> String {
     let content = format!("{id}.{timestamp}.");
@@ -33,10 +42,10 @@ pub fn verify(
     body: &[u8],
     now: u64,
 ) -> Result<(), IngestError> {
-    let id = required_header(headers, ID_HEADER)?;
-    let timestamp = required_header(headers, TIMESTAMP_HEADER)?;
+    let id = scheme_header(headers, ID_HEADER)?;
+    let timestamp = scheme_header(headers, TIMESTAMP_HEADER)?;
     check_timestamp(timestamp, now, tolerance, "webhook-timestamp")?;
-    let signatures: Vec<Vec<u8>> = required_header(headers, SIGNATURE_HEADER)?
+    let signatures: Vec<Vec<u8>> = scheme_header(headers, SIGNATURE_HEADER)?
         .split_whitespace()
         .filter_map(|entry| entry.split_once(','))
         .filter(|(version, _)| *version == "v1")
@@ -51,7 +60,7 @@ pub fn verify(
 
 /// The event's id from `webhook-id` and its type from the body.
 pub fn identify(source: &str, headers: &HeaderMap, json: &serde_json::Value) -> Result<Identity, IngestError> {
-    let id = required_header(headers, ID_HEADER)?.to_owned();
+    let id = scheme_header(headers, ID_HEADER)?.to_owned();
     let kind = json.get("type").and_then(serde_json::Value::as_str).unwrap_or("event");
     Ok(Identity { id, event_type: format!("{source}.{kind}"), attributes: Vec::new() })
 }
@@ -155,6 +164,20 @@ mod tests {
             assert!(check(&[key(secret)], &headers(id, &ts, bad), body, timestamp).is_err(), "{bad} accepted");
         }
         assert!(check(&[key(secret)], &HeaderMap::new(), body, timestamp).is_err());
+    }
+
+    #[test]
+    fn svix_named_headers_verify_and_identify_alike() {
+        let (secret, id, timestamp, body, good) = VECTORS[0];
+        let mut svix = HeaderMap::new();
+        svix.insert("svix-id", id.parse().expect("value"));
+        svix.insert("svix-timestamp", timestamp.to_string().parse().expect("value"));
+        svix.insert("svix-signature", good.parse().expect("value"));
+        verify(&[key(secret)], TOLERANCE, &svix, body.as_bytes(), timestamp).expect("svix-* verifies");
+        let identity = identify("svix", &svix, &serde_json::json!({"type": "user.created"})).expect("identified");
+        assert_eq!((identity.id.as_str(), identity.event_type.as_str()), (id, "svix.user.created"));
+        svix.insert("svix-signature", "v1,Zm9v".parse().expect("value"));
+        assert!(verify(&[key(secret)], TOLERANCE, &svix, body.as_bytes(), timestamp).is_err());
     }
 
     #[test]

@@ -418,6 +418,12 @@ fn hmac_scheme(
     let encoding: config::Encoding =
         parse("encoding", encoding)?.try_into().context("--encoding takes hex or base64")?;
     let default = if timestamp_header.is_some() { "{timestamp}.{body}" } else { "{body}" };
+    let signed = config::SignedContent::parse(signed.unwrap_or(default)).map_err(anyhow::Error::msg)?;
+    if signed.uses_timestamp() != timestamp_header.is_some() {
+        anyhow::bail!(
+            "--signed uses {{timestamp}} exactly when --timestamp-header is given, as the config's signed does"
+        );
+    }
     Ok(config::HmacScheme {
         secrets: Vec::new(),
         header: header.to_ascii_lowercase(),
@@ -426,7 +432,7 @@ fn hmac_scheme(
         prefix: prefix.to_owned(),
         timestamp_header: timestamp_header.map(str::to_ascii_lowercase),
         tolerance: config::DEFAULT_TOLERANCE,
-        signed: config::SignedContent::parse(signed.unwrap_or(default)).map_err(anyhow::Error::msg)?,
+        signed,
     })
 }
 
@@ -603,5 +609,22 @@ fn print_answer(admin: &AdminArgs, answer: &serde_json::Value, human: impl FnOnc
         println!("{answer}");
     } else {
         println!("{}", human(answer));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_hmac_refuses_what_the_config_refuses() {
+        let scheme = |timestamp: Option<&str>, signed: Option<&str>| {
+            hmac_scheme("X-Signature", "sha256", "hex", "", timestamp, signed).map(|scheme| scheme.signed)
+        };
+        assert!(scheme(Some("X-Timestamp"), None).is_ok_and(|signed| signed.uses_timestamp()));
+        assert!(scheme(None, None).is_ok_and(|signed| !signed.uses_timestamp()));
+        let unsigned_time = scheme(Some("X-Timestamp"), Some("{body}")).expect_err("a timestamp sent but not signed");
+        assert!(unsigned_time.to_string().contains("--timestamp-header"), "{unsigned_time}");
+        assert!(scheme(None, Some("{timestamp}.{body}")).is_err(), "an empty timestamp signed");
     }
 }

@@ -71,9 +71,12 @@ fn action(body: &[u8]) -> Result<Option<String>, IngestError> {
         #[serde(default)]
         action: Option<serde_json::Value>,
     }
+    // A struct also reads from an array (`["opened"]` as `action`): only an object goes the
+    // short way.
+    let object = body.iter().find(|byte| !byte.is_ascii_whitespace()) == Some(&b'{');
     let action = match serde_json::from_slice::<Top>(body) {
-        Ok(top) => top.action,
-        Err(_) => parse_json(body)?.get_mut("action").map(serde_json::Value::take),
+        Ok(top) if object => top.action,
+        _ => parse_json(body)?.get_mut("action").map(serde_json::Value::take),
     };
     Ok(match action {
         Some(serde_json::Value::String(action)) => Some(action),
@@ -150,7 +153,7 @@ mod tests {
     #[test]
     fn an_action_that_is_not_text_is_ignored_and_a_body_that_is_not_json_refused() {
         let push = headers(&[(EVENT_HEADER, "push")]);
-        for body in [&br#"{"action": 5}"#[..], br#" [1, 2]"#, b"\"text\"", br#"{"action": null}"#] {
+        for body in [&br#"{"action": 5}"#[..], br#" [1, 2]"#, br#"["opened"]"#, b"\"text\"", br#"{"action": null}"#] {
             let identity = identify(&push, body).expect("identified");
             assert_eq!(identity.event_type, "github.push", "{}", String::from_utf8_lossy(body));
         }

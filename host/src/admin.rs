@@ -124,15 +124,19 @@ impl Admin {
     }
 
     /// Readiness: the journal takes a write, the plugins folder reads, the host is not
-    /// stopping (the listeners are bound before the admin API answers at all).
-    async fn ready(&self) -> Response<Body> {
+    /// stopping (the listeners are bound before the admin API answers at all). Why a check
+    /// fails is told in full only to a caller the token admits (anyone, without a token): a
+    /// probe needs no token, and errors name paths and servers.
+    async fn ready(&self, detailed: bool) -> Response<Body> {
         let journal = match self.journal.ping().await {
             Ok(()) => "ok".to_owned(),
-            Err(err) => err.to_string(),
+            Err(err) if detailed => err.to_string(),
+            Err(_) => "cannot write".to_owned(),
         };
         let folder = match std::fs::read_dir(self.registry.dir()) {
             Ok(_) => "ok".to_owned(),
-            Err(err) => format!("cannot read {}: {err}", self.registry.dir().display()),
+            Err(err) if detailed => format!("cannot read {}: {err}", self.registry.dir().display()),
+            Err(_) => "cannot read".to_owned(),
         };
         let listeners = if self.shutdown.is_cancelled() { "shutting down" } else { "ok" };
         let ready = journal == "ok" && folder == "ok" && listeners == "ok";
@@ -162,7 +166,7 @@ impl Admin {
         }
         match request.uri().path() {
             "/healthz" => return http::json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-            "/readyz" => return self.ready().await,
+            "/readyz" => return self.ready(self.authorized(&request)).await,
             _ => {}
         }
         if !self.authorized(&request) {

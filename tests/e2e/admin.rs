@@ -58,6 +58,13 @@ fn a_configured_token_guards_everything_but_health() {
     let url = format!("{}/v1/plugins", host.admin);
     assert_eq!(get(&url, &[("authorization", "Bearer wrong")]).0, 401);
     assert_eq!(get(&url, &[("authorization", "Bearer t0ken")]).0, 200);
+    // Readiness needs no token, and so says why it fails in full only to a caller with one.
+    std::fs::remove_dir_all(host.plugins_dir()).expect("remove the plugins folder");
+    let (status, body) = host.admin_get("/readyz");
+    assert_eq!((status, body["checks"]["plugins_folder"].as_str()), (503, Some("cannot read")), "{body}");
+    let (_, body) = get(&format!("{}/readyz", host.admin), &[("authorization", "Bearer t0ken")]);
+    let folder = body["checks"]["plugins_folder"].as_str().unwrap_or_default();
+    assert!(folder.contains(&host.plugins_dir().display().to_string()), "{body}");
     // With a token, any Host will do (the admin API may listen beyond loopback).
     let port = host.admin.rsplit(':').next().expect("port");
     assert!(status_line_with_host(&host.admin, "/healthz", &format!("wasmhook.internal:{port}")).contains(" 200 "));

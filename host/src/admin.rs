@@ -394,6 +394,10 @@ pub fn parse_since(text: &str) -> Result<u64, String> {
         let since = time.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
         return Ok(crate::event::millis(since));
     }
+    // With an offset from UTC, such as +01:00.
+    if let Ok(time) = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339) {
+        return Ok(u64::try_from(time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0));
+    }
     match humantime::parse_duration(text) {
         Ok(age) => Ok(now_ms().saturating_sub(crate::event::millis(age))),
         Err(_) => Err(format!("since = {text:?} is neither a time like 2026-11-25T08:00:00Z nor an age like 2h")),
@@ -407,6 +411,7 @@ mod tests {
     #[test]
     fn since_takes_a_time_or_an_age() {
         assert_eq!(parse_since("2026-11-25T08:00:00Z"), Ok(1_795_593_600_000));
+        assert_eq!(parse_since("2026-11-25T09:00:00+01:00"), Ok(1_795_593_600_000));
         let hour_ago = parse_since("1h").expect("an age");
         let expected = now_ms() - 3_600_000;
         assert!(hour_ago.abs_diff(expected) < 5_000, "{hour_ago} vs {expected}");

@@ -95,7 +95,12 @@ pub async fn check(file: &Path) -> anyhow::Result<()> {
     let from = if grants.subscriptions.is_some() { " (from the manifest)" } else { "" };
     println!("  subscriptions: {}{from}", subscriptions.join(", "));
     println!("  timeout:       {} ms", grants.timeout.as_millis());
-    println!("  memory:        {} MiB", grants.memory_bytes >> 20);
+    let memory = grants.memory_bytes;
+    if memory % (1 << 20) == 0 {
+        println!("  memory:        {} MiB", memory >> 20);
+    } else {
+        println!("  memory:        {} KiB", memory >> 10);
+    }
     println!("  concurrency:   {}", grants.concurrency);
     println!("  retry:         {} attempts", grants.retry.max_attempts);
     let keys: Vec<&String> = grants.config.keys().collect();

@@ -64,11 +64,23 @@ impl From<ErrorCode> for HttpError {
         HttpError(match code {
             ErrorCode::HttpRequestDenied => DENIED.to_owned(),
             ErrorCode::ConnectionTimeout => "timed out connecting".to_owned(),
-            ErrorCode::HttpResponseTimeout => "timed out waiting for the response".to_owned(),
+            ErrorCode::HttpResponseTimeout | ErrorCode::ConnectionReadTimeout => {
+                "timed out waiting for the response".to_owned()
+            }
             ErrorCode::HttpResponseBodySize(_) => "the response body is over the host's limit".to_owned(),
             other => format!("{other:?}"),
         })
     }
+}
+
+/// What follows `scheme://`, split into the authority and the path with its query (`/` when
+/// there is none); a fragment is never sent.
+fn split_authority(rest: &str) -> (&str, String) {
+    let rest = rest.split('#').next().unwrap_or_default();
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let path = if path.starts_with('/') { path.to_owned() } else { format!("/{path}") };
+    (authority, path)
 }
 
 fn fail(what: &str) -> HttpError {
@@ -93,7 +105,10 @@ pub fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &[u8]) ->
         "http" => Scheme::Http,
         other => return Err(HttpError(format!("scheme {other:?} is not http or https"))),
     };
-    let (authority, path) = rest.find('/').map_or((rest, "/"), |slash| (&rest[..slash], &rest[slash..]));
+    let (authority, path) = split_authority(rest);
+    if authority.contains('@') {
+        return Err(HttpError(format!("{url:?}: a user or password in the URL is not sent; use a header")));
+    }
 
     let fields = Fields::new();
     if !body.is_empty() && !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("content-length")) {
@@ -107,7 +122,7 @@ pub fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &[u8]) ->
     request.set_method(&method).map_err(|()| fail("invalid method"))?;
     request.set_scheme(Some(&scheme)).map_err(|()| fail("invalid scheme"))?;
     request.set_authority(Some(authority)).map_err(|()| HttpError(format!("invalid authority {authority:?}")))?;
-    request.set_path_with_query(Some(path)).map_err(|()| HttpError(format!("invalid path {path:?}")))?;
+    request.set_path_with_query(Some(&path)).map_err(|()| HttpError(format!("invalid path {path:?}")))?;
     let outgoing = request.body().map_err(|()| fail("the request body is not available"))?;
 
     // Start the request first: the host buffers little of the body until then.
@@ -144,7 +159,10 @@ pub fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &[u8]) ->
                 Ok(chunk) => data.extend_from_slice(&chunk),
                 Err(StreamError::Closed) => break,
                 Err(StreamError::LastOperationFailed(err)) => {
-                    return Err(HttpError(format!("reading the response: {}", err.to_debug_string())));
+                    return Err(match wasi::http::types::http_error_code(&err) {
+                        Some(code) => HttpError::from(code),
+                        None => HttpError(format!("reading the response: {}", err.to_debug_string())),
+                    });
                 }
             }
         }
@@ -153,4 +171,17 @@ pub fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &[u8]) ->
         let _ = trailers;
     }
     Ok(Response { status, headers, body: data })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_splits_into_authority_and_path_with_its_query() {
+        assert_eq!(split_authority("h"), ("h", "/".to_owned()));
+        assert_eq!(split_authority("h:8080/a/b?x=1"), ("h:8080", "/a/b?x=1".to_owned()));
+        assert_eq!(split_authority("h?x=1"), ("h", "/?x=1".to_owned()));
+        assert_eq!(split_authority("h/p#frag"), ("h", "/p".to_owned()));
+    }
 }

@@ -18,8 +18,8 @@ use crate::event::Event;
 /// The longest error message a plugin's `retry` or `permanent` keeps; the rest is cut.
 pub const MAX_ERROR_BYTES: usize = 4096;
 
-/// What each call of a plugin may use.
-#[derive(Debug, Clone)]
+/// What each call of a plugin may use. No `Debug`: `config` holds secrets.
+#[derive(Clone)]
 pub struct Limits {
     /// Wall-clock time for one call, instantiation included.
     pub timeout: Duration,

@@ -909,31 +909,44 @@ fn check_retention_covers_dedup(
 /// A signed timestamp stops a replayed request only once it is too old, and until then only
 /// dedup does: the id must be remembered for as long as the timestamp passes, which is up to
 /// twice `tolerance` after the first acceptance (a timestamp may be ahead of the clock or behind
-/// it).
-fn check_dedup_outlasts_tolerance(
-    backend: &Backend,
-    sources: &BTreeMap<String, SourceConfig>,
-    problems: &mut Vec<String>,
-) {
+/// it). A source's own `dedup_window` is checked here; on NATS without Redis the window is the
+/// stream's, which the host reads only once connected ([`short_replay_windows`]).
+fn check_dedup_outlasts_tolerance(backend: &Backend, sources: &BTreeMap<String, SourceConfig>, problems: &mut Vec<String>) {
+    if matches!(backend, Backend::Nats(nats) if nats.redis_url.is_none()) {
+        return;
+    }
     for (name, source) in sources {
         let Some(tolerance) = source.verify.tolerance() else { continue };
-        let (key, window) = match backend {
-            Backend::Nats(nats) if nats.redis_url.is_none() => (
-                "journal.duplicate_window (the only dedup without [dedup] backend = \"redis\")".to_owned(),
-                nats.duplicate_window,
-            ),
-            _ => (format!("sources.{name}.dedup_window"), source.dedup_window),
-        };
-        if window < tolerance * 2 {
+        if source.dedup_window < tolerance * 2 {
             problems.push(format!(
-                "sources.{name}.tolerance ({}) needs {key} of at least twice that, not {}: a signed request replayed \
-                 after its id is forgotten, while its timestamp still passes, would be stored again; lower tolerance \
-                 or lengthen the window",
+                "sources.{name}.tolerance ({}) needs sources.{name}.dedup_window of at least twice that, not {}: \
+                 a signed request replayed after its id is forgotten, while its timestamp still passes, would be \
+                 stored again; lower tolerance or lengthen the window",
                 humantime::format_duration(tolerance),
-                humantime::format_duration(window),
+                humantime::format_duration(source.dedup_window),
             ));
         }
     }
+}
+
+/// The sources whose signed timestamps outlast `window`, the only dedup on NATS without Redis,
+/// each with a sentence for the log: a request replayed after the window, while its timestamp
+/// still passes, is stored again.
+pub fn short_replay_windows(sources: &BTreeMap<String, SourceConfig>, window: Duration) -> Vec<String> {
+    sources
+        .iter()
+        .filter_map(|(name, source)| Some((name, source.verify.tolerance()?)))
+        .filter(|(_, tolerance)| window < *tolerance * 2)
+        .map(|(name, tolerance)| {
+            format!(
+                "sources.{name}.tolerance ({}) is more than half of the stream's duplicate window ({}), the only \
+                 dedup without [dedup] backend = \"redis\": a signed request replayed after the window, while its \
+                 timestamp still passes, is stored again; use Redis, or a tolerance of at most half the window",
+                humantime::format_duration(tolerance),
+                humantime::format_duration(window),
+            )
+        })
+        .collect()
 }
 
 /// Whether `address` is reachable from this machine only: `127.0.0.0/8`, `::1`, or an IPv4
@@ -1160,13 +1173,17 @@ mod tests {
         // GitHub signs no timestamp: nothing to outlast.
         let github = "[sources.gh]\nverify = \"github\"\nsecret_env = \"S\"\ndedup_window = \"1s\"\n";
         assert!(check(github, &secret).is_ok());
-        // On NATS without Redis, JetStream's duplicate window is the only dedup.
+        // With Redis on NATS, the source's own window counts.
         let nats = "[journal]\nbackend = \"nats\"\n";
-        let err = check(&format!("{nats}{stripe}"), &secret).expect_err("2m < 2 x 5m");
-        assert!(err.to_string().contains("journal.duplicate_window"), "{err}");
-        assert!(check(&format!("{nats}duplicate_window = \"10m\"\n{stripe}"), &secret).is_ok());
-        assert!(check(&format!("{nats}{stripe}tolerance = \"1m\"\n"), &secret).is_ok());
-        assert!(check(&format!("{nats}[dedup]\nbackend = \"redis\"\n{stripe}"), &secret).is_ok());
+        let redis = format!("{nats}[dedup]\nbackend = \"redis\"\n{stripe}");
+        assert!(check(&redis, &secret).is_ok());
+        assert!(check(&format!("{redis}dedup_window = \"9m\"\n"), &secret).is_err());
+        // Without Redis, JetStream's duplicate window is the only dedup: the host warns once it
+        // has read the stream's own window, which may not be the configured one.
+        let config = check(&format!("{nats}{stripe}"), &secret).expect("starts");
+        let warnings = short_replay_windows(&config.sources, Duration::from_secs(120));
+        assert!(warnings.len() == 1 && warnings[0].contains("sources.stripe.tolerance (5m)"), "{warnings:?}");
+        assert!(short_replay_windows(&config.sources, Duration::from_secs(600)).is_empty());
     }
 
     #[test]

@@ -96,7 +96,8 @@ impl RetrySettings {
                 }
             }
         }
-        if policy.first_delay > policy.max_delay {
+        // Only a first_delay written here and then capped: a max_delay alone lowers the default.
+        if self.first_delay.is_some() && policy.first_delay > policy.max_delay {
             problems.push(format!(
                 "retry.first_delay ({}) is longer than retry.max_delay ({}), which caps every wait",
                 humantime::format_duration(policy.first_delay),
@@ -131,6 +132,8 @@ mod tests {
         let settings = RetrySettings { first_delay: Some("2h".into()), ..Default::default() };
         let problems = settings.apply(&RetryPolicy::default()).expect_err("first_delay over max_delay");
         assert!(problems[0].contains("first_delay (2h) is longer than retry.max_delay (1h)"), "{problems:?}");
+        let lower_cap = RetrySettings { max_delay: Some("10s".into()), ..Default::default() };
+        assert_eq!(lower_cap.apply(&RetryPolicy::default()).expect("a cap alone").max_delay, Duration::from_secs(10));
         assert!(parse_duration("3650d").is_ok());
         assert!(parse_duration("18446744073709551000s").is_err());
         assert!(parse_duration("3651d").expect_err("too long").contains("10 years"));

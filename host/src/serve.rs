@@ -41,6 +41,11 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             let sources: Vec<String> = config.sources.keys().cloned().collect();
             let journal = NatsJournal::open(options.clone(), &sources).await?;
             tracing::info!(journal = ?options, "journal on NATS JetStream");
+            if options.redis_url.is_none() {
+                for warning in crate::config::short_replay_windows(&config.sources, journal.duplicate_window()) {
+                    tracing::warn!("{warning}");
+                }
+            }
             // An event travels as one message: its body, its headers, room for its dead letter.
             let room = journal.max_payload().saturating_sub(NATS_HEADER_ROOM);
             for (name, source) in config.sources.iter().filter(|(_, source)| source.max_body_bytes > room) {

@@ -264,6 +264,12 @@ impl NatsJournal {
         Ok(())
     }
 
+    /// How long the events stream refuses a repeated message id, as the stream has it (the
+    /// configured value applies only when a host creates the stream).
+    pub fn duplicate_window(&self) -> Duration {
+        self.events.cached_info().config.duplicate_window
+    }
+
     /// The largest message the NATS server takes, headers included.
     pub fn max_payload(&self) -> usize {
         self.client.server_info().max_payload

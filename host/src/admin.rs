@@ -104,7 +104,8 @@ impl From<JournalError> for Refusal {
 fn is_loopback_name(host: &str) -> bool {
     let Ok(authority) = host.parse::<hyper::http::uri::Authority>() else { return false };
     let name = authority.host().trim_start_matches('[').trim_end_matches(']');
-    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse().is_ok_and(|ip| crate::config::is_loopback(std::net::SocketAddr::new(ip, 0)))
 }
 
 fn bad_request(message: impl Into<String>) -> Refusal {

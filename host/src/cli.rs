@@ -527,7 +527,10 @@ fn dlq(admin: &AdminArgs, action: DlqAction, env: &dyn Env) -> anyhow::Result<Ex
         DlqAction::List { plugin, limit } => {
             let mut path = format!("/v1/dead-letters?limit={limit}");
             if let Some(plugin) = plugin {
-                let plugin = percent_encoding::utf8_percent_encode(&plugin, percent_encoding::NON_ALPHANUMERIC);
+                // RFC 3986's unreserved characters stay as they are, as every host reads them.
+                const ESCAPED: &percent_encoding::AsciiSet =
+                    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+                let plugin = percent_encoding::utf8_percent_encode(&plugin, ESCAPED);
                 path.push_str(&format!("&plugin={plugin}"));
             }
             let answer = call_admin(admin, Method::GET, &path, None, env)?;

@@ -911,7 +911,11 @@ fn check_retention_covers_dedup(
 /// twice `tolerance` after the first acceptance (a timestamp may be ahead of the clock or behind
 /// it). A source's own `dedup_window` is checked here; on NATS without Redis the window is the
 /// stream's, which the host reads only once connected ([`short_replay_windows`]).
-fn check_dedup_outlasts_tolerance(backend: &Backend, sources: &BTreeMap<String, SourceConfig>, problems: &mut Vec<String>) {
+fn check_dedup_outlasts_tolerance(
+    backend: &Backend,
+    sources: &BTreeMap<String, SourceConfig>,
+    problems: &mut Vec<String>,
+) {
     if matches!(backend, Backend::Nats(nats) if nats.redis_url.is_none()) {
         return;
     }

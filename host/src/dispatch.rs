@@ -227,15 +227,15 @@ fn settle(
 }
 
 /// The fault, if a call that succeeded emitted an event the journal cannot store: the
-/// delivery then fails as if the plugin had gone over a limit, since committing its outcome
-/// would fail on every attempt.
+/// delivery then goes dead, since committing its outcome would fail on every attempt, and
+/// another attempt would repeat the call's side effects for nothing.
 fn emitted_too_large(journal: &dyn Journal, outcome: &Outcome, emitted: &[Event]) -> Option<CallError> {
     if !matches!(outcome, Outcome::Done) {
         return None;
     }
     emitted.iter().find_map(|event| {
         let err = journal.check_size(event).err()?;
-        Some(CallError::Limit(format!("emitted event {} of {} bytes: {err}", event.id, event.data.len())))
+        Some(CallError::Permanent(format!("emitted event {} of {} bytes: {err}", event.id, event.data.len())))
     })
 }
 

@@ -24,7 +24,7 @@ fn requests_from_web_pages_are_refused() {
     // A page that rebound its own name to 127.0.0.1 sends that name as Host.
     let port = host.admin.rsplit(':').next().expect("port");
     assert!(status_line_with_host(&host.admin, "/v1/stats", &format!("rebound.example:{port}")).contains(" 403 "));
-    for name in ["127.0.0.1", "localhost", "[::1]"] {
+    for name in ["127.0.0.1", "localhost", "[::1]", "[::ffff:127.0.0.1]"] {
         let line = status_line_with_host(&host.admin, "/v1/stats", &format!("{name}:{port}"));
         assert!(line.contains(" 200 "), "{name}: {line}");
     }

@@ -261,11 +261,14 @@ fn what_would_not_fit_in_a_nats_message_is_refused_up_front_and_never_redelivere
         error.trim_start_matches("body larger than the limit of ").trim_end_matches(" bytes").parse().unwrap_or(0);
     assert!((1 << 19..body.len()).contains(&limit), "{}", reply.json);
 
-    // A 1 MiB emitted event does not fit either: the call fails as over a limit, is retried and
-    // goes dead, instead of being redelivered for ever after a commit that cannot succeed.
+    // A 1 MiB emitted event does not fit either: the delivery goes dead at once, instead of
+    // being redelivered for ever after a commit that cannot succeed.
     host.post_github("push", "emits-too-much", &example("github/push.json"), SECRET);
     let letter = wait_for_dead_letter_of(&host, "faulty", "emits-too-much");
-    assert_eq!(letter["attempts"], 3, "{letter}");
+    assert_eq!(letter["attempts"], 1, "{letter}");
     let error = letter["last_error"].as_str().unwrap_or_default();
-    assert!(error.contains("of 1048576 bytes") && error.contains("journal's limit"), "{letter}");
+    assert!(
+        error.starts_with("permanent: ") && error.contains("of 1048576 bytes") && error.contains("journal's limit"),
+        "{letter}"
+    );
 }

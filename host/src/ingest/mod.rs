@@ -73,7 +73,7 @@ impl Refusals {
     fn refused(&self, path: &str, err: &IngestError) {
         if self.since_accepted.fetch_add(1, Ordering::Relaxed) == 0 {
             tracing::warn!(
-                %path, status = err.status().as_u16(), reason = %err,
+                path = %shown(path), status = err.status().as_u16(), reason = %err,
                 "request not accepted; further 503s are counted, and logged once an event is accepted again"
             );
         }

@@ -32,7 +32,8 @@ pub const MAX_EMIT_TOTAL_BYTES: usize = 4 * 1024 * 1024;
 /// Resources (streams, HTTP requests and headers, pollables) one call may hold at once: each
 /// lives in the host's memory, outside the plugin's `memory` grant.
 const MAX_RESOURCES: usize = 1024;
-/// The in-memory size of one set of HTTP headers a plugin builds or receives.
+/// The in-memory size of one set of HTTP headers a plugin builds (wasmtime does not limit the
+/// headers of a response, which the host reads itself).
 const MAX_HEADER_FIELDS_BYTES: usize = 32 * 1024;
 /// The longest event type and content type an emitted event may have, in bytes.
 const MAX_EMIT_NAME_BYTES: usize = 256;

@@ -78,19 +78,30 @@ pub fn is_for(headers: Option<&HeaderMap>, plugin: &str) -> bool {
 }
 
 /// The headers and payload of a dead letter of `event`. Of its failed attempts, the newest
-/// that fit in [`DEAD_ERRORS_BYTES`] are kept (the last one always: an error is at most
-/// 4 KiB).
+/// that fit in [`DEAD_ERRORS_BYTES`] are kept; the last one always, cut to fit if it must (an
+/// error is at most 4 KiB, but JSON may write one byte as six).
 pub fn dead_message(event: &Event, dead: &Dead) -> (HeaderMap, Bytes) {
-    let mut kept = dead.errors.len();
+    let json_len = |error: &AttemptError| serde_json::to_string(error).map_or(0, |json| json.len() + 1);
+    let mut errors: Vec<AttemptError> = Vec::new();
     let mut bytes = 0;
     for error in dead.errors.iter().rev() {
-        bytes += serde_json::to_string(error).map_or(0, |json| json.len() + 1);
-        if bytes > DEAD_ERRORS_BYTES && kept < dead.errors.len() {
+        bytes += json_len(error);
+        if bytes > DEAD_ERRORS_BYTES && !errors.is_empty() {
             break;
         }
-        kept -= 1;
+        errors.push(error.clone());
     }
-    let dead = Dead { errors: dead.errors[kept..].to_vec(), ..dead.clone() };
+    errors.reverse();
+    if let Some(last) = errors.last_mut() {
+        while json_len(last) > DEAD_ERRORS_BYTES {
+            let mut end = last.error.len() / 2;
+            while !last.error.is_char_boundary(end) {
+                end -= 1;
+            }
+            last.error.truncate(end);
+        }
+    }
+    let dead = Dead { errors, ..dead.clone() };
     let mut headers = HeaderMap::new();
     headers.insert(EVENT_HEADER, meta_json(event).as_str());
     headers.insert(DEAD_HEADER, serde_json::to_string(&dead).unwrap_or_default().as_str());
@@ -184,9 +195,12 @@ mod tests {
         assert_eq!(kept.iter().map(|e| e.attempt).collect::<Vec<_>>(), [9, 10]);
         assert!(headers.get(DEAD_HEADER).expect("header").as_str().len() <= DEAD_ERRORS_BYTES);
 
-        let huge = Dead { errors: vec![AttemptError { error: "y".repeat(20_000), ..error(1) }], ..dead };
+        // Control characters take six bytes each in JSON: the last error is cut to fit.
+        let huge = Dead { errors: vec![AttemptError { error: "\u{1}".repeat(4096), ..error(1) }], ..dead };
         let (headers, _) = dead_message(&event(), &huge);
-        assert_eq!(read_dead(Some(&headers)).expect("dead").errors.len(), 1, "the last error is always kept");
+        let kept = read_dead(Some(&headers)).expect("dead").errors;
+        assert!(kept.len() == 1 && !kept[0].error.is_empty(), "the last error is always kept, in part");
+        assert!(headers.get(DEAD_HEADER).expect("header").as_str().len() <= DEAD_ERRORS_BYTES + 128);
     }
 
     #[test]

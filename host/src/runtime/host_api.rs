@@ -469,7 +469,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn events_emitted_from_two_sources_events_with_one_id_get_different_ids() {
+    async fn two_sources_events_with_one_id_emit_different_ids() {
         use host::Host as _;
         let emit = |mut state: CallState| async move {
             state.emit("derived".into(), b"{}".to_vec(), String::new()).await.expect("no trap").expect("emitted")

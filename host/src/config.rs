@@ -919,29 +919,35 @@ fn check_dedup_outlasts_tolerance(
     if matches!(backend, Backend::Nats(nats) if nats.redis_url.is_none()) {
         return;
     }
-    for (name, source) in sources {
-        let Some(tolerance) = source.verify.tolerance() else { continue };
-        if source.dedup_window < tolerance * 2 {
-            problems.push(format!(
-                "sources.{name}.tolerance ({}) needs sources.{name}.dedup_window of at least twice that, not {}: \
-                 a signed request replayed after its id is forgotten, while its timestamp still passes, would be \
-                 stored again; lower tolerance or lengthen the window",
-                humantime::format_duration(tolerance),
-                humantime::format_duration(source.dedup_window),
-            ));
-        }
+    for (name, tolerance, window) in outlasting_timestamps(sources, |source| source.dedup_window) {
+        problems.push(format!(
+            "sources.{name}.tolerance ({}) needs sources.{name}.dedup_window of at least twice that, not {}: \
+             a signed request replayed after its id is forgotten, while its timestamp still passes, would be \
+             stored again; lower tolerance or lengthen the window",
+            humantime::format_duration(tolerance),
+            humantime::format_duration(window),
+        ));
     }
+}
+
+/// The sources whose signed timestamps pass for longer than half their dedup window
+/// (`window_of`), with their tolerance and that window.
+fn outlasting_timestamps(
+    sources: &BTreeMap<String, SourceConfig>,
+    window_of: impl Fn(&SourceConfig) -> Duration,
+) -> impl Iterator<Item = (&String, Duration, Duration)> {
+    sources.iter().filter_map(move |(name, source)| {
+        let (tolerance, window) = (source.verify.tolerance()?, window_of(source));
+        (window < tolerance * 2).then_some((name, tolerance, window))
+    })
 }
 
 /// The sources whose signed timestamps outlast `window`, the only dedup on NATS without Redis,
 /// each with a sentence for the log: a request replayed after the window, while its timestamp
 /// still passes, is stored again.
 pub fn short_replay_windows(sources: &BTreeMap<String, SourceConfig>, window: Duration) -> Vec<String> {
-    sources
-        .iter()
-        .filter_map(|(name, source)| Some((name, source.verify.tolerance()?)))
-        .filter(|(_, tolerance)| window < *tolerance * 2)
-        .map(|(name, tolerance)| {
+    outlasting_timestamps(sources, |_| window)
+        .map(|(name, tolerance, window)| {
             format!(
                 "sources.{name}.tolerance ({}) is more than half of the stream's duplicate window ({}), the only \
                  dedup without [dedup] backend = \"redis\": a signed request replayed after the window, while its \

@@ -17,11 +17,7 @@ pub fn shown(text: &str) -> String {
     if text.len() <= MAX_SHOWN_BYTES {
         return text.to_owned();
     }
-    let mut end = MAX_SHOWN_BYTES;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes)", &text[..end], text.len())
+    format!("{}… ({} bytes)", &text[..text.floor_char_boundary(MAX_SHOWN_BYTES)], text.len())
 }
 
 /// Why a webhook request was not accepted.

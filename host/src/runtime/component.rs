@@ -281,11 +281,7 @@ impl Metadata {
 /// A plugin's error message, cut at [`MAX_ERROR_BYTES`].
 fn capped(mut message: String) -> String {
     if message.len() > MAX_ERROR_BYTES {
-        let mut end = MAX_ERROR_BYTES;
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        message.truncate(end);
+        message.truncate(message.floor_char_boundary(MAX_ERROR_BYTES));
         message.push_str("… (cut at 4 KiB)");
     }
     message

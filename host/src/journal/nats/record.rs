@@ -94,11 +94,7 @@ pub fn dead_message(event: &Event, dead: &Dead) -> (HeaderMap, Bytes) {
     errors.reverse();
     if let Some(last) = errors.last_mut() {
         while json_len(last) > DEAD_ERRORS_BYTES {
-            let mut end = last.error.len() / 2;
-            while !last.error.is_char_boundary(end) {
-                end -= 1;
-            }
-            last.error.truncate(end);
+            last.error.truncate(last.error.floor_char_boundary(last.error.len() / 2));
         }
     }
     let dead = Dead { errors, ..dead.clone() };

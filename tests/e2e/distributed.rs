@@ -24,7 +24,20 @@ fn host(nats: &Nats, redis: Option<&Redis>, flaky: &str) -> TestHost {
         .setting("workers = 4")
         .config(&journal)
         .config(FAST)
+        .config("[sources.events]\nverify = \"none\"\nformat = \"cloudevents\"\n")
         .start()
+}
+
+/// Posts a binary-mode CloudEvent with `id` from `producer` (its `source` attribute) to `host`.
+fn post_cloud_event(host: &TestHost, producer: &str, id: &str) -> (u16, serde_json::Value) {
+    let headers = [
+        ("ce-id", id),
+        ("ce-source", producer),
+        ("ce-specversion", "1.0"),
+        ("ce-type", "t"),
+        ("content-type", "text/plain"),
+    ];
+    crate::util::post(&format!("{}/hooks/events", host.url), &headers, b"x")
 }
 
 /// How many times each id's effect (`flaky` logs `effect {id} attempt {n}`) shows in `hosts`' logs.
@@ -110,6 +123,13 @@ fn duplicates_sent_to_different_hosts_are_accepted_once() {
     let (c, d) = (host(&nats, None, ""), host(&nats, None, ""));
     assert_eq!(c.post_github("push", "twin-2", &body, SECRET).0, 202);
     assert_eq!(d.post_github("push", "twin-2", &body, SECRET).0, 200);
+    // A CloudEvent's key holds its producer: two producers' events with one id are two events.
+    for (first, second, id) in [(&a, &b, "ce-1"), (&c, &d, "ce-2")] {
+        assert_eq!(post_cloud_event(first, "/one", id).0, 202);
+        assert_eq!(post_cloud_event(second, "/two", id).0, 202, "another producer");
+        let (status, reply) = post_cloud_event(second, "/one", id);
+        assert_eq!((status, &reply["duplicate"]), (200, &serde_json::json!(true)), "{reply}");
+    }
     let ids = ["twin".to_owned(), "twin-2".to_owned()];
     wait_for_effects(&[&a, &b, &c, &d], &ids);
     std::thread::sleep(Duration::from_millis(500));

@@ -99,9 +99,9 @@ pub struct CallState {
 pub struct CallEvent {
     /// Its id, for the call's log lines.
     id: String,
-    /// What the ids of the events the call emits start with: the event's source and id, so
-    /// that two sources' events with the same id never emit the same ids (a second one would
-    /// be dropped as a duplicate).
+    /// What the ids of the events the call emits start with: the event's
+    /// [key](crate::event::Event::key) (source, id and any producer), so that two events with
+    /// the same id never emit the same ids (a second one's would be dropped as duplicates).
     emit_prefix: String,
     /// How many emits deep it is.
     depth: u32,
@@ -110,11 +110,7 @@ pub struct CallEvent {
 impl CallEvent {
     /// The parts of `event` a call needs.
     pub fn of(event: &crate::event::Event) -> Self {
-        CallEvent {
-            id: event.id.clone(),
-            emit_prefix: format!("{}:{}", event.source, event.id),
-            depth: chain_depth(event),
-        }
+        CallEvent { id: event.id.clone(), emit_prefix: event.key(), depth: chain_depth(event) }
     }
 }
 
@@ -469,13 +465,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn two_sources_events_with_one_id_emit_different_ids() {
+    async fn two_sources_or_producers_events_with_one_id_emit_different_ids() {
         use host::Host as _;
         let emit = |mut state: CallState| async move {
             state.emit("derived".into(), b"{}".to_vec(), String::new()).await.expect("no trap").expect("emitted")
         };
         let (a, b) = (emit(call(Some(&event("github", "42")))).await, emit(call(Some(&event("gitlab", "42")))).await);
         assert_eq!((a.as_str(), b.as_str()), ("github:42.1", "gitlab:42.1"));
+        let from = |producer: &str| {
+            let mut cloud = event("ce", "42");
+            cloud.attributes = vec![("source".into(), producer.into())];
+            cloud
+        };
+        let (a, b) = (emit(call(Some(&from("/a")))).await, emit(call(Some(&from("/b")))).await);
+        assert_eq!((a.as_str(), b.as_str()), (r#"ce:"/a":42.1"#, r#"ce:"/b":42.1"#), "two producers");
     }
 
     #[tokio::test]

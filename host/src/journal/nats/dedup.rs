@@ -1,5 +1,6 @@
 //! Acceptance dedup in Redis, for windows longer than JetStream's duplicate window is cheap
-//! for: one key per (source, id), set with `SET NX PX`.
+//! for: one key per event key ([`Event::key`](crate::event::Event::key): source, id and any
+//! producer), set with `SET NX PX`.
 //!
 //! A key is first *claimed* for [`CLAIM`] only, then *confirmed* for the whole window once
 //! the event is in the stream. A host that dies between the two leaves a claim that runs out
@@ -24,7 +25,7 @@ const ACCEPTED: &str = "accepted";
 pub enum Claim {
     /// The key was free and is now held by this request.
     Ours,
-    /// Another request is storing the same (source, id) right now, or died doing so less than
+    /// Another request is storing an event with the same key right now, or died doing so less than
     /// [`CLAIM`] ago: not known to be stored yet, so the sender must come back.
     InFlight,
     /// The event is stored: a duplicate.
@@ -56,13 +57,13 @@ impl RedisDedup {
         Ok(RedisDedup { connection, prefix: prefix.to_owned() })
     }
 
-    /// Claims (source, id) for [`CLAIM`], unless it is already held. The claim's token lets
-    /// only its holder [`release`](Self::release) it.
-    pub async fn claim(&self, source: &str, id: &str) -> Result<(Claim, String), JournalError> {
+    /// Claims the event key `key` for [`CLAIM`], unless it is already held. The claim's token
+    /// lets only its holder [`release`](Self::release) it.
+    pub async fn claim(&self, key: &str) -> Result<(Claim, String), JournalError> {
         let token = format!("{CLAIMED}{}", uuid::Uuid::new_v4());
         // SET … NX GET sets the key only when absent and answers what it held (Redis 7).
         let held: Option<String> = redis::cmd("SET")
-            .arg(self.key(source, id))
+            .arg(self.key(key))
             .arg(&token)
             .arg("NX")
             .arg("GET")
@@ -79,10 +80,10 @@ impl RedisDedup {
         Ok((claim, token))
     }
 
-    /// Holds (source, id) for the whole dedup window: its event is stored.
-    pub async fn confirm(&self, source: &str, id: &str, window: Duration) -> Result<(), JournalError> {
+    /// Holds `key` for the whole dedup window: its event is stored.
+    pub async fn confirm(&self, key: &str, window: Duration) -> Result<(), JournalError> {
         redis::cmd("SET")
-            .arg(self.key(source, id))
+            .arg(self.key(key))
             .arg(ACCEPTED)
             .arg("PX")
             .arg(millis(window))
@@ -93,13 +94,13 @@ impl RedisDedup {
 
     /// Lets go of the claim `token` whose event could not be stored, so the sender's retry is
     /// taken; a key held by anyone else (a later claim, a stored event) stays.
-    pub async fn release(&self, source: &str, id: &str, token: &str) -> Result<(), JournalError> {
+    pub async fn release(&self, key: &str, token: &str) -> Result<(), JournalError> {
         const IF_OURS: &str =
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
         redis::cmd("EVAL")
             .arg(IF_OURS)
             .arg(1)
-            .arg(self.key(source, id))
+            .arg(self.key(key))
             .arg(token)
             .query_async::<()>(&mut self.connection.clone())
             .await
@@ -111,8 +112,8 @@ impl RedisDedup {
         redis::cmd("PING").query_async::<()>(&mut self.connection.clone()).await.map_err(unreachable)
     }
 
-    fn key(&self, source: &str, id: &str) -> String {
-        format!("{}:dedup:{source}:{id}", self.prefix)
+    fn key(&self, key: &str) -> String {
+        format!("{}:dedup:{key}", self.prefix)
     }
 }
 

@@ -196,13 +196,14 @@ impl NatsJournal {
         }
     }
 
-    /// Publishes an event unless Redis or JetStream has seen its (source, id).
+    /// Publishes an event unless Redis or JetStream has seen its key.
     async fn publish(&self, event: &Event, window: Duration) -> Result<Accepted, JournalError> {
-        let (headers, payload) = record::event_message(event, &record::message_id(&event.source, &event.id));
+        let key = event.key();
+        let (headers, payload) = record::event_message(event, &record::message_id(event));
         self.leaves_room(&headers, &payload)?;
         let mut claim = None;
         if let Some(dedup) = &self.dedup {
-            let (found, token) = dedup.claim(&event.source, &event.id).await?;
+            let (found, token) = dedup.claim(&key).await?;
             match found {
                 Claim::Ours => claim = Some(token),
                 Claim::Accepted => return Ok(Accepted::Duplicate),
@@ -218,7 +219,7 @@ impl NatsJournal {
             Ok(ack) => ack,
             Err(err) => {
                 if let (Some(dedup), Some(token)) = (&self.dedup, &claim)
-                    && let Err(release) = dedup.release(&event.source, &event.id, token).await
+                    && let Err(release) = dedup.release(&key, token).await
                 {
                     tracing::warn!(event.id = %event.id, error = %release, "cannot release a dedup claim");
                 }
@@ -226,7 +227,7 @@ impl NatsJournal {
             }
         };
         if let Some(dedup) = &self.dedup
-            && let Err(err) = dedup.confirm(&event.source, &event.id, window).await
+            && let Err(err) = dedup.confirm(&key, window).await
         {
             // Stored all the same; the claim still guards it for a while.
             tracing::warn!(event.id = %event.id, error = %err, "cannot extend a dedup key to its window");
@@ -582,7 +583,7 @@ impl Stored {
 #[async_trait::async_trait]
 impl Journal for NatsJournal {
     fn check_size(&self, event: &Event) -> Result<(), JournalError> {
-        let (headers, payload) = record::event_message(event, &record::message_id(&event.source, &event.id));
+        let (headers, payload) = record::event_message(event, &record::message_id(event));
         self.leaves_room(&headers, &payload)
     }
 

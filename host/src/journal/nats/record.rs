@@ -126,10 +126,9 @@ pub fn read_dead(headers: Option<&HeaderMap>) -> Option<Dead> {
     serde_json::from_str(headers?.get(DEAD_HEADER)?.as_str()).ok()
 }
 
-/// The JetStream message id of an event: its dedup key, (source, id), on one line.
-pub fn message_id(source: &str, id: &str) -> String {
-    let id: String = id.chars().map(|c| if c.is_control() { '\u{fffd}' } else { c }).collect();
-    format!("{source}:{id}")
+/// The JetStream message id of an event: its [key](Event::key), on one line.
+pub fn message_id(event: &Event) -> String {
+    event.key().chars().map(|c| if c.is_control() { '\u{fffd}' } else { c }).collect()
 }
 
 fn meta_json(event: &Event) -> String {
@@ -162,7 +161,7 @@ mod tests {
 
     #[test]
     fn an_event_survives_the_trip_through_headers() {
-        let (headers, payload) = event_message(&event(), &message_id("ce", &event().id));
+        let (headers, payload) = event_message(&event(), &message_id(&event()));
         assert_eq!(read_event(Some(&headers), &payload), Some(event()));
         let id = headers.get(async_nats::header::NATS_MESSAGE_ID).expect("id").as_str().to_owned();
         assert!(!id.contains('\n') && id.starts_with("ce:line"), "{id}");

@@ -932,14 +932,29 @@ fn apply(tx: &Connection, write: &Write, now: Now, tracked: &Mutex<Tracked>) -> 
     Ok((done, tally))
 }
 
+/// Whether an event with `event`'s key (its source and id, and its producer if it names one)
+/// was stored within that one's dedup window. The index finds the rows with the same source
+/// and id; only those, rare, are read for their producer.
+fn seen_within_window(tx: &Connection, event: &Event, now: u64) -> Result<bool, JournalError> {
+    let mut seen = tx
+        .prepare_cached("SELECT attributes FROM events WHERE id = ?1 AND source = ?2 AND dedup_until_ms > ?3")
+        .map_err(storage)?;
+    let mut rows = seen.query(params![event.id, event.source, sql_ms(now)]).map_err(storage)?;
+    while let Some(row) = rows.next().map_err(storage)? {
+        let Some(producer) = event.producer() else { return Ok(true) };
+        let attributes: Vec<(String, String)> =
+            serde_json::from_str(&row.get::<_, String>(0).map_err(storage)?).map_err(json_error)?;
+        if crate::event::producer(&attributes) == Some(producer) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Stores the event unless an event with its key was stored within that one's dedup window.
 fn accept(tx: &Connection, new: &NewEvent, now: u64, tally: &mut Tally) -> Result<Accepted, JournalError> {
     let event = &new.event;
-    let duplicate: bool = tx
-        .prepare_cached("SELECT EXISTS (SELECT 1 FROM events WHERE id = ?1 AND source = ?2 AND dedup_until_ms > ?3)")
-        .and_then(|mut seen| seen.query_row(params![event.id, event.source, sql_ms(now)], |row| row.get(0)))
-        .map_err(storage)?;
-    if duplicate {
+    if seen_within_window(tx, event, now)? {
         return Ok(Accepted::Duplicate);
     }
     let dedup_until = now.saturating_add(millis(new.dedup_window));
@@ -1682,6 +1697,26 @@ mod tests {
         assert_eq!(f.journal.accept(new("github", "a", &["echo"])).await.expect("accept"), Accepted::New);
     }
 
+    #[tokio::test]
+    async fn two_producers_events_with_the_same_id_are_two_events_and_each_is_deduplicated() {
+        let f = open(Options::default());
+        let from = |producer: &str| {
+            let mut cloud = new("ce", "1", &["echo"]);
+            cloud.event.attributes = vec![("subject".into(), "x".into()), ("source".into(), producer.into())];
+            cloud
+        };
+        assert_eq!(f.journal.accept(from("/a")).await.expect("accept"), Accepted::New);
+        assert_eq!(f.journal.accept(from("/b")).await.expect("accept"), Accepted::New, "another producer");
+        assert_eq!(f.journal.accept(from("/a")).await.expect("accept"), Accepted::Duplicate);
+        assert_eq!(f.journal.accept(from("/b")).await.expect("accept"), Accepted::Duplicate);
+        assert_eq!(
+            f.journal.accept(new("ce", "1", &["echo"])).await.expect("accept"),
+            Accepted::Duplicate,
+            "no producer"
+        );
+        f.clock.advance(60_000);
+        assert_eq!(f.journal.accept(from("/b")).await.expect("accept"), Accepted::New, "after the window");
+    }
     #[tokio::test]
     async fn old_handled_events_are_purged_once_their_dedup_window_ends_but_dead_letters_stay() {
         let f = open(Options { retention: Duration::from_secs(3600), ..Options::default() });

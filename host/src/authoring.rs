@@ -3,7 +3,6 @@
 //! grants, and scaffold a new plugin crate that builds as is.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -14,7 +13,7 @@ use crate::config::ProcessEnv;
 use crate::event::{Event, now_ms};
 use crate::manifest::{Grants, Manifest};
 use crate::retry::RetryPolicy;
-use crate::runtime::{Component, Limits, Runtime};
+use crate::runtime::{Component, Runtime};
 
 /// Loads `file` with the manifest beside it (plus `overrides` of its config), as the server
 /// would.
@@ -31,13 +30,7 @@ async fn load(file: &Path, overrides: &[(String, String)]) -> anyhow::Result<(Co
         .grants(&ProcessEnv, &RetryPolicy::default())
         .map_err(|problems| anyhow::anyhow!("{}: {}", manifest_path.display(), problems.join("; ")))?;
     grants.config.extend(overrides.iter().cloned());
-    let limits = Limits {
-        timeout: grants.timeout,
-        memory_bytes: grants.memory_bytes,
-        config: Arc::new(grants.config.clone()),
-        http_allow: Arc::new(grants.http_allow.clone()),
-        reuse: grants.reuse,
-    };
+    let limits = grants.limits();
     let name = file.file_stem().and_then(|stem| stem.to_str()).unwrap_or("plugin").to_owned();
     let runtime = Runtime::new(None)?;
     let component =

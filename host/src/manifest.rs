@@ -3,18 +3,21 @@
 //! line. Nothing is granted by default.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::config::{Env, MAX_WORKERS};
 use crate::retry::{RetryPolicy, RetrySettings, parse_duration};
-use crate::runtime::{DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT, HttpAllow, MAX_MEMORY_BYTES};
+use crate::runtime::{DEFAULT_MEMORY_BYTES, DEFAULT_REUSE_IDLE, DEFAULT_TIMEOUT, HttpAllow, Limits, MAX_MEMORY_BYTES};
 
 /// Calls of one plugin that may run at once unless its manifest says otherwise.
 pub const DEFAULT_CONCURRENCY: usize = 16;
 /// The longest call timeout a manifest may ask for.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// The longest wait a manifest may ask for.
+pub const MAX_REUSE_IDLE: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// A manifest as written.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -43,6 +46,9 @@ pub struct Manifest {
     pub retry: RetrySettings,
     /// Calls one instance may serve in a row; memory then persists between those calls.
     pub reuse: Option<u32>,
+    /// How long a reused instance may wait for its next call before it is dropped, such as
+    /// `"60s"`.
+    pub reuse_idle: Option<String>,
 }
 
 /// A size: a number of bytes, or text such as `"512KiB"`, `"64MiB"`, `"1GiB"`.
@@ -97,6 +103,22 @@ pub struct Grants {
     pub retry: RetryPolicy,
     /// Calls one instance may serve in a row (0: fresh each call).
     pub reuse: u32,
+    /// How long a reused instance may wait for its next call.
+    pub reuse_idle: Duration,
+}
+
+impl Grants {
+    /// What each call runs under.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            timeout: self.timeout,
+            memory_bytes: self.memory_bytes,
+            config: Arc::new(self.config.clone()),
+            http_allow: Arc::new(self.http_allow.clone()),
+            reuse: self.reuse,
+            reuse_idle: self.reuse_idle,
+        }
+    }
 }
 
 impl Manifest {
@@ -144,6 +166,18 @@ impl Manifest {
                 DEFAULT_MEMORY_BYTES
             }
         };
+        let reuse_idle = match self.reuse_idle.as_deref().map(parse_duration) {
+            None => DEFAULT_REUSE_IDLE,
+            Some(Ok(idle)) if !idle.is_zero() && idle <= MAX_REUSE_IDLE => idle,
+            Some(Ok(_)) => {
+                problems.push(format!("reuse_idle must be between 1 ms and {} h", MAX_REUSE_IDLE.as_secs() / 3600));
+                DEFAULT_REUSE_IDLE
+            }
+            Some(Err(err)) => {
+                problems.push(format!("reuse_idle: {err}"));
+                DEFAULT_REUSE_IDLE
+            }
+        };
         let concurrency = self.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
         if !(1..=MAX_WORKERS).contains(&concurrency) {
             // More could never run: no more than `workers` calls run at once, 256 at most.
@@ -179,6 +213,7 @@ impl Manifest {
                 http_allow,
                 retry,
                 reuse: self.reuse.unwrap_or(0),
+                reuse_idle,
             })
         } else {
             Err(problems)
@@ -209,7 +244,7 @@ mod tests {
     #[test]
     fn every_key_is_read() {
         let manifest = Manifest::parse(
-            "reuse = 50\nsubscriptions = [\"github.push\"]\ntimeout = \"250ms\"\nmemory = \"16MiB\"\nconcurrency = 2\n\
+            "reuse = 50\nreuse_idle = \"2s\"\nsubscriptions = [\"github.push\"]\ntimeout = \"250ms\"\nmemory = \"16MiB\"\nconcurrency = 2\n\
              http_allow = [\"hooks.slack.com\"]\n[config]\nchannel = \"#ops\"\n[config_env]\nwebhook_url = \"SLACK_URL\"\n\
              [retry]\nmax_attempts = 6\n",
         )
@@ -224,18 +259,19 @@ mod tests {
         );
         assert_eq!(grants.config["webhook_url"], "https://hooks.slack.com/x");
         assert_eq!(grants.config["channel"], "#ops");
-        assert_eq!((grants.retry.max_attempts, grants.reuse), (6, 50));
+        assert_eq!((grants.retry.max_attempts, grants.reuse, grants.reuse_idle), (6, 50, Duration::from_secs(2)));
         assert!(!grants.http_allow.is_empty());
     }
 
     #[test]
     fn every_problem_is_reported_and_secrets_are_named_not_shown() {
         let manifest = Manifest::parse(
-            "timeout = \"soon\"\nmemory = \"2TiB\"\nconcurrency = 0\nhttp_allow = [\"a b\"]\n[config_env]\nkey = \"MISSING\"\n",
+            "timeout = \"soon\"\nmemory = \"2TiB\"\nconcurrency = 0\nhttp_allow = [\"a b\"]\nreuse_idle = \"0s\"\n\
+             [config_env]\nkey = \"MISSING\"\n",
         )
         .expect("valid toml");
-        let Err(problems) = manifest.grants(&env(&[]), &RetryPolicy::default()) else { panic!("five problems") };
-        assert_eq!(problems.len(), 5, "{problems:?}");
+        let Err(problems) = manifest.grants(&env(&[]), &RetryPolicy::default()) else { panic!("six problems") };
+        assert_eq!(problems.len(), 6, "{problems:?}");
         assert!(problems.iter().any(|p| p.contains("MISSING")), "{problems:?}");
     }
 

@@ -24,7 +24,7 @@ use crate::journal::Want;
 use crate::manifest::Manifest;
 use crate::metrics;
 use crate::retry::RetryPolicy;
-use crate::runtime::{Component, Limits, Runtime};
+use crate::runtime::{Component, Runtime};
 
 /// One loaded plugin version.
 #[derive(Debug)]
@@ -300,13 +300,7 @@ impl Registry {
         let grants = manifest
             .grants(self.env.as_ref(), &self.retry)
             .map_err(|problems| format!("{}: {}", manifest_path.display(), problems.join("; ")))?;
-        let limits = Limits {
-            timeout: grants.timeout,
-            memory_bytes: grants.memory_bytes,
-            config: Arc::new(grants.config.clone()),
-            http_allow: Arc::new(grants.http_allow),
-            reuse: grants.reuse,
-        };
+        let limits = grants.limits();
         let component = self.runtime.load(name, bytes, limits).await.map_err(|err| err.to_string())?;
         let subscriptions = grants.subscriptions.unwrap_or_else(|| component.metadata().subscriptions.clone());
         let matcher = crate::subscription::matcher(&subscriptions)?;

@@ -12,7 +12,7 @@ use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 use super::bindings::{self, HandlerError, PluginPre};
 use super::host_api::{CallEvent, CallGrants, CallState, Emitted, LimitExceeded};
 use super::http::HttpAllow;
-use super::{DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT, EPOCH_TICK, MAX_WASM_STACK_BYTES};
+use super::{DEFAULT_MEMORY_BYTES, DEFAULT_REUSE_IDLE, DEFAULT_TIMEOUT, EPOCH_TICK, MAX_WASM_STACK_BYTES};
 use crate::event::Event;
 
 /// The longest error message a plugin's `retry` or `permanent` keeps; the rest is cut.
@@ -31,6 +31,8 @@ pub struct Limits {
     pub http_allow: Arc<HttpAllow>,
     /// Calls one instance may serve in a row (0: a fresh instance for every call).
     pub reuse: u32,
+    /// How long a reused instance may wait for its next call before it is dropped.
+    pub reuse_idle: Duration,
 }
 
 impl Default for Limits {
@@ -41,6 +43,7 @@ impl Default for Limits {
             config: Arc::default(),
             http_allow: Arc::default(),
             reuse: 0,
+            reuse_idle: DEFAULT_REUSE_IDLE,
         }
     }
 }
@@ -90,12 +93,18 @@ pub enum CallError {
     Trap(String),
 }
 
-/// An instance kept for reuse, with its store and how many calls it has served.
+/// An instance kept for reuse, with its store, how many calls it has served, and since when
+/// it has waited for the next.
 struct Warm {
     store: Store<CallState>,
     plugin: bindings::Plugin,
     calls: u32,
+    parked: Instant,
 }
+
+/// Instances kept for reuse, oldest first: each is pushed when its call ends and the newest
+/// is taken first, so those idle past a limit are always the first ones.
+type WarmInstances = std::sync::Mutex<Vec<Warm>>;
 
 /// A plugin compiled once and pre-instantiated, ready for any number of calls.
 #[derive(Clone)]
@@ -103,7 +112,7 @@ pub struct Component {
     engine: Engine,
     pre: PluginPre<CallState>,
     /// Instances kept for the next calls when `limits.reuse` allows (shared by clones).
-    warm: Arc<std::sync::Mutex<Vec<Warm>>>,
+    warm: Arc<WarmInstances>,
     name: Arc<str>,
     limits: Limits,
     metadata: Metadata,
@@ -146,6 +155,12 @@ impl Component {
             .map_err(|err| LoadError::Metadata(describe(&err)))?;
         component.metadata =
             Metadata { name: metadata.name, version: metadata.version, subscriptions: metadata.subscriptions };
+        if component.limits.reuse > 0
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let (warm, idle) = (Arc::downgrade(&component.warm), component.limits.reuse_idle);
+            runtime.spawn(drop_idle_instances(Arc::clone(&component.name), warm, idle));
+        }
         Ok(component)
     }
 
@@ -166,7 +181,7 @@ impl Component {
     pub async fn invoke(&self, event: &Event, attempt: u32) -> Result<Vec<Emitted>, CallError> {
         let warm = if self.limits.reuse > 0 { self.take_warm() } else { None };
         let (mut store, mut instance, calls) = match warm {
-            Some(Warm { mut store, plugin, calls }) => {
+            Some(Warm { mut store, plugin, calls, .. }) => {
                 store.data_mut().begin(CallEvent::of(event));
                 self.arm_deadline(&mut store);
                 (store, Some(plugin), calls)
@@ -202,11 +217,7 @@ impl Component {
                 Ok(Ok(Ok(()))) => std::mem::take(&mut store.data_mut().emitted),
                 _ => Vec::new(),
             };
-            self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Warm {
-                store,
-                plugin,
-                calls: calls + 1,
-            });
+            lock(&self.warm).push(Warm { store, plugin, calls: calls + 1, parked: Instant::now() });
             return match result {
                 Ok(Ok(Ok(()))) => Ok(emitted),
                 Ok(Ok(Err(HandlerError::Retry(reason)))) => Err(CallError::Retry(capped(reason))),
@@ -241,8 +252,18 @@ impl Component {
         CallError::Trap(describe(err))
     }
 
+    /// The newest instance kept for reuse, unless it waited past `reuse_idle`: then every
+    /// kept instance has, and all are dropped (outside the lock).
     fn take_warm(&self) -> Option<Warm> {
-        self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop()
+        let mut warm = lock(&self.warm);
+        let newest = warm.pop()?;
+        if newest.parked.elapsed() < self.limits.reuse_idle {
+            return Some(newest);
+        }
+        let idle = std::mem::take(&mut *warm);
+        drop(warm);
+        drop((newest, idle));
+        None
     }
 
     /// Arms this call's wall-clock deadline: the epoch callback yields every tick and stops
@@ -291,4 +312,28 @@ fn capped(mut message: String) -> String {
 /// [`MAX_ERROR_BYTES`]: a backtrace names functions as the plugin's own name section does.
 pub(super) fn describe(err: &wasmtime::Error) -> String {
     capped(format!("{err:?}").lines().map(str::trim).filter(|line| !line.is_empty()).collect::<Vec<_>>().join(" | "))
+}
+
+/// Drops the instances of plugin `name` kept in `warm` once they have waited `idle` for a
+/// call, so that a plugin whose traffic stopped gives back their memory and pool slots. Ends
+/// once the component and its clones are gone.
+async fn drop_idle_instances(name: Arc<str>, warm: std::sync::Weak<WarmInstances>, idle: Duration) {
+    let mut ticks = tokio::time::interval((idle / 2).clamp(Duration::from_millis(10), Duration::from_secs(30)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(instances) = warm.upgrade() else { return };
+        let stale: Vec<Warm> = {
+            let mut kept = lock(&instances);
+            let count = kept.partition_point(|instance| instance.parked.elapsed() >= idle);
+            kept.drain(..count).collect()
+        };
+        if !stale.is_empty() {
+            tracing::info!(plugin = %name, instances = stale.len(), "reused instances dropped after waiting {idle:?}");
+        }
+    }
+}
+
+fn lock(warm: &WarmInstances) -> std::sync::MutexGuard<'_, Vec<Warm>> {
+    warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

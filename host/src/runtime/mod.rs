@@ -30,6 +30,8 @@ pub use http::{CONNECT_TIMEOUT, HttpAllow, MAX_RESPONSE_BYTES, RESPONSE_TIMEOUT}
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Wall-clock time one call may take, unless the plugin's manifest says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a reused instance waits for its next call before it is dropped, by default.
+pub const DEFAULT_REUSE_IDLE: Duration = Duration::from_secs(60);
 /// Linear memory one call may use, unless the plugin's manifest says otherwise.
 pub const DEFAULT_MEMORY_BYTES: usize = 64 * 1024 * 1024;
 /// The most linear memory any plugin may be granted (the size of a pooling-allocator slot).

@@ -95,6 +95,12 @@ pub async fn check(file: &Path) -> anyhow::Result<()> {
         println!("  memory:        {} KiB", memory >> 10);
     }
     println!("  concurrency:   {}", grants.concurrency);
+    if grants.reuse == 0 {
+        println!("  instances:     a fresh one per call");
+    } else {
+        let idle = grants.reuse_idle.as_millis();
+        println!("  instances:     each reused for up to {} calls, dropped after {idle} ms idle", grants.reuse);
+    }
     println!("  retry:         {} attempts", grants.retry.max_attempts);
     let keys: Vec<&String> = grants.config.keys().collect();
     println!("  config:        {}", if keys.is_empty() { "nothing".to_owned() } else { format!("{keys:?}") });

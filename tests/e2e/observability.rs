@@ -126,6 +126,12 @@ fn plugin_check_shows_a_plugin_and_refuses_what_is_not_one() {
     let echo = plugin_wasm("echo");
     let (ok, output) = wasmhook(&["plugin", "check", echo.to_str().expect("path")]);
     assert!(ok && output.contains("component:     echo 0.1.0") && output.contains("subscriptions: *"), "{output}");
+    assert!(output.contains("instances:     a fresh one per call"), "{output}");
+    let reused = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(&echo, reused.path().join("echo.wasm")).expect("copy");
+    std::fs::write(reused.path().join("echo.toml"), "reuse = 100\nreuse_idle = \"2s\"\n").expect("manifest");
+    let (ok, output) = wasmhook(&["plugin", "check", reused.path().join("echo.wasm").to_str().expect("path")]);
+    assert!(ok && output.contains("each reused for up to 100 calls, dropped after 2000 ms idle"), "{output}");
 
     let dir = tempfile::tempdir().expect("tempdir");
     let garbage = dir.path().join("garbage.wasm");

@@ -40,7 +40,8 @@ pub struct NewEvent {
 pub enum Accepted {
     /// Stored durably, with one delivery per subscribed plugin.
     New,
-    /// The same (source, id) was accepted within its dedup window; nothing was stored.
+    /// An event with the same [key](crate::event::Event::key) (source, id and any producer) was
+    /// accepted within its dedup window; nothing was stored.
     Duplicate,
 }
 
@@ -352,7 +353,8 @@ pub trait Journal: Send + Sync {
     /// Settles a leased delivery, recording the plugin version (`sha256`) that ran it, and in
     /// the same transaction accepts `emitted` events. A lease that ran out and was taken again
     /// is left alone (and `emitted` dropped), so a delivery is settled at most once per
-    /// attempt. Returns whether the lease still held.
+    /// attempt. Returns whether the lease still held (one that ran out but was not taken
+    /// again still settles).
     async fn finish(
         &self,
         lease: &Lease,
@@ -384,8 +386,9 @@ pub trait Journal: Send + Sync {
     async fn purge_dead(&self, selector: DeadSelector) -> Result<u64, JournalError>;
 
     /// Delivers again every stored event accepted since `since_ms` to the plugins `route`
-    /// names for its type (none: skipped), whatever became of earlier deliveries. Returns
-    /// how many deliveries were made due.
+    /// names for its type (none: skipped): finished deliveries (done, dead) are made due
+    /// again and missing ones added; those still pending, retrying or running are left as
+    /// they are. Returns how many deliveries were made due.
     async fn replay(&self, since_ms: u64, route: Route<'_>) -> Result<u64, JournalError>;
 
     /// Counts per status.

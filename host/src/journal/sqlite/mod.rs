@@ -20,7 +20,8 @@
 //! Leases are held in memory ([`leases`]): taking a delivery writes nothing, and its outcome
 //! is its one write. New deliveries wait in memory too ([`ready`]), so that a take of fresh
 //! work reads neither the file nor waits for the writer.
-//! Dedup keys live in their own table with an expiry, apart from the events they guard.
+//! The dedup key is the event's own row (its source and id, and the producer in its
+//! attributes), live until the row's `dedup_until_ms`.
 //! The writer keeps the counts `/v1/stats` shows as it commits ([`counts`]): stats never
 //! scan the tables.
 //!
@@ -68,8 +69,10 @@ const QUEUE_DEPTH: usize = 4096;
 const IDLE_POLL: Duration = Duration::from_millis(100);
 /// How long the read connection waits for a lock before failing.
 const READ_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Events looked at per round of replay or expiry.
+/// Events looked at per round of replay.
 const PAGE: usize = 1000;
+/// Events removed per write when old ones expire.
+const EXPIRE_PAGE: usize = 10_000;
 /// The schema this code writes; older files are migrated, newer ones refused.
 const SCHEMA_VERSION: i64 = 3;
 
@@ -195,7 +198,7 @@ enum Write {
     ReplayDead { selector: DeadSelector, reply: Reply<u64> },
     PurgeDead { selector: DeadSelector, reply: Reply<u64> },
     Redeliver { items: Vec<(i64, Vec<String>)>, reply: Reply<u64> },
-    Expire { retention_ms: u64, reply: Reply<Expired> },
+    Expire { retention_ms: u64, seqs: Vec<i64>, reply: Reply<Expired> },
     Ping { reply: Reply<()> },
 }
 
@@ -672,9 +675,26 @@ impl Journal for SqliteJournal {
         self.call(|reply| Write::Ping { reply }).await
     }
 
+    /// Finds what may go page by page on the reader, from where the last page ended, so that
+    /// old events that must stay (dead letters) are read once per round and never hold up the
+    /// writer; the writer checks each page again and removes it. Rounds go on until a page
+    /// comes back short, however many events are due.
     async fn expire(&self) -> Result<Expired, JournalError> {
         let retention_ms = millis(self.options.retention);
-        self.call(|reply| Write::Expire { retention_ms, reply }).await
+        let mut expired = Expired::default();
+        let mut after = (i64::MIN, i64::MIN);
+        loop {
+            let now = self.clock.now_ms();
+            let page = self.read(move |c| expirable(c, after, now, retention_ms)).await?;
+            let Some(&last) = page.last() else { break };
+            after = last;
+            let seqs = page.iter().map(|&(_, seq)| seq).collect();
+            expired.events += self.call(|reply| Write::Expire { retention_ms, seqs, reply }).await?.events;
+            if page.len() < EXPIRE_PAGE {
+                break;
+            }
+        }
+        Ok(expired)
     }
 }
 
@@ -708,8 +728,10 @@ fn write_loop(
             checkpoints_off = true;
         }
         // After a failed sync of either file, nothing more is promised the disk: what must
-        // reach it is refused before it is committed, so that no plugin runs an event whose
-        // sender was told it was not accepted.
+        // reach it is refused before it is committed. (The group whose sync failed, and what
+        // joined the batch while it was waited for, are committed already: their senders are
+        // told of the failure, yet their deliveries may run, a duplicate for at-least-once if
+        // they send again.)
         let unsyncable = if checkpointer.failed() {
             Some("the journal's database file could not be synced; restart the host")
         } else if syncer.is_some_and(Syncer::failed) {
@@ -926,7 +948,7 @@ fn apply(tx: &Connection, write: &Write, now: Now, tracked: &Mutex<Tracked>) -> 
         Write::ReplayDead { selector, .. } => Done::Count(replay_dead(tx, selector, wall, &mut tally)?),
         Write::PurgeDead { selector, .. } => Done::Count(purge_dead(tx, selector, &mut tally)?),
         Write::Redeliver { items, .. } => Done::Count(redeliver(tx, items, wall, &mut tally)?),
-        Write::Expire { retention_ms, .. } => Done::Expired(expire(tx, wall, *retention_ms, &mut tally)?),
+        Write::Expire { retention_ms, seqs, .. } => Done::Expired(expire(tx, wall, *retention_ms, seqs, &mut tally)?),
         Write::Ping { .. } => Done::Nothing,
     };
     Ok((done, tally))
@@ -1204,22 +1226,44 @@ fn redeliver(tx: &Connection, items: &[(i64, Vec<String>)], now: u64, tally: &mu
     Ok(made_due)
 }
 
-/// Removes handled events older than the retention whose dedup window has ended too.
-fn expire(tx: &Connection, now: u64, retention_ms: u64, tally: &mut Tally) -> Result<Expired, JournalError> {
-    let limit = i64::try_from(PAGE * 10).unwrap_or(i64::MAX);
+/// Which handled events may go, older than the retention and past their dedup window: up to
+/// [`EXPIRE_PAGE`] of them after `after`, as (time, seq) in that order.
+fn expirable(reader: &Connection, after: (i64, i64), now: u64, retention_ms: u64) -> rusqlite::Result<Vec<(i64, i64)>> {
+    let limit = i64::try_from(EXPIRE_PAGE).unwrap_or(i64::MAX);
     let cutoff = sql_ms(now.saturating_sub(retention_ms));
-    let handled: Vec<i64> = tx
+    reader
         .prepare_cached(
-            "SELECT seq FROM events e WHERE time_ms < ?1 AND dedup_until_ms <= ?2 AND NOT EXISTS
-             (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq AND d.status <> 'done') LIMIT ?3",
-        )
-        .and_then(|mut select| select.query_map(params![cutoff, sql_ms(now), limit], |row| row.get(0))?.collect())
+            "SELECT time_ms, seq FROM events e WHERE (time_ms, seq) > (?1, ?2) AND time_ms < ?3
+             AND dedup_until_ms <= ?4
+             AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq AND d.status <> 'done')
+             ORDER BY time_ms, seq LIMIT ?5",
+        )?
+        .query_map(params![after.0, after.1, cutoff, sql_ms(now), limit], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect()
+}
+
+/// Removes those of `seqs` that are still handled events older than the retention whose dedup
+/// window has ended too (a replay may have made one due again since it was found).
+fn expire(
+    tx: &Connection,
+    now: u64,
+    retention_ms: u64,
+    seqs: &[i64],
+    tally: &mut Tally,
+) -> Result<Expired, JournalError> {
+    let cutoff = sql_ms(now.saturating_sub(retention_ms));
+    let seqs = serde_json::to_string(seqs).map_err(json_error)?;
+    tx.execute_batch("CREATE TEMP TABLE IF NOT EXISTS expiring (seq INTEGER PRIMARY KEY); DELETE FROM expiring;")
         .map_err(storage)?;
-    if !handled.is_empty() {
-        let seqs = serde_json::to_string(&handled).map_err(json_error)?;
-        tx.execute_batch("CREATE TEMP TABLE IF NOT EXISTS expiring (seq INTEGER PRIMARY KEY); DELETE FROM expiring;")
-            .map_err(storage)?;
-        tx.execute("INSERT INTO expiring SELECT value FROM json_each(?1)", [&seqs]).map_err(storage)?;
+    let handled = tx
+        .execute(
+            "INSERT INTO expiring SELECT e.seq FROM json_each(?1) j JOIN events e ON e.seq = j.value
+             WHERE e.time_ms < ?2 AND e.dedup_until_ms <= ?3
+             AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq AND d.status <> 'done')",
+            params![seqs, cutoff, sql_ms(now)],
+        )
+        .map_err(storage)?;
+    if handled > 0 {
         let count = |sql: &str| {
             tx.query_row(sql, [], |row| row.get::<_, i64>(0)).map(|n| u64::try_from(n).unwrap_or(0)).map_err(storage)
         };
@@ -1234,10 +1278,10 @@ fn expire(tx: &Connection, now: u64, retention_ms: u64, tally: &mut Tally) -> Re
              DELETE FROM events WHERE seq IN (SELECT seq FROM expiring);",
         )
         .map_err(storage)?;
-        tally.events_removed(handled.len() as u64, unrouted);
+        tally.events_removed(handled as u64, unrouted);
         tally.done_removed(done);
     }
-    Ok(Expired { events: handled.len() as u64 })
+    Ok(Expired { events: handled as u64 })
 }
 
 fn read_event(connection: &Connection, id: &str) -> rusqlite::Result<Option<EventRecord>> {
@@ -1743,6 +1787,24 @@ mod tests {
         f.clock.advance(3_600_000);
         assert_eq!(f.journal.expire().await.expect("expire"), Expired { events: 1 });
         assert_eq!(f.journal.accept(long_window("kept")).await.expect("accept"), Accepted::New);
+    }
+
+    #[tokio::test]
+    async fn expiry_goes_on_past_a_page_and_past_what_must_stay() {
+        let f = open(Options { retention: Duration::from_secs(3600), ..Options::default() });
+        f.journal.accept(new("github", "dead", &["echo"])).await.expect("accept");
+        let lease = f.take(&["echo"]).await.remove(0);
+        f.journal.finish(&lease, Outcome::Dead { error: "no".into() }, "v1", Vec::new()).await.expect("finish");
+        let ids: Vec<String> = (0..EXPIRE_PAGE + 5).map(|n| format!("old-{n}")).collect();
+        for chunk in ids.chunks(500) {
+            let accepts = chunk.iter().map(|id| f.journal.accept(new("github", id, &[])));
+            assert!(futures_util::future::join_all(accepts).await.iter().all(|a| matches!(a, Ok(Accepted::New))));
+        }
+        f.clock.advance(3_600_001);
+        assert_eq!(f.journal.expire().await.expect("expire"), Expired { events: ids.len() as u64 }, "two pages");
+        assert_eq!(f.journal.expire().await.expect("expire"), Expired::default());
+        assert_eq!(f.status("dead").await.status, EventStatus::Dead, "a dead letter stays");
+        assert_eq!(f.journal.stats().await.expect("stats").events, 1);
     }
 
     #[tokio::test]

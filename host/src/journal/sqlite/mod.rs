@@ -69,10 +69,9 @@ const QUEUE_DEPTH: usize = 4096;
 const IDLE_POLL: Duration = Duration::from_millis(100);
 /// How long the read connection waits for a lock before failing.
 const READ_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Events looked at per round of replay.
+/// Events looked at per round of replay or expiry: each round's write stays short, so that
+/// requests are answered between rounds.
 const PAGE: usize = 1000;
-/// Events removed per write when old ones expire.
-const EXPIRE_PAGE: usize = 10_000;
 /// The schema this code writes; older files are migrated, newer ones refused.
 const SCHEMA_VERSION: i64 = 3;
 
@@ -690,7 +689,7 @@ impl Journal for SqliteJournal {
             after = last;
             let seqs = page.iter().map(|&(_, seq)| seq).collect();
             expired.events += self.call(|reply| Write::Expire { retention_ms, seqs, reply }).await?.events;
-            if page.len() < EXPIRE_PAGE {
+            if page.len() < PAGE {
                 break;
             }
         }
@@ -1227,9 +1226,9 @@ fn redeliver(tx: &Connection, items: &[(i64, Vec<String>)], now: u64, tally: &mu
 }
 
 /// Which handled events may go, older than the retention and past their dedup window: up to
-/// [`EXPIRE_PAGE`] of them after `after`, as (time, seq) in that order.
+/// [`PAGE`] of them after `after`, as (time, seq) in that order.
 fn expirable(reader: &Connection, after: (i64, i64), now: u64, retention_ms: u64) -> rusqlite::Result<Vec<(i64, i64)>> {
-    let limit = i64::try_from(EXPIRE_PAGE).unwrap_or(i64::MAX);
+    let limit = i64::try_from(PAGE).unwrap_or(i64::MAX);
     let cutoff = sql_ms(now.saturating_sub(retention_ms));
     reader
         .prepare_cached(
@@ -1795,8 +1794,8 @@ mod tests {
         f.journal.accept(new("github", "dead", &["echo"])).await.expect("accept");
         let lease = f.take(&["echo"]).await.remove(0);
         f.journal.finish(&lease, Outcome::Dead { error: "no".into() }, "v1", Vec::new()).await.expect("finish");
-        let ids: Vec<String> = (0..EXPIRE_PAGE + 5).map(|n| format!("old-{n}")).collect();
-        for chunk in ids.chunks(500) {
+        let ids: Vec<String> = (0..PAGE + 5).map(|n| format!("old-{n}")).collect();
+        for chunk in ids.chunks(100) {
             let accepts = chunk.iter().map(|id| f.journal.accept(new("github", id, &[])));
             assert!(futures_util::future::join_all(accepts).await.iter().all(|a| matches!(a, Ok(Accepted::New))));
         }

@@ -1,13 +1,14 @@
 //! One compiled, pre-instantiated plugin and how it is called: a fresh store and instance per
-//! call, a wall-clock deadline through epoch interruption, resource caps, and every way a call
-//! can fail turned into a [`CallError`] that names the reason.
+//! call (or one kept for the next calls, when the manifest's `reuse` allows), a wall-clock
+//! deadline through epoch interruption, resource caps, and every way a call can fail turned
+//! into a [`CallError`] that names the reason.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::Linker;
-use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+use wasmtime::{Engine, PoolConcurrencyLimitError, Store, Trap, UpdateDeadline};
 
 use super::bindings::{self, HandlerError, PluginPre};
 use super::host_api::{CallEvent, CallGrants, CallState, Emitted, LimitExceeded};
@@ -106,6 +107,27 @@ struct Warm {
 /// is taken first, so those idle past a limit are always the first ones.
 type WarmInstances = std::sync::Mutex<Vec<Warm>>;
 
+/// Every plugin's instances kept for reuse in one runtime, so that a call that finds the pool
+/// full can give them up.
+#[derive(Default)]
+pub(super) struct KeptInstances(std::sync::Mutex<Vec<std::sync::Weak<WarmInstances>>>);
+
+impl KeptInstances {
+    /// Adds a plugin's kept instances (and weeds out those of plugins since dropped).
+    fn register(&self, warm: &Arc<WarmInstances>) {
+        let mut all = lock(&self.0);
+        all.retain(|warm| warm.strong_count() > 0);
+        all.push(Arc::downgrade(warm));
+    }
+
+    /// Drops every kept instance (outside the locks); returns how many.
+    fn drop_all(&self) -> usize {
+        let lists: Vec<Arc<WarmInstances>> = lock(&self.0).iter().filter_map(std::sync::Weak::upgrade).collect();
+        let dropped: Vec<Warm> = lists.iter().flat_map(|warm| std::mem::take(&mut *lock(warm))).collect();
+        dropped.len()
+    }
+}
+
 /// A plugin compiled once and pre-instantiated, ready for any number of calls.
 #[derive(Clone)]
 pub struct Component {
@@ -113,6 +135,8 @@ pub struct Component {
     pre: PluginPre<CallState>,
     /// Instances kept for the next calls when `limits.reuse` allows (shared by clones).
     warm: Arc<WarmInstances>,
+    /// Every plugin's kept instances, given up when a call finds the pool full.
+    kept: Arc<KeptInstances>,
     name: Arc<str>,
     limits: Limits,
     metadata: Metadata,
@@ -128,6 +152,7 @@ impl Component {
     pub(super) async fn prepare(
         engine: &Engine,
         linker: &Linker<CallState>,
+        kept: &Arc<KeptInstances>,
         compiled: &wasmtime::component::Component,
         name: &str,
         limits: Limits,
@@ -138,13 +163,14 @@ impl Component {
             engine: engine.clone(),
             pre,
             warm: Arc::default(),
+            kept: Arc::clone(kept),
             name: name.into(),
             limits,
             metadata: Metadata::default_for(name),
         };
         let mut store = component.store(None);
         let metadata = async {
-            let plugin = component.pre.instantiate_async(&mut store).await?;
+            let plugin = component.instantiate(&mut store, None).await?;
             plugin.call_metadata(&mut store).await
         };
         let metadata = tokio::time::timeout(component.limits.timeout, metadata).await;
@@ -155,6 +181,9 @@ impl Component {
             .map_err(|err| LoadError::Metadata(describe(&err)))?;
         component.metadata =
             Metadata { name: metadata.name, version: metadata.version, subscriptions: metadata.subscriptions };
+        if component.limits.reuse > 0 {
+            kept.register(&component.warm);
+        }
         if component.limits.reuse > 0
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
@@ -201,7 +230,7 @@ impl Component {
         let call = async {
             let plugin = match instance.take() {
                 Some(plugin) => plugin,
-                None => self.pre.instantiate_async(&mut store).await?,
+                None => self.instantiate(&mut store, Some(event)).await?,
             };
             let result = plugin.call_handle(&mut store, &input).await;
             instance = Some(plugin);
@@ -250,6 +279,37 @@ impl Component {
             _ => {}
         }
         CallError::Trap(describe(err))
+    }
+
+    /// A new instance in `store`. When the pool is full, kept instances hold slots no call is
+    /// using: they are given up and the instance is tried once more, in a new store for
+    /// `event` (the failed one may hold part of an instance).
+    async fn instantiate(
+        &self,
+        store: &mut Store<CallState>,
+        event: Option<&Event>,
+    ) -> wasmtime::Result<bindings::Plugin> {
+        match self.pre.instantiate_async(&mut *store).await {
+            Err(err) if err.downcast_ref::<PoolConcurrencyLimitError>().is_some() && self.make_room() => {
+                *store = self.store(event.map(CallEvent::of));
+                self.pre.instantiate_async(store).await
+            }
+            result => result,
+        }
+    }
+
+    /// Drops every plugin's kept instances; returns whether there were any.
+    fn make_room(&self) -> bool {
+        let dropped = self.kept.drop_all();
+        if dropped == 0 {
+            return false;
+        }
+        tracing::warn!(
+            plugin = %self.name,
+            instances = dropped,
+            "the pool of plugin instances is full: reused instances dropped to make room"
+        );
+        true
     }
 
     /// The newest instance kept for reuse, unless it waited past `reuse_idle`: then every
@@ -334,6 +394,6 @@ async fn drop_idle_instances(name: Arc<str>, warm: std::sync::Weak<WarmInstances
     }
 }
 
-fn lock(warm: &WarmInstances) -> std::sync::MutexGuard<'_, Vec<Warm>> {
-    warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -78,7 +78,9 @@ pub struct Emitted {
     pub depth: u32,
 }
 
-/// Everything one call's store holds. A fresh one per call: nothing leaks between events.
+/// Everything one call's store holds. A fresh one per call, so nothing leaks between events,
+/// unless the manifest's `reuse` keeps the store for the next calls ([`CallState::begin`]
+/// resets all but the plugin's own memory).
 pub struct CallState {
     wasi: WasiCtx,
     http: WasiHttpCtx,

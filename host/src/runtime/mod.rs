@@ -17,6 +17,7 @@ use std::time::Duration;
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
+use component::KeptInstances;
 pub use component::{CallError, Component, Limits, LoadError, MAX_ERROR_BYTES, Metadata};
 use host_api::CallState;
 pub use host_api::{
@@ -38,7 +39,8 @@ pub const DEFAULT_MEMORY_BYTES: usize = 64 * 1024 * 1024;
 pub const MAX_MEMORY_BYTES: usize = 1024 * 1024 * 1024;
 /// Wasm stack one call may use; deeper recursion ends the call.
 pub const MAX_WASM_STACK_BYTES: usize = 512 * 1024;
-/// Instances that can be alive at once across all plugins (one per running call).
+/// Instances that can be alive at once across all plugins: one per running call, and those
+/// `reuse` keeps (given up when a call finds the pool full).
 const POOL_INSTANCES: u32 = 1000;
 /// Memory and stack kept mapped in a freed slot so the next call does not page-fault it in
 /// again; measured to double call throughput on the development machine.
@@ -50,6 +52,9 @@ const DECOMMIT_BATCH: usize = 32;
 pub struct Runtime {
     engine: Engine,
     linker: Arc<Linker<CallState>>,
+    /// Every plugin's instances kept for reuse, so that a call that finds the pool full can
+    /// make room.
+    kept: Arc<KeptInstances>,
     _ticker: EpochTicker,
 }
 
@@ -66,12 +71,17 @@ impl Runtime {
     /// keyed by the component's content and the engine's settings, so a restart or a reload
     /// of a version already seen compiles nothing.
     pub fn new(cache_dir: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        Self::with_pool(cache_dir, POOL_INSTANCES)
+    }
+
+    /// [`Runtime::new`] with a pool of `instances` (tests fill a small one).
+    fn with_pool(cache_dir: Option<&std::path::Path>, instances: u32) -> anyhow::Result<Self> {
         let mut pool = PoolingAllocationConfig::new();
-        pool.total_component_instances(POOL_INSTANCES)
-            .total_memories(POOL_INSTANCES)
-            .total_tables(POOL_INSTANCES)
-            .total_stacks(POOL_INSTANCES)
-            .total_core_instances(POOL_INSTANCES)
+        pool.total_component_instances(instances)
+            .total_memories(instances)
+            .total_tables(instances)
+            .total_stacks(instances)
+            .total_core_instances(instances)
             .max_memory_size(MAX_MEMORY_BYTES)
             // The per-call limiter's figure, so that its error names the limit a plugin hit.
             .table_elements(host_api::MAX_TABLE_ELEMENTS)
@@ -102,7 +112,7 @@ impl Runtime {
         bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
 
         let ticker = EpochTicker::start(engine.clone())?;
-        Ok(Runtime { engine, linker: Arc::new(linker), _ticker: ticker })
+        Ok(Runtime { engine, linker: Arc::new(linker), kept: Arc::default(), _ticker: ticker })
     }
 
     /// Compiles `bytes` (off the async threads), checks it implements the `plugin` world,
@@ -113,7 +123,7 @@ impl Runtime {
             .await
             .map_err(|err| LoadError::Compile(err.to_string()))?
             .map_err(|err| LoadError::Compile(component::describe(&err)))?;
-        Component::prepare(&self.engine, &self.linker, &compiled, name, limits).await
+        Component::prepare(&self.engine, &self.linker, &self.kept, &compiled, name, limits).await
     }
 }
 
@@ -143,5 +153,52 @@ impl Drop for EpochTicker {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A compiled plugin from `make plugins`.
+    fn wasm(dir: &str, name: &str) -> Vec<u8> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(dir).join(format!("{name}.wasm"));
+        std::fs::read(&path).unwrap_or_else(|err| panic!("{} ({err}): run `make plugins` first", path.display()))
+    }
+
+    fn event() -> crate::event::Event {
+        crate::event::Event {
+            id: "e".into(),
+            source: "github".into(),
+            event_type: "github.push".into(),
+            time_ms: 0,
+            content_type: "application/json".into(),
+            data: bytes::Bytes::from_static(b"{}"),
+            attributes: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_that_finds_the_pool_full_gives_up_the_instances_kept_for_reuse() {
+        let noop = wasm("target/test-plugins", "noop");
+        let cache = tempfile::tempdir().expect("tempdir");
+        // The smallest pool that holds one instance of the plugin.
+        let mut size = 1;
+        let runtime = loop {
+            let runtime = Runtime::with_pool(Some(cache.path()), size).expect("runtime");
+            if runtime.load("probe", noop.clone(), Limits::default()).await.is_ok() {
+                break runtime;
+            }
+            size += 1;
+            assert!(size <= 16, "noop never fit");
+        };
+        let kept = Limits { reuse: 100, ..Limits::default() };
+        let reused = runtime.load("reused", noop.clone(), kept).await.expect("load");
+        let fresh = runtime.load("fresh", noop, Limits::default()).await.expect("load");
+        reused.invoke(&event(), 1).await.expect("the kept instance takes the whole pool");
+        fresh.invoke(&event(), 1).await.expect("room made");
+        reused.invoke(&event(), 1).await.expect("a new instance, the kept one gone");
+        let again = runtime.load("again", wasm("target/test-plugins", "noop"), Limits::default()).await;
+        again.expect("a load makes room too");
     }
 }

@@ -66,7 +66,13 @@ impl FolderWatch {
                     () = shutdown.cancelled() => return,
                 }
             }
-            match registry.rescan().await {
+            // A rescan held up by a slow plugin is given up at shutdown (the plugins loaded so
+            // far stay consistent).
+            let rescan = tokio::select! {
+                rescan = registry.rescan() => rescan,
+                () = shutdown.cancelled() => return,
+            };
+            match rescan {
                 Ok(reloaded) if reloaded.changed() => tracing::info!(
                     loaded = ?reloaded.loaded, replaced = ?reloaded.replaced, removed = ?reloaded.removed,
                     failed = ?reloaded.failed, "plugins folder rescanned"

@@ -157,6 +157,18 @@ fn a_removed_plugin_keeps_its_pending_deliveries_until_it_returns() {
 }
 
 #[test]
+fn a_plugin_whose_metadata_never_returns_fails_to_load_within_10_s_whatever_its_timeout() {
+    let host = TestHost::builder().plugin("echo").start();
+    let manifest = "timeout = \"15m\"\n[config]\nfault = \"metadata-loop\"\n";
+    deploy(&host.plugins_dir(), "faulty.toml", manifest.as_bytes());
+    deploy(&host.plugins_dir(), "faulty.wasm", &std::fs::read(plugin_wasm("faulty")).expect("faulty"));
+    let failed = wait_for_plugin(&host, "faulty", "failed", |entry| entry["status"] == "failed");
+    assert!(failed["last_error"].as_str().is_some_and(|e| e.contains("timeout after 10000 ms")), "{failed}");
+    host.post_github("push", "still-served", &example("github/push.json"), SECRET);
+    assert_eq!(host.wait_for_event("still-served")["status"], "done");
+}
+
+#[test]
 fn a_manifest_only_change_takes_effect() {
     let host = TestHost::builder().plugin_with_manifest("echo", "subscriptions = [\"github.push\"]\n").start();
     host.post_github("issues", "before", br#"{"action":"opened"}"#, SECRET);

@@ -16,6 +16,8 @@ use super::http::HttpAllow;
 use super::{DEFAULT_MEMORY_BYTES, DEFAULT_REUSE_IDLE, DEFAULT_TIMEOUT, EPOCH_TICK, MAX_WASM_STACK_BYTES};
 use crate::event::Event;
 
+/// The longest a plugin's `metadata()` may take, whatever its manifest's `timeout`.
+pub const MAX_METADATA_TIME: Duration = Duration::from_secs(10);
 /// The longest error message a plugin's `retry` or `permanent` keeps; the rest is cut.
 pub const MAX_ERROR_BYTES: usize = 4096;
 
@@ -173,11 +175,14 @@ impl Component {
             let plugin = component.instantiate(&mut store, None).await?;
             plugin.call_metadata(&mut store).await
         };
-        let metadata = tokio::time::timeout(component.limits.timeout, metadata).await;
+        // A constant to return: however long the calls may take, loading (and so start-up and
+        // every rescan) never waits long for it.
+        let limit = component.limits.timeout.min(MAX_METADATA_TIME);
+        let metadata = tokio::time::timeout(limit, metadata).await;
         // What it printed (a panic's message, say) goes to the log whether or not it loads.
         store.data().flush_output();
         let metadata = metadata
-            .map_err(|_| LoadError::Metadata(format!("timeout after {} ms", component.limits.timeout.as_millis())))?
+            .map_err(|_| LoadError::Metadata(format!("timeout after {} ms", limit.as_millis())))?
             .map_err(|err| LoadError::Metadata(describe(&err)))?;
         component.metadata =
             Metadata { name: metadata.name, version: metadata.version, subscriptions: metadata.subscriptions };

@@ -14,6 +14,11 @@ fn recurse(depth: u64) -> u64 {
 
 impl Plugin for Faulty {
     fn metadata() -> Metadata {
+        if config("fault").as_deref() == Some("metadata-loop") {
+            loop {
+                black_box(0);
+            }
+        }
         Metadata::new("faulty", env!("CARGO_PKG_VERSION"), ["*"])
     }
 

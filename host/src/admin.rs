@@ -206,10 +206,15 @@ impl Admin {
         match segments.as_slice() {
             ["metrics"] => self.metrics().await,
             ["v1", "plugins"] => ok(self.plugins().await?),
-            ["v1", "plugins", "reload"] => match self.registry.rescan().await {
-                Ok(reloaded) => ok(serde_json::to_value(reloaded).unwrap_or_default()),
-                Err(err) => Err(Refusal(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())),
-            },
+            ["v1", "plugins", "reload"] => {
+                // A task of its own, so that a client that gives up does not cut the rescan short.
+                let registry = Arc::clone(&self.registry);
+                match tokio::spawn(async move { registry.reload().await }).await {
+                    Ok(Ok(reloaded)) => ok(serde_json::to_value(reloaded).unwrap_or_default()),
+                    Ok(Err(err)) => Err(Refusal(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())),
+                    Err(err) => Err(Refusal(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())),
+                }
+            }
             ["v1", "stats"] => ok(serde_json::to_value(self.journal.stats().await?).unwrap_or_default()),
             ["v1", "events", id] => match self.journal.event(&percent_decoded(id)).await? {
                 Some(record) => ok(serde_json::to_value(record).unwrap_or_default()),

@@ -163,6 +163,17 @@ impl Registry {
         self.rescan_showing(indicatif::ProgressBar::hidden()).await
     }
 
+    /// A rescan the operator asked for (SIGHUP, `POST /v1/plugins/reload`): content that
+    /// failed to load before is tried again too, since its failure may have passed (a
+    /// `metadata()` that ran out of time, a full pool of instances). A plain rescan skips it,
+    /// so that each bad file is logged once.
+    pub async fn reload(&self) -> anyhow::Result<Reloaded> {
+        for slot in self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).values_mut() {
+            slot.failed = None;
+        }
+        self.rescan().await
+    }
+
     /// [`Self::rescan`], advancing `progress` by one for each file.
     async fn rescan_showing(&self, progress: indicatif::ProgressBar) -> anyhow::Result<Reloaded> {
         let _one_at_a_time = self.rescanning.lock().await;

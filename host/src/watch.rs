@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
@@ -22,6 +23,8 @@ pub struct FolderWatch {
     /// Held to keep the file watch alive; `None` when the system refused one.
     _watcher: Option<notify::RecommendedWatcher>,
     wake: Arc<Notify>,
+    /// Set by SIGHUP: the next rescan retries what failed before ([`Registry::reload`]).
+    hangup: Arc<AtomicBool>,
 }
 
 impl FolderWatch {
@@ -46,8 +49,9 @@ impl FolderWatch {
                 None
             }
         };
-        listen_for_sighup(Arc::clone(&wake));
-        FolderWatch { _watcher: watcher, wake }
+        let hangup = Arc::new(AtomicBool::new(false));
+        listen_for_sighup(Arc::clone(&wake), Arc::clone(&hangup));
+        FolderWatch { _watcher: watcher, wake, hangup }
     }
 
     /// Rescans the registry's folder after each burst of changes, until `shutdown`.
@@ -68,8 +72,10 @@ impl FolderWatch {
             }
             // A rescan held up by a slow plugin is given up at shutdown (the plugins loaded so
             // far stay consistent).
+            let asked = self.hangup.swap(false, Ordering::Relaxed);
+            let rescan = async { if asked { registry.reload().await } else { registry.rescan().await } };
             let rescan = tokio::select! {
-                rescan = registry.rescan() => rescan,
+                rescan = rescan => rescan,
                 () = shutdown.cancelled() => return,
             };
             match rescan {
@@ -107,15 +113,16 @@ fn is_swapped_link(path: &std::path::Path) -> bool {
     path.file_name().is_some_and(|name| name == "..data")
 }
 
-/// Wakes the watcher on each SIGHUP. The handler is installed before this returns, so a
+/// Wakes the watcher on each SIGHUP, with `asked` set. The handler is installed before this returns, so a
 /// SIGHUP from then on never kills the host.
-fn listen_for_sighup(wake: Arc<Notify>) {
+fn listen_for_sighup(wake: Arc<Notify>, asked: Arc<AtomicBool>) {
     #[cfg(unix)]
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(mut hangup) => {
             tokio::spawn(async move {
                 while hangup.recv().await.is_some() {
                     tracing::info!("SIGHUP: rescanning the plugins folder");
+                    asked.store(true, Ordering::Relaxed);
                     wake.notify_one();
                 }
             });
@@ -125,7 +132,7 @@ fn listen_for_sighup(wake: Arc<Notify>) {
         }
     }
     #[cfg(not(unix))]
-    let _ = wake;
+    let _ = (wake, asked);
 }
 
 #[cfg(test)]

@@ -216,4 +216,18 @@ fn the_reload_endpoint_and_sighup_rescan_the_folder() {
     assert!(status.success());
     host.wait_for_log("SIGHUP: rescanning the plugins folder");
     assert_eq!(host.admin_get("/healthz").0, 200);
+
+    // A file that failed is logged once by the watcher's rescans, but both triggers try it
+    // again (its failure may have passed).
+    deploy(&host.plugins_dir(), "garbage.wasm", b"\0asm\x01\0\0\0");
+    wait_for_plugin(&host, "garbage", "failed", |entry| entry["status"] == "failed");
+    deploy(&host.plugins_dir(), "unrelated.toml", b"");
+    std::thread::sleep(crate::util::DEBOUNCE_AND_SOME);
+    host.sync_log();
+    assert_eq!(host.count_log("garbage.wasm"), 1, "logged once:\n{}", host.log());
+    let answer = crate::util::post(&format!("{}/v1/plugins/reload", host.admin), &[], b"");
+    assert_eq!(answer.1["failed"], serde_json::json!(["garbage"]), "tried again: {}", answer.1);
+    host.wait_for_log_count("garbage.wasm", 2);
+    std::process::Command::new("sh").args(["-c", &format!("kill -HUP {}", host.pid())]).status().expect("kill -HUP");
+    host.wait_for_log_count("garbage.wasm", 3);
 }

@@ -313,8 +313,10 @@ impl Registry {
             .map_err(|problems| format!("{}: {}", manifest_path.display(), problems.join("; ")))?;
         let limits = grants.limits();
         let component = self.runtime.load(name, bytes, limits).await.map_err(|err| err.to_string())?;
+        let in_manifest = grants.subscriptions.is_some();
         let subscriptions = grants.subscriptions.unwrap_or_else(|| component.metadata().subscriptions.clone());
-        let matcher = crate::subscription::matcher(&subscriptions)?;
+        let matcher = crate::subscription::matcher(&subscriptions)
+            .map_err(|err| if in_manifest { format!("{}: {err}", manifest_path.display()) } else { err })?;
         if subscriptions.is_empty() {
             tracing::warn!(plugin = %name, "plugin subscribes to nothing");
         }
@@ -440,11 +442,21 @@ fn carry_calls(old: &Arc<Semaphore>, old_limit: usize, new_limit: usize) -> Arc<
 fn wasm_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir)
         .map_err(|err| anyhow::anyhow!("cannot read the plugins folder {}: {err}", dir.display()))?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "wasm") && path.is_file())
-        .collect();
+    let mut files = Vec::new();
+    for entry in entries {
+        let path =
+            entry.map_err(|err| anyhow::anyhow!("cannot list the plugins folder {}: {err}", dir.display()))?.path();
+        // Only a file that is not there is gone: one that cannot be looked at now (a network
+        // file system's hiccup) stays in the list, so that reading it fails and the version
+        // it serves stays.
+        let listed = match std::fs::metadata(&path) {
+            Ok(metadata) => metadata.is_file(),
+            Err(err) => err.kind() != std::io::ErrorKind::NotFound,
+        };
+        if listed && path.extension().is_some_and(|ext| ext == "wasm") {
+            files.push(path);
+        }
+    }
     files.sort();
     Ok(files)
 }
@@ -462,6 +474,22 @@ fn read_manifest(wasm: &Path) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plugin_file_that_cannot_be_looked_at_is_listed_and_one_that_is_gone_is_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.wasm"), b"").expect("write");
+        std::fs::write(dir.path().join("a.toml"), b"").expect("write");
+        std::fs::create_dir(dir.path().join("folder.wasm")).expect("mkdir");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), dir.path().join("gone.wasm")).expect("link");
+        std::os::unix::fs::symlink(dir.path().join("loop.wasm"), dir.path().join("loop.wasm")).expect("link");
+        let names: Vec<_> = wasm_files(dir.path())
+            .expect("listed")
+            .iter()
+            .map(|path| path.file_name().expect("name").to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["a.wasm", "loop.wasm"]);
+    }
 
     #[tokio::test]
     async fn a_new_version_counts_the_calls_still_running_on_the_old_one() {

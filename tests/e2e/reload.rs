@@ -179,6 +179,12 @@ fn a_manifest_only_change_takes_effect() {
     });
     host.post_github("issues", "after", br#"{"action":"opened"}"#, SECRET);
     assert_eq!(host.wait_for_event("after")["status"], "done");
+
+    // A bad pattern in the manifest is reported against the manifest.
+    deploy(&host.plugins_dir(), "echo.toml", b"subscriptions = [\"github.[issues\"]\n");
+    let failed = wait_for_plugin(&host, "echo", "refused", |entry| entry["last_error"].is_string());
+    let error = failed["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("echo.toml: subscription \"github.[issues\" is not a valid pattern"), "{failed}");
 }
 
 #[test]

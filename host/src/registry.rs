@@ -184,6 +184,8 @@ impl Registry {
         let mut next = BTreeMap::new();
         let mut fresh = Vec::new();
         let mut reloaded = Reloaded::default();
+        let present: std::collections::BTreeSet<String> =
+            files.iter().filter_map(|file| file.file_stem()?.to_str().map(str::to_owned)).collect();
         for file in files {
             let Some(name) = file.file_stem().and_then(|stem| stem.to_str()).map(str::to_owned) else {
                 tracing::error!(file = %file.display(), "plugin skipped: the file name is not valid UTF-8");
@@ -228,6 +230,12 @@ impl Registry {
             self.slot(name, |slot| slot.removed_at = Some(now_ms()));
             reloaded.removed.push(name.clone());
         }
+        // A file that never loaded and is gone now is forgotten (a removed plugin is kept, with
+        // the deliveries that wait for it).
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|name, slot| present.contains(name) || current.contains_key(name) || slot.removed_at.is_some());
         metrics::plugins_loaded(next.len());
         *self.plugins.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
         Ok(reloaded)
@@ -288,6 +296,7 @@ impl Registry {
             slot.file = file.to_owned();
             slot.last_error = Some(reason);
             slot.failed = Some(hashes);
+            slot.removed_at = None; // its file is back: failed, no longer removed
         });
         Scanned::Failed
     }

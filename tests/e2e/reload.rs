@@ -236,4 +236,12 @@ fn the_reload_endpoint_and_sighup_rescan_the_folder() {
     host.wait_for_log_count("garbage.wasm", 2);
     std::process::Command::new("sh").args(["-c", &format!("kill -HUP {}", host.pid())]).status().expect("kill -HUP");
     host.wait_for_log_count("garbage.wasm", 3);
+    // Once its file is gone, a plugin that never loaded is no longer listed.
+    std::fs::remove_file(host.plugins_dir().join("garbage.wasm")).expect("remove");
+    wait_for_plugin(&host, "garbage", "forgotten", serde_json::Value::is_null);
+    // A removed plugin whose file comes back bad is failed, not removed.
+    std::fs::remove_file(host.plugins_dir().join("echo.wasm")).expect("remove");
+    wait_for_plugin(&host, "echo", "removed", |entry| entry["status"] == "removed");
+    deploy(&host.plugins_dir(), "echo.wasm", b"\0asm\x01\0\0\0");
+    wait_for_plugin(&host, "echo", "failed", |entry| entry["status"] == "failed");
 }

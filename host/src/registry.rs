@@ -107,6 +107,9 @@ struct Slot {
     /// The (file, manifest) hashes that failed, so the same failure is logged once.
     failed: Option<(String, String)>,
     removed_at: Option<u64>,
+    /// A removed plugin's calls (and the limit they count against): calls still running
+    /// count against its next version too, as on a replace.
+    removed_calls: Option<(Arc<Semaphore>, usize)>,
 }
 
 /// The loaded plugins, by name, and what is needed to reload them.
@@ -192,6 +195,7 @@ impl Registry {
                 continue;
             };
             let existing = current.get(&name).cloned();
+            let removed_calls = if existing.is_none() { self.removed_calls(&name) } else { None };
             progress.set_message(name.clone());
             let scanned = self.scan_file(&name, &file, existing.as_deref()).await;
             progress.inc(1);
@@ -205,7 +209,7 @@ impl Registry {
                         previous = existing.as_ref().map_or("", |old| old.sha256.as_str()), "{verb}"
                     );
                     if existing.is_some() { &mut reloaded.replaced } else { &mut reloaded.loaded }.push(name.clone());
-                    fresh.push((name, plugin));
+                    fresh.push((name, plugin, removed_calls));
                     continue;
                 }
                 Scanned::Failed => reloaded.failed.push(name.clone()),
@@ -218,16 +222,21 @@ impl Registry {
         progress.finish_and_clear();
         // The serving versions' permits carry over only now, with nothing left to wait for
         // before the swap: a rescan abandoned midway (its caller gone) leaves them as they were.
-        for (name, mut plugin) in fresh {
+        for (name, mut plugin, removed_calls) in fresh {
+            // Calls of the old version still running count against the new one.
             if let Some(old) = current.get(&name) {
-                // Calls of the old version still running count against the new one.
                 plugin.calls = carry_calls(&old.calls, old.concurrency, plugin.concurrency);
+            } else if let Some((calls, limit)) = removed_calls {
+                plugin.calls = carry_calls(&calls, limit, plugin.concurrency);
             }
             next.insert(name, Arc::new(*plugin));
         }
-        for name in current.keys().filter(|name| !next.contains_key(*name)) {
+        for (name, old) in current.iter().filter(|(name, _)| !next.contains_key(*name)) {
             tracing::info!(plugin = %name, "plugin removed: no new deliveries; pending ones wait for its return");
-            self.slot(name, |slot| slot.removed_at = Some(now_ms()));
+            self.slot(name, |slot| {
+                slot.removed_at = Some(now_ms());
+                slot.removed_calls = Some((Arc::clone(&old.calls), old.concurrency));
+            });
             reloaded.removed.push(name.clone());
         }
         // A file that never loaded and is gone now is forgotten (a removed plugin is kept, with
@@ -299,6 +308,12 @@ impl Registry {
             slot.removed_at = None; // its file is back: failed, no longer removed
         });
         Scanned::Failed
+    }
+
+    /// The calls of `name` as it was when removed, if it was.
+    fn removed_calls(&self, name: &str) -> Option<(Arc<Semaphore>, usize)> {
+        let slots = self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        slots.get(name).and_then(|slot| slot.removed_calls.clone())
     }
 
     fn slot(&self, name: &str, change: impl FnOnce(&mut Slot)) {

@@ -157,6 +157,37 @@ fn a_removed_plugin_keeps_its_pending_deliveries_until_it_returns() {
 }
 
 #[test]
+fn a_plugin_removed_and_back_while_a_call_runs_keeps_to_its_concurrency() {
+    let flaky = std::fs::read(plugin_wasm("flaky")).expect("flaky");
+    let manifest = "concurrency = 1\n[config]\nslow_ms = \"3000\"\n";
+    let host = TestHost::builder().file("flaky.toml", manifest).file("flaky.wasm", flaky.clone()).start();
+    let in_flight = || crate::util::metric(&crate::util::scrape(&host), "wasmhook_calls_in_flight", &[]);
+    host.post_github("push", "first", &example("github/push.json"), SECRET);
+    host.post_github("push", "second", &example("github/push.json"), SECRET);
+    let deadline = Instant::now() + PATIENCE;
+    while in_flight() < 1.0 {
+        assert!(Instant::now() < deadline, "no call started:\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::remove_file(host.plugins_dir().join("flaky.wasm")).expect("remove");
+    wait_for_plugin(&host, "flaky", "removed", |entry| entry["status"] == "removed");
+    deploy(&host.plugins_dir(), "flaky.wasm", &flaky);
+    wait_for_plugin(&host, "flaky", "back", |entry| entry["status"] == "loaded");
+    let mut most = 0.0_f64;
+    while host.admin_get("/v1/events/first").1["status"] != "done" {
+        most = most.max(in_flight());
+        assert!(Instant::now() < deadline, "the first call never ended:\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(most, 1.0, "the call still running counts against the version back");
+    let deadline = Instant::now() + PATIENCE;
+    while host.admin_get("/v1/events/second").1["status"] != "done" {
+        assert!(Instant::now() < deadline, "the second call never ended:\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
 fn a_plugin_whose_metadata_never_returns_fails_to_load_within_10_s_whatever_its_timeout() {
     let host = TestHost::builder().plugin("echo").start();
     let manifest = "timeout = \"15m\"\n[config]\nfault = \"metadata-loop\"\n";

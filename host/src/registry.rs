@@ -148,7 +148,7 @@ impl Registry {
             retry,
             env,
         };
-        registry.rescan_showing(loading_bar()).await?;
+        registry.rescan_with(loading_bar(), false).await?;
         if registry.snapshot().is_empty() {
             tracing::warn!(folder = %dir.display(), "no plugins loaded; events will be kept as unrouted");
         }
@@ -163,7 +163,7 @@ impl Registry {
     /// Brings the loaded plugins in line with the folder and swaps the new set in at once.
     /// One rescan runs at a time.
     pub async fn rescan(&self) -> anyhow::Result<Reloaded> {
-        self.rescan_showing(indicatif::ProgressBar::hidden()).await
+        self.rescan_with(indicatif::ProgressBar::hidden(), false).await
     }
 
     /// A rescan the operator asked for (SIGHUP, `POST /v1/plugins/reload`): content that
@@ -171,15 +171,18 @@ impl Registry {
     /// `metadata()` that ran out of time, a full pool of instances). A plain rescan skips it,
     /// so that each bad file is logged once.
     pub async fn reload(&self) -> anyhow::Result<Reloaded> {
-        for slot in self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).values_mut() {
-            slot.failed = None;
-        }
-        self.rescan().await
+        self.rescan_with(indicatif::ProgressBar::hidden(), true).await
     }
 
-    /// [`Self::rescan`], advancing `progress` by one for each file.
-    async fn rescan_showing(&self, progress: indicatif::ProgressBar) -> anyhow::Result<Reloaded> {
+    /// [`Self::rescan`], advancing `progress` by one for each file; with `retry_failed`, as
+    /// [`Self::reload`].
+    async fn rescan_with(&self, progress: indicatif::ProgressBar, retry_failed: bool) -> anyhow::Result<Reloaded> {
         let _one_at_a_time = self.rescanning.lock().await;
+        if retry_failed {
+            for slot in self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).values_mut() {
+                slot.failed = None;
+            }
+        }
         let dir = self.dir.clone();
         let files = tokio::task::spawn_blocking(move || wasm_files(&dir)).await??;
         progress.set_length(files.len() as u64);
@@ -241,10 +244,16 @@ impl Registry {
         }
         // A file that never loaded and is gone now is forgotten (a removed plugin is kept, with
         // the deliveries that wait for it).
-        self.slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|name, slot| present.contains(name) || current.contains_key(name) || slot.removed_at.is_some());
+        self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|name, slot| {
+            if present.contains(name) || current.contains_key(name) {
+                return true;
+            }
+            if slot.removed_calls.is_some() {
+                // Served once and gone again (after a bad copy showed it failed): removed.
+                slot.removed_at.get_or_insert_with(now_ms);
+            }
+            slot.removed_at.is_some()
+        });
         metrics::plugins_loaded(next.len());
         *self.plugins.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
         Ok(reloaded)

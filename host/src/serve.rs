@@ -106,12 +106,19 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 /// Removes old handled events, once a period, until shutdown.
 async fn housekeeping(journal: Arc<dyn Journal>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(HOUSEKEEPING_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        match journal.expire().await {
+        // A round may be long (a large backlog goes 1 000 events to a write): shutdown does
+        // not wait for it, and each write it made stands.
+        let expired = tokio::select! {
+            expired = journal.expire() => expired,
+            () = shutdown.cancelled() => return,
+        };
+        match expired {
             Ok(expired) if expired.events > 0 => {
                 tracing::info!(events = expired.events, "expired old journal entries");
             }

@@ -159,7 +159,7 @@ fn a_removed_plugin_keeps_its_pending_deliveries_until_it_returns() {
 #[test]
 fn a_plugin_removed_and_back_while_a_call_runs_keeps_to_its_concurrency() {
     let flaky = std::fs::read(plugin_wasm("flaky")).expect("flaky");
-    let manifest = "concurrency = 1\n[config]\nslow_ms = \"3000\"\n";
+    let manifest = "concurrency = 1\n[config]\nslow_ms = \"5000\"\n";
     let host = TestHost::builder().file("flaky.toml", manifest).file("flaky.wasm", flaky.clone()).start();
     let in_flight = || crate::util::metric(&crate::util::scrape(&host), "wasmhook_calls_in_flight", &[]);
     host.post_github("push", "first", &example("github/push.json"), SECRET);
@@ -173,6 +173,8 @@ fn a_plugin_removed_and_back_while_a_call_runs_keeps_to_its_concurrency() {
     wait_for_plugin(&host, "flaky", "removed", |entry| entry["status"] == "removed");
     deploy(&host.plugins_dir(), "flaky.wasm", &flaky);
     wait_for_plugin(&host, "flaky", "back", |entry| entry["status"] == "loaded");
+    let first = host.admin_get("/v1/events/first").1;
+    assert_ne!(first["status"], "done", "the first call must still run for this test to mean anything: {first}");
     let mut most = 0.0_f64;
     while host.admin_get("/v1/events/first").1["status"] != "done" {
         most = most.max(in_flight());
@@ -275,4 +277,7 @@ fn the_reload_endpoint_and_sighup_rescan_the_folder() {
     wait_for_plugin(&host, "echo", "removed", |entry| entry["status"] == "removed");
     deploy(&host.plugins_dir(), "echo.wasm", b"\0asm\x01\0\0\0");
     wait_for_plugin(&host, "echo", "failed", |entry| entry["status"] == "failed");
+    // Gone again, it is removed once more: still listed, with the deliveries that wait for it.
+    std::fs::remove_file(host.plugins_dir().join("echo.wasm")).expect("remove");
+    wait_for_plugin(&host, "echo", "removed again", |entry| entry["status"] == "removed");
 }

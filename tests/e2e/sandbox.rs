@@ -285,9 +285,9 @@ fn each_call_gets_a_fresh_instance_unless_the_manifest_grants_reuse() {
 
     // An instance that waits past `reuse_idle` for its next call is dropped, and the next call
     // gets a fresh one.
-    let manifest = "reuse = 10\nreuse_idle = \"300ms\"\nconcurrency = 1\n[config]\nfault = \"count\"\n";
+    let manifest = "reuse = 10\nreuse_idle = \"3s\"\nconcurrency = 1\n[config]\nfault = \"count\"\n";
     let mut idle = TestHost::builder().plugin_with_manifest("faulty", manifest).start();
     assert_eq!(call_numbers(&mut idle, &["i-0", "i-1"]), [1, 2]);
-    idle.wait_for_log("reused instances dropped after waiting 300ms");
+    idle.wait_for_log("reused instances dropped after waiting 3s");
     assert_eq!(call_numbers(&mut idle, &["i-2", "i-3"]), [1, 2], "a fresh instance after the wait");
 }

@@ -515,7 +515,12 @@ mod tests {
         for line in 0..500 {
             state.stdout.write(Bytes::from(format!("line {line}\n"))).expect("within 64 KiB");
         }
-        tracing::subscriber::with_default(subscriber, || state.flush_output());
+        tracing::subscriber::with_default(subscriber, || {
+            // Another test may have met these callsites with no subscriber, and tracing
+            // remembers that interest for the whole process.
+            tracing::callsite::rebuild_interest_cache();
+            state.flush_output();
+        });
         let text = String::from_utf8(logged.lock().expect("log").clone()).expect("utf-8");
         assert_eq!(text.lines().count(), MAX_LOG_LINES + 1, "{text}");
         assert!(text.contains("line 99") && !text.contains("line 100\n") && !text.contains("line 100 "), "{text}");

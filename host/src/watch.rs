@@ -1,8 +1,8 @@
 //! The plugins-folder watcher: file events (debounced), SIGHUP, or a request through the admin
 //! API all lead to one rescan of the folder by the registry. Deploying is dropping, replacing
-//! or deleting files; nothing restarts.
+//! or deleting files, or replacing the whole folder; nothing restarts.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -19,31 +19,50 @@ pub const DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// A watch on the plugins folder and on SIGHUP, started before the plugins are first loaded
 /// so that no change between that load and the watch is missed.
+///
+/// The folder's parent is watched too, for the folder itself: renamed away, deleted, created,
+/// or a link to it swapped. A watch follows the folder it was put on, so each such change
+/// moves the watch to whatever folder then has the name.
 pub struct FolderWatch {
-    /// Held to keep the file watch alive; `None` when the system refused one.
-    _watcher: Option<notify::RecommendedWatcher>,
+    /// The folder, absolute: the path the watch and its events use.
+    dir: PathBuf,
+    /// The file watch; `None` when the system refused one.
+    watcher: Option<notify::RecommendedWatcher>,
     wake: Arc<Notify>,
     /// Set by SIGHUP: the next rescan retries what failed before ([`Registry::reload`]).
     hangup: Arc<AtomicBool>,
+    /// Set when the folder itself changed: the next rescan first moves the watch to it.
+    replaced: Arc<AtomicBool>,
 }
 
 impl FolderWatch {
-    /// Starts watching `dir` for changes to `.wasm` and `.toml` files, and listening for
-    /// SIGHUP. If the system refuses a file watch, the host still reloads on SIGHUP and
-    /// `POST /v1/plugins/reload`.
+    /// Starts watching `dir` for changes to `.wasm` and `.toml` files, its parent for changes
+    /// to `dir` itself, and listening for SIGHUP. If the system refuses a file watch, the host
+    /// still reloads on SIGHUP and `POST /v1/plugins/reload`.
     pub fn start(dir: &Path) -> FolderWatch {
+        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned());
         let wake = Arc::new(Notify::new());
+        let replaced = Arc::new(AtomicBool::new(false));
         let watcher = {
-            let wake = Arc::clone(&wake);
+            let (wake, replaced, folder) = (Arc::clone(&wake), Arc::clone(&replaced), dir.clone());
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-                Ok(event) if changes_plugins(&event) => wake.notify_one(),
-                Ok(_) => {}
+                Ok(event) => match change(&event, &folder) {
+                    Change::Folder => {
+                        replaced.store(true, Ordering::Relaxed);
+                        wake.notify_one();
+                    }
+                    Change::Plugins => wake.notify_one(),
+                    Change::None => {}
+                },
                 Err(err) => tracing::warn!(error = %err, "plugins folder watcher error"),
             })
-            .and_then(|mut watcher| watcher.watch(dir, RecursiveMode::NonRecursive).map(|()| watcher))
+            .and_then(|mut watcher| watcher.watch(&dir, RecursiveMode::NonRecursive).map(|()| watcher))
         };
         let watcher = match watcher {
-            Ok(watcher) => Some(watcher),
+            Ok(mut watcher) => {
+                watch_parent(&mut watcher, &dir);
+                Some(watcher)
+            }
             Err(err) => {
                 tracing::error!(folder = %dir.display(), error = %err, "cannot watch the plugins folder; reload with SIGHUP or POST /v1/plugins/reload");
                 None
@@ -51,11 +70,11 @@ impl FolderWatch {
         };
         let hangup = Arc::new(AtomicBool::new(false));
         listen_for_sighup(Arc::clone(&wake), Arc::clone(&hangup));
-        FolderWatch { _watcher: watcher, wake, hangup }
+        FolderWatch { dir, watcher, wake, hangup, replaced }
     }
 
     /// Rescans the registry's folder after each burst of changes, until `shutdown`.
-    pub async fn run(self, registry: Arc<Registry>, shutdown: CancellationToken) {
+    pub async fn run(mut self, registry: Arc<Registry>, shutdown: CancellationToken) {
         tracing::info!(folder = %registry.dir().display(), "watching the plugins folder");
         loop {
             tokio::select! {
@@ -73,6 +92,12 @@ impl FolderWatch {
             // A rescan held up by a slow plugin is given up at shutdown (the plugins loaded so
             // far stay consistent).
             let asked = self.hangup.swap(false, Ordering::Relaxed);
+            // After SIGHUP too: an operator may send one after replacing the folder where its
+            // parent could not be watched.
+            let replaced = self.replaced.swap(false, Ordering::Relaxed);
+            if replaced || asked {
+                self.rewatch(replaced);
+            }
             let rescan = async { if asked { registry.reload().await } else { registry.rescan().await } };
             let rescan = tokio::select! {
                 rescan = rescan => rescan,
@@ -92,13 +117,70 @@ impl FolderWatch {
     }
 }
 
-/// Whether `event` changes a plugin or manifest file. Reads (opens, accesses) do not count:
-/// the rescan itself reads every file, and must not wake the watcher again. A notice that
-/// events were lost (the kernel's queue overflowed) names no file and always counts.
-fn changes_plugins(event: &notify::Event) -> bool {
+impl FolderWatch {
+    /// Moves the watch to the folder that now has the name, before the rescan reads it, so
+    /// that no later change is missed. Said in the log when the folder was `replaced`; a folder
+    /// that is gone is watched for again when its parent sees it come back.
+    fn rewatch(&mut self, replaced: bool) {
+        let Some(watcher) = self.watcher.as_mut() else { return };
+        // The old folder's watch, unless the system already ended it with the folder.
+        let _ = watcher.unwatch(&self.dir);
+        let folder = self.dir.display();
+        match watcher.watch(&self.dir, RecursiveMode::NonRecursive) {
+            Ok(()) if replaced => {
+                tracing::info!(%folder, "the plugins folder itself changed; watching the one now there")
+            }
+            Ok(()) => {}
+            Err(_) if !self.dir.exists() => {
+                tracing::warn!(%folder, "the plugins folder is gone; its plugins keep serving until it returns")
+            }
+            Err(err) => {
+                tracing::error!(%folder, error = %err, "cannot watch the plugins folder; reload with SIGHUP or POST /v1/plugins/reload")
+            }
+        }
+    }
+}
+
+/// Watches `dir`'s parent for changes to `dir` itself; without it, a replaced folder is
+/// watched again only after SIGHUP.
+fn watch_parent(watcher: &mut notify::RecommendedWatcher, dir: &Path) {
+    let Some(parent) = dir.parent() else { return };
+    if let Err(err) = watcher.watch(parent, RecursiveMode::NonRecursive) {
+        tracing::warn!(
+            folder = %parent.display(), error = %err,
+            "cannot watch the plugins folder's parent; after replacing the plugins folder itself, send SIGHUP"
+        );
+    }
+}
+
+/// What an event of the watch means.
+#[derive(Debug, PartialEq)]
+enum Change {
+    /// Nothing a rescan would see.
+    None,
+    /// A plugin or manifest file in the folder changed.
+    Plugins,
+    /// The folder itself (or the link by its name) was created, removed, renamed or replaced;
+    /// or events were lost, which may have included that.
+    Folder,
+}
+
+/// What `event` means for the plugins folder `dir`. Reads (opens, accesses) do not count:
+/// the rescan itself reads the folder and every file, and must not wake the watcher again.
+/// Neither do changes to the parent's other files, such as the host's own config. A notice
+/// that events were lost (the kernel's queue overflowed) names no file and always counts.
+fn change(event: &notify::Event, dir: &Path) -> Change {
     use notify::EventKind;
     let changes = matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_));
-    event.need_rescan() || (changes && event.paths.iter().any(|path| is_plugin_file(path) || is_swapped_link(path)))
+    if event.need_rescan() || (changes && event.paths.iter().any(|path| path == dir)) {
+        Change::Folder
+    } else if changes
+        && event.paths.iter().any(|path| path.parent() == Some(dir) && (is_plugin_file(path) || is_swapped_link(path)))
+    {
+        Change::Plugins
+    } else {
+        Change::None
+    }
 }
 
 /// A plugin (`.wasm`) or manifest (`.toml`) file: the only changes worth a rescan.
@@ -138,39 +220,58 @@ fn listen_for_sighup(wake: Arc<Notify>, asked: Arc<AtomicBool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, RemoveKind, RenameMode};
+
+    fn on(kind: EventKind, path: &str) -> Change {
+        change(&notify::Event::new(kind).add_path(path.into()), "/srv/plugins".as_ref())
+    }
 
     #[test]
     fn reading_a_plugin_does_not_wake_the_watcher() {
-        use notify::event::{AccessKind, CreateKind, EventKind, ModifyKind, RenameMode};
-        let on = |kind| notify::Event::new(kind).add_path("plugins/echo.wasm".into());
-        assert!(changes_plugins(&on(EventKind::Create(CreateKind::File))));
-        assert!(changes_plugins(&on(EventKind::Modify(ModifyKind::Name(RenameMode::To)))));
-        assert!(!changes_plugins(&on(EventKind::Access(AccessKind::Open(notify::event::AccessMode::Read)))));
+        assert_eq!(on(EventKind::Create(CreateKind::File), "/srv/plugins/echo.wasm"), Change::Plugins);
+        assert_eq!(on(EventKind::Modify(ModifyKind::Name(RenameMode::To)), "/srv/plugins/echo.wasm"), Change::Plugins);
+        let read = EventKind::Access(AccessKind::Open(AccessMode::Read));
+        assert_eq!(on(read, "/srv/plugins/echo.wasm"), Change::None);
+        assert_eq!(on(read, "/srv/plugins"), Change::None, "the rescan opens the folder, seen from its parent");
     }
 
     #[test]
     fn events_lost_to_an_overflow_wake_the_watcher() {
-        let overflow = notify::Event::new(notify::EventKind::Other).set_flag(notify::event::Flag::Rescan);
-        assert!(changes_plugins(&overflow));
-        assert!(!changes_plugins(&notify::Event::new(notify::EventKind::Other)));
+        let overflow = notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
+        assert_eq!(change(&overflow, "/srv/plugins".as_ref()), Change::Folder);
+        assert_eq!(change(&notify::Event::new(EventKind::Other), "/srv/plugins".as_ref()), Change::None);
     }
 
     #[test]
-    fn only_plugins_and_manifests_wake_the_watcher() {
+    fn only_plugins_and_manifests_in_the_folder_wake_the_watcher() {
         assert!(is_plugin_file("plugins/echo.wasm".as_ref()));
         assert!(is_plugin_file("plugins/echo.toml".as_ref()));
         assert!(!is_plugin_file("plugins/.echo.wasm.swp".as_ref()));
         assert!(!is_plugin_file("plugins/echo.wasm.tmp".as_ref()));
+        let written = EventKind::Modify(ModifyKind::Data(notify::event::DataChange::Any));
+        assert_eq!(on(written, "/srv/wasmhook.toml"), Change::None, "the parent's own files are not plugins");
+    }
+
+    #[test]
+    fn the_folder_itself_changing_moves_the_watch() {
+        assert_eq!(on(EventKind::Remove(RemoveKind::Folder), "/srv/plugins"), Change::Folder);
+        assert_eq!(on(EventKind::Create(CreateKind::Folder), "/srv/plugins"), Change::Folder);
+        assert_eq!(on(EventKind::Modify(ModifyKind::Name(RenameMode::From)), "/srv/plugins"), Change::Folder);
+        // A link swapped by `ln -sfn`: a new link renamed over the name.
+        let swapped = notify::Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::Both)))
+            .add_path("/srv/.plugins.new".into())
+            .add_path("/srv/plugins".into());
+        assert_eq!(change(&swapped, "/srv/plugins".as_ref()), Change::Folder);
+        assert_eq!(on(EventKind::Create(CreateKind::Folder), "/srv/plugins.new"), Change::None, "a sibling");
     }
 
     #[test]
     fn a_kubernetes_volume_update_wakes_the_watcher() {
-        use notify::event::{CreateKind, EventKind, ModifyKind, RenameMode};
         let renamed = notify::Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::Both)))
-            .add_path("plugins/..data_tmp".into())
-            .add_path("plugins/..data".into());
-        assert!(changes_plugins(&renamed));
-        let staged = notify::Event::new(EventKind::Create(CreateKind::Folder)).add_path("plugins/..2026_12_03".into());
-        assert!(!changes_plugins(&staged), "the new files are not reachable until ..data is swapped");
+            .add_path("/srv/plugins/..data_tmp".into())
+            .add_path("/srv/plugins/..data".into());
+        assert_eq!(change(&renamed, "/srv/plugins".as_ref()), Change::Plugins);
+        let staged = EventKind::Create(CreateKind::Folder);
+        assert_eq!(on(staged, "/srv/plugins/..2026_12_03"), Change::None, "unreachable until ..data is swapped");
     }
 }

@@ -245,6 +245,51 @@ fn a_kubernetes_style_volume_update_swapping_its_data_link_reloads() {
 }
 
 #[test]
+fn a_plugins_folder_replaced_whole_is_watched_in_its_place() {
+    use std::os::unix::fs::symlink;
+    let (echo, flaky) =
+        (std::fs::read(plugin_wasm("echo")).expect("echo"), std::fs::read(plugin_wasm("flaky")).expect("flaky"));
+    let mut host = TestHost::builder().plugin("echo").start();
+    let dir = host.plugins_dir();
+    let beside = |name: &str| dir.with_file_name(name);
+    let loaded = |entry: &serde_json::Value| entry["status"] == "loaded";
+
+    // A new folder staged beside the old one, the old renamed away, the new renamed in.
+    std::fs::create_dir(beside("v1")).expect("mkdir");
+    std::fs::write(beside("v1").join("flaky.wasm"), &flaky).expect("write");
+    std::fs::rename(&dir, beside("old")).expect("rename the old folder away");
+    std::fs::rename(beside("v1"), &dir).expect("rename the new folder in");
+    wait_for_plugin(&host, "flaky", "loaded from the new folder", loaded);
+    wait_for_plugin(&host, "echo", "gone with the old folder", |entry| entry["status"] == "removed");
+    host.wait_for_log("the plugins folder itself changed; watching the one now there");
+    // The watch moved with the name: a file dropped into the new folder loads.
+    deploy(&dir, "dropped.wasm", &echo);
+    wait_for_plugin(&host, "dropped", "loaded from the watched folder", loaded);
+
+    // The folder made a link, then the link swapped to another folder as `ln -sfn` does.
+    std::fs::rename(&dir, beside("v1")).expect("rename");
+    symlink("v1", &dir).expect("link to v1");
+    std::fs::create_dir(beside("v2")).expect("mkdir");
+    std::fs::write(beside("v2").join("echo.wasm"), &echo).expect("write");
+    symlink("v2", beside("plugins.tmp")).expect("link to v2");
+    std::fs::rename(beside("plugins.tmp"), &dir).expect("swap the link");
+    wait_for_plugin(&host, "echo", "loaded through the swapped link", loaded);
+    wait_for_plugin(&host, "flaky", "gone with v1", |entry| entry["status"] == "removed");
+    deploy(&beside("v2"), "linked.wasm", &echo);
+    wait_for_plugin(&host, "linked", "loaded from the folder the link names", loaded);
+
+    // The folder deleted: its plugins keep serving until a new one is made.
+    std::fs::remove_file(&dir).expect("remove the link");
+    host.wait_for_log("the plugins folder is gone; its plugins keep serving until it returns");
+    host.post_github("push", "while-gone", &example("github/push.json"), SECRET);
+    assert_eq!(host.wait_for_event("while-gone")["status"], "done");
+    std::fs::create_dir(&dir).expect("mkdir");
+    deploy(&dir, "flaky.wasm", &flaky);
+    wait_for_plugin(&host, "flaky", "loaded from the folder made again", loaded);
+    wait_for_plugin(&host, "echo", "gone with v2", |entry| entry["status"] == "removed");
+}
+
+#[test]
 fn the_reload_endpoint_and_sighup_rescan_the_folder() {
     let mut host = TestHost::builder().plugin("echo").start();
     let answer = crate::util::post(&format!("{}/v1/plugins/reload", host.admin), &[], b"");

@@ -1,12 +1,14 @@
 //! Logging set-up, in one place: `tracing` to stdout, filtered like `RUST_LOG` (default
-//! `info`), as JSON lines (one object per line, fields flattened) or as text for people.
+//! `info`, the file watcher's own lines at `error`), as JSON lines (one object per line,
+//! fields flattened) or as text for people.
 
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-/// The filter used when `RUST_LOG` is not set.
-pub const DEFAULT_FILTER: &str = "info";
+/// The filter used when `RUST_LOG` is not set. notify's own lines are notes about watches the
+/// system had already ended (a plugins folder replaced), not the operator's business.
+pub const DEFAULT_FILTER: &str = "info,notify=error";
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

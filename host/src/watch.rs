@@ -29,10 +29,20 @@ pub struct FolderWatch {
     /// The file watch; `None` when the system refused one.
     watcher: Option<notify::RecommendedWatcher>,
     wake: Arc<Notify>,
-    /// Set by SIGHUP: the next rescan retries what failed before ([`Registry::reload`]).
-    hangup: Arc<AtomicBool>,
-    /// Set when the folder itself changed: the next rescan first moves the watch to it.
-    replaced: Arc<AtomicBool>,
+    asked: Arc<Asked>,
+}
+
+/// What the next rescan must do besides reading the folder; set by the watch's thread and by
+/// SIGHUP, taken by the rescan.
+#[derive(Default)]
+struct Asked {
+    /// SIGHUP: retry what failed before ([`Registry::reload`]), and move the watch, for an
+    /// operator who replaced the folder where its parent could not be watched.
+    hangup: AtomicBool,
+    /// The folder itself changed: move the watch to the one now there, and say so.
+    replaced: AtomicBool,
+    /// Events were lost: move the watch, in case the folder changed among them.
+    lost: AtomicBool,
 }
 
 impl FolderWatch {
@@ -42,18 +52,22 @@ impl FolderWatch {
     pub fn start(dir: &Path) -> FolderWatch {
         let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned());
         let wake = Arc::new(Notify::new());
-        let replaced = Arc::new(AtomicBool::new(false));
+        let asked = Arc::new(Asked::default());
         let watcher = {
-            let (wake, replaced, folder) = (Arc::clone(&wake), Arc::clone(&replaced), dir.clone());
+            let (wake, asked, folder) = (Arc::clone(&wake), Arc::clone(&asked), dir.clone());
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-                Ok(event) => match change(&event, &folder) {
-                    Change::Folder => {
-                        replaced.store(true, Ordering::Relaxed);
-                        wake.notify_one();
+                Ok(event) => {
+                    let flag = match change(&event, &folder) {
+                        Change::None => return,
+                        Change::Plugins => None,
+                        Change::Folder => Some(&asked.replaced),
+                        Change::Lost => Some(&asked.lost),
+                    };
+                    if let Some(flag) = flag {
+                        flag.store(true, Ordering::Relaxed);
                     }
-                    Change::Plugins => wake.notify_one(),
-                    Change::None => {}
-                },
+                    wake.notify_one();
+                }
                 Err(err) => tracing::warn!(error = %err, "plugins folder watcher error"),
             })
             .and_then(|mut watcher| watcher.watch(&dir, RecursiveMode::NonRecursive).map(|()| watcher))
@@ -68,9 +82,8 @@ impl FolderWatch {
                 None
             }
         };
-        let hangup = Arc::new(AtomicBool::new(false));
-        listen_for_sighup(Arc::clone(&wake), Arc::clone(&hangup));
-        FolderWatch { dir, watcher, wake, hangup, replaced }
+        listen_for_sighup(Arc::clone(&wake), Arc::clone(&asked));
+        FolderWatch { dir, watcher, wake, asked }
     }
 
     /// Rescans the registry's folder after each burst of changes, until `shutdown`.
@@ -89,15 +102,14 @@ impl FolderWatch {
                     () = shutdown.cancelled() => return,
                 }
             }
+            let asked = self.asked.hangup.swap(false, Ordering::Relaxed);
+            let replaced = self.asked.replaced.swap(false, Ordering::Relaxed);
+            let lost = self.asked.lost.swap(false, Ordering::Relaxed);
+            if (asked || replaced || lost) && !self.rewatch(replaced).await {
+                continue; // No folder to read: the loaded plugins keep serving.
+            }
             // A rescan held up by a slow plugin is given up at shutdown (the plugins loaded so
             // far stay consistent).
-            let asked = self.hangup.swap(false, Ordering::Relaxed);
-            // After SIGHUP too: an operator may send one after replacing the folder where its
-            // parent could not be watched.
-            let replaced = self.replaced.swap(false, Ordering::Relaxed);
-            if replaced || asked {
-                self.rewatch(replaced);
-            }
             let rescan = async { if asked { registry.reload().await } else { registry.rescan().await } };
             let rescan = tokio::select! {
                 rescan = rescan => rescan,
@@ -119,26 +131,44 @@ impl FolderWatch {
 
 impl FolderWatch {
     /// Moves the watch to the folder that now has the name, before the rescan reads it, so
-    /// that no later change is missed. Said in the log when the folder was `replaced`; a folder
-    /// that is gone is watched for again when its parent sees it come back.
-    fn rewatch(&mut self, replaced: bool) {
-        let Some(watcher) = self.watcher.as_mut() else { return };
-        // The old folder's watch, unless the system already ended it with the folder.
-        let _ = watcher.unwatch(&self.dir);
-        let folder = self.dir.display();
-        match watcher.watch(&self.dir, RecursiveMode::NonRecursive) {
-            Ok(()) if replaced => {
-                tracing::info!(%folder, "the plugins folder itself changed; watching the one now there")
-            }
-            Ok(()) => {}
-            Err(_) if !self.dir.exists() => {
-                tracing::warn!(%folder, "the plugins folder is gone; its plugins keep serving until it returns")
-            }
-            Err(err) => {
-                tracing::error!(%folder, error = %err, "cannot watch the plugins folder; reload with SIGHUP or POST /v1/plugins/reload")
-            }
-        }
+    /// that no later change is missed; says so when the folder was `replaced`. Returns whether
+    /// a folder has the name: one that is gone is watched again when its parent sees it return.
+    async fn rewatch(&mut self, replaced: bool) -> bool {
+        let (mut watcher, dir) = (self.watcher.take(), self.dir.clone());
+        // notify's calls wait for its thread, and a stat may wait for a slow file system.
+        let moved = tokio::task::spawn_blocking(move || {
+            let there = rewatch(watcher.as_mut(), &dir, replaced);
+            (watcher, there)
+        })
+        .await;
+        let Ok((watcher, there)) = moved else { return true };
+        self.watcher = watcher;
+        there
     }
+}
+
+/// [`FolderWatch::rewatch`]'s blocking part.
+fn rewatch(watcher: Option<&mut notify::RecommendedWatcher>, dir: &Path, replaced: bool) -> bool {
+    let watched = watcher.map(|watcher| {
+        // The old folder's watch, unless the system already ended it with the folder.
+        let _ = watcher.unwatch(dir);
+        watcher.watch(dir, RecursiveMode::NonRecursive)
+    });
+    let there = dir.exists();
+    let folder = dir.display();
+    match watched {
+        _ if !there => {
+            tracing::warn!(%folder, "the plugins folder is gone; its plugins keep serving until it returns")
+        }
+        Some(Ok(())) if replaced => {
+            tracing::info!(%folder, "the plugins folder itself changed; watching the one now there")
+        }
+        Some(Err(err)) => {
+            tracing::error!(%folder, error = %err, "cannot watch the plugins folder; reload with SIGHUP or POST /v1/plugins/reload")
+        }
+        _ => {}
+    }
+    there
 }
 
 /// Watches `dir`'s parent for changes to `dir` itself; without it, a replaced folder is
@@ -160,19 +190,25 @@ enum Change {
     None,
     /// A plugin or manifest file in the folder changed.
     Plugins,
-    /// The folder itself (or the link by its name) was created, removed, renamed or replaced;
-    /// or events were lost, which may have included that.
+    /// The folder itself (or the link by its name) was created, removed, renamed or replaced.
     Folder,
+    /// Events were lost (the kernel's queue overflowed): any of the above.
+    Lost,
 }
 
 /// What `event` means for the plugins folder `dir`. Reads (opens, accesses) do not count:
 /// the rescan itself reads the folder and every file, and must not wake the watcher again.
-/// Neither do changes to the parent's other files, such as the host's own config. A notice
-/// that events were lost (the kernel's queue overflowed) names no file and always counts.
+/// Neither do changes to the parent's other files, such as the host's own config, nor the
+/// folder's own metadata (`chmod`, `touch`, `rsync -a`).
 fn change(event: &notify::Event, dir: &Path) -> Change {
     use notify::EventKind;
+    use notify::event::ModifyKind;
     let changes = matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_));
-    if event.need_rescan() || (changes && event.paths.iter().any(|path| path == dir)) {
+    let moved =
+        matches!(event.kind, EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_));
+    if event.need_rescan() {
+        Change::Lost
+    } else if moved && event.paths.iter().any(|path| path == dir) {
         Change::Folder
     } else if changes
         && event.paths.iter().any(|path| path.parent() == Some(dir) && (is_plugin_file(path) || is_swapped_link(path)))
@@ -195,16 +231,16 @@ fn is_swapped_link(path: &std::path::Path) -> bool {
     path.file_name().is_some_and(|name| name == "..data")
 }
 
-/// Wakes the watcher on each SIGHUP, with `asked` set. The handler is installed before this returns, so a
-/// SIGHUP from then on never kills the host.
-fn listen_for_sighup(wake: Arc<Notify>, asked: Arc<AtomicBool>) {
+/// Wakes the watcher on each SIGHUP, with `asked.hangup` set. The handler is installed before
+/// this returns, so a SIGHUP from then on never kills the host.
+fn listen_for_sighup(wake: Arc<Notify>, asked: Arc<Asked>) {
     #[cfg(unix)]
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(mut hangup) => {
             tokio::spawn(async move {
                 while hangup.recv().await.is_some() {
                     tracing::info!("SIGHUP: rescanning the plugins folder");
-                    asked.store(true, Ordering::Relaxed);
+                    asked.hangup.store(true, Ordering::Relaxed);
                     wake.notify_one();
                 }
             });
@@ -238,7 +274,7 @@ mod tests {
     #[test]
     fn events_lost_to_an_overflow_wake_the_watcher() {
         let overflow = notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
-        assert_eq!(change(&overflow, "/srv/plugins".as_ref()), Change::Folder);
+        assert_eq!(change(&overflow, "/srv/plugins".as_ref()), Change::Lost);
         assert_eq!(change(&notify::Event::new(EventKind::Other), "/srv/plugins".as_ref()), Change::None);
     }
 
@@ -263,6 +299,8 @@ mod tests {
             .add_path("/srv/plugins".into());
         assert_eq!(change(&swapped, "/srv/plugins".as_ref()), Change::Folder);
         assert_eq!(on(EventKind::Create(CreateKind::Folder), "/srv/plugins.new"), Change::None, "a sibling");
+        let touched = EventKind::Modify(ModifyKind::Metadata(notify::event::MetadataKind::Any));
+        assert_eq!(on(touched, "/srv/plugins"), Change::None, "the same folder, its times or mode changed");
     }
 
     #[test]

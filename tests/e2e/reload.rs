@@ -266,27 +266,27 @@ fn a_plugins_folder_replaced_whole_is_watched_in_its_place() {
     deploy(&dir, "dropped.wasm", &echo);
     wait_for_plugin(&host, "dropped", "loaded from the watched folder", loaded);
 
-    // The folder made a link, then the link swapped to another folder as `ln -sfn` does.
-    std::fs::rename(&dir, beside("v1")).expect("rename");
-    symlink("v1", &dir).expect("link to v1");
-    std::fs::create_dir(beside("v2")).expect("mkdir");
-    std::fs::write(beside("v2").join("echo.wasm"), &echo).expect("write");
-    symlink("v2", beside("plugins.tmp")).expect("link to v2");
-    std::fs::rename(beside("plugins.tmp"), &dir).expect("swap the link");
-    wait_for_plugin(&host, "echo", "loaded through the swapped link", loaded);
-    wait_for_plugin(&host, "flaky", "gone with v1", |entry| entry["status"] == "removed");
-    deploy(&beside("v2"), "linked.wasm", &echo);
-    wait_for_plugin(&host, "linked", "loaded from the folder the link names", loaded);
-
     // The folder deleted: its plugins keep serving until a new one is made.
-    std::fs::remove_file(&dir).expect("remove the link");
+    std::fs::remove_dir_all(&dir).expect("delete the folder");
     host.wait_for_log("the plugins folder is gone; its plugins keep serving until it returns");
     host.post_github("push", "while-gone", &example("github/push.json"), SECRET);
     assert_eq!(host.wait_for_event("while-gone")["status"], "done");
     std::fs::create_dir(&dir).expect("mkdir");
-    deploy(&dir, "flaky.wasm", &flaky);
-    wait_for_plugin(&host, "flaky", "loaded from the folder made again", loaded);
-    wait_for_plugin(&host, "echo", "gone with v2", |entry| entry["status"] == "removed");
+    deploy(&dir, "echo.wasm", &echo);
+    wait_for_plugin(&host, "echo", "loaded from the folder made again", loaded);
+    wait_for_plugin(&host, "flaky", "gone with the deleted folder", |entry| entry["status"] == "removed");
+
+    // The folder made a link, then the link swapped to another folder as `mv -T` does.
+    std::fs::rename(&dir, beside("v1")).expect("rename");
+    symlink("v1", &dir).expect("link to v1");
+    std::fs::create_dir(beside("v2")).expect("mkdir");
+    std::fs::write(beside("v2").join("flaky.wasm"), &flaky).expect("write");
+    symlink("v2", beside("plugins.tmp")).expect("link to v2");
+    std::fs::rename(beside("plugins.tmp"), &dir).expect("swap the link");
+    wait_for_plugin(&host, "flaky", "loaded through the swapped link", loaded);
+    wait_for_plugin(&host, "echo", "gone with v1", |entry| entry["status"] == "removed");
+    deploy(&beside("v2"), "linked.wasm", &echo);
+    wait_for_plugin(&host, "linked", "loaded from the folder the link names", loaded);
 }
 
 #[test]

@@ -127,9 +127,7 @@ impl FolderWatch {
             }
         }
     }
-}
 
-impl FolderWatch {
     /// Moves the watch to the folder that now has the name, before the rescan reads it, so
     /// that no later change is missed; says so when the folder was `replaced`. Returns whether
     /// a folder has the name: one that is gone is watched again when its parent sees it return.
@@ -293,7 +291,7 @@ mod tests {
         assert_eq!(on(EventKind::Remove(RemoveKind::Folder), "/srv/plugins"), Change::Folder);
         assert_eq!(on(EventKind::Create(CreateKind::Folder), "/srv/plugins"), Change::Folder);
         assert_eq!(on(EventKind::Modify(ModifyKind::Name(RenameMode::From)), "/srv/plugins"), Change::Folder);
-        // A link swapped by `ln -sfn`: a new link renamed over the name.
+        // A link swapped by `mv -T`: a new link renamed over the name.
         let swapped = notify::Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::Both)))
             .add_path("/srv/.plugins.new".into())
             .add_path("/srv/plugins".into());

@@ -16,6 +16,7 @@ use crate::event::now_ms;
 use crate::http::{self, Body};
 use crate::journal::{DeadSelector, Journal, JournalError};
 use crate::registry::Registry;
+use crate::watch::Rewatch;
 
 /// Largest request body the admin API reads.
 const MAX_ADMIN_BODY_BYTES: usize = 64 * 1024;
@@ -28,6 +29,8 @@ const MAX_LIST_LIMIT: usize = 10_000;
 pub struct Admin {
     journal: Arc<dyn Journal>,
     registry: Arc<Registry>,
+    /// Moves the folder watch after a reload, as SIGHUP does.
+    rewatch: Rewatch,
     token: Option<Secret>,
     shutdown: tokio_util::sync::CancellationToken,
 }
@@ -113,15 +116,16 @@ fn bad_request(message: impl Into<String>) -> Refusal {
 }
 
 impl Admin {
-    /// An admin API over `journal` and `registry`, guarded by `token` when there is one; it
-    /// reports not ready once `shutdown` fires.
+    /// An admin API over `journal` and `registry` (whose folder watch `rewatch` moves),
+    /// guarded by `token` when there is one; it reports not ready once `shutdown` fires.
     pub fn new(
         journal: Arc<dyn Journal>,
         registry: Arc<Registry>,
+        rewatch: Rewatch,
         token: Option<Secret>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
-        Admin { journal, registry, token, shutdown }
+        Admin { journal, registry, rewatch, token, shutdown }
     }
 
     /// Readiness: the journal takes a write, the plugins folder reads, the host is not
@@ -208,8 +212,15 @@ impl Admin {
             ["v1", "plugins"] => ok(self.plugins().await?),
             ["v1", "plugins", "reload"] => {
                 // A task of its own, so that a client that gives up does not cut the rescan short.
-                let registry = Arc::clone(&self.registry);
-                match tokio::spawn(async move { registry.reload().await }).await {
+                // Then the watch follows the folder now under the name, in case it was replaced
+                // where the watcher could not see (the watcher's own rescan finds the rest).
+                let (registry, rewatch) = (Arc::clone(&self.registry), self.rewatch.clone());
+                let reloaded = tokio::spawn(async move {
+                    let reloaded = registry.reload().await;
+                    rewatch.ask();
+                    reloaded
+                });
+                match reloaded.await {
                     Ok(Ok(reloaded)) => ok(serde_json::to_value(reloaded).unwrap_or_default()),
                     Ok(Err(err)) => Err(Refusal(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())),
                     Err(err) => Err(Refusal(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())),

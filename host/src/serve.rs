@@ -78,8 +78,13 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         config.max_pending_wait,
         shutdown.clone(),
     ));
-    let admin =
-        Arc::new(Admin::new(Arc::clone(&journal), Arc::clone(&registry), config.admin_token.clone(), shutdown.clone()));
+    let admin = Arc::new(Admin::new(
+        Arc::clone(&journal),
+        Arc::clone(&registry),
+        folder_watch.rewatcher(),
+        config.admin_token.clone(),
+        shutdown.clone(),
+    ));
     let tasks = TaskTracker::new();
     tasks.spawn(http::serve(ingest_listener, move |request| Arc::clone(&ingest).handle(request), shutdown.clone()));
     tasks.spawn(http::serve(admin_listener, move |request| Arc::clone(&admin).handle(request), shutdown.clone()));

@@ -41,8 +41,25 @@ struct Asked {
     hangup: AtomicBool,
     /// The folder itself changed: move the watch to the one now there, and say so.
     replaced: AtomicBool,
-    /// Events were lost: move the watch, in case the folder changed among them.
-    lost: AtomicBool,
+    /// Events were lost, or the reload endpoint asked: move the watch, in case the folder
+    /// changed unseen.
+    rewatch: AtomicBool,
+}
+
+/// Asks the watcher to move its watch to the folder now under the name and rescan, as after
+/// SIGHUP; for the reload endpoint, which rescans by itself but does not own the watch.
+#[derive(Clone)]
+pub struct Rewatch {
+    wake: Arc<Notify>,
+    asked: Arc<Asked>,
+}
+
+impl Rewatch {
+    /// Asks; the watcher acts after its debounce.
+    pub fn ask(&self) {
+        self.asked.rewatch.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
 }
 
 impl FolderWatch {
@@ -61,7 +78,7 @@ impl FolderWatch {
                         Change::None => return,
                         Change::Plugins => None,
                         Change::Folder => Some(&asked.replaced),
-                        Change::Lost => Some(&asked.lost),
+                        Change::Lost => Some(&asked.rewatch),
                     };
                     if let Some(flag) = flag {
                         flag.store(true, Ordering::Relaxed);
@@ -86,6 +103,11 @@ impl FolderWatch {
         FolderWatch { dir, watcher, wake, asked }
     }
 
+    /// A handle through which others ask for the watch to be moved.
+    pub fn rewatcher(&self) -> Rewatch {
+        Rewatch { wake: Arc::clone(&self.wake), asked: Arc::clone(&self.asked) }
+    }
+
     /// Rescans the registry's folder after each burst of changes, until `shutdown`.
     pub async fn run(mut self, registry: Arc<Registry>, shutdown: CancellationToken) {
         tracing::info!(folder = %registry.dir().display(), "watching the plugins folder");
@@ -104,8 +126,8 @@ impl FolderWatch {
             }
             let asked = self.asked.hangup.swap(false, Ordering::Relaxed);
             let replaced = self.asked.replaced.swap(false, Ordering::Relaxed);
-            let lost = self.asked.lost.swap(false, Ordering::Relaxed);
-            if (asked || replaced || lost) && !self.rewatch(replaced).await {
+            let rewatch = self.asked.rewatch.swap(false, Ordering::Relaxed);
+            if (asked || replaced || rewatch) && !self.rewatch(replaced).await {
                 continue; // No folder to read: the loaded plugins keep serving.
             }
             // A rescan held up by a slow plugin is given up at shutdown (the plugins loaded so

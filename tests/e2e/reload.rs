@@ -290,6 +290,36 @@ fn a_plugins_folder_replaced_whole_is_watched_in_its_place() {
 }
 
 #[test]
+fn the_reload_endpoint_follows_a_folder_replaced_where_the_watch_cannot_see() {
+    use std::os::unix::fs::symlink;
+    let (echo, flaky) =
+        (std::fs::read(plugin_wasm("echo")).expect("echo"), std::fs::read(plugin_wasm("flaky")).expect("flaky"));
+    let mut host = TestHost::builder().plugin("echo").start();
+    let dir = host.plugins_dir();
+    let beside = |name: &str| dir.with_file_name(name);
+    // `plugins` links to `current/plugins`, and `current` to `a`: swapping `current` changes the
+    // folder with no event in the two folders the host watches (the folder and its parent).
+    std::fs::create_dir(beside("a")).expect("mkdir");
+    std::fs::rename(&dir, beside("a").join("plugins")).expect("move the folder into a");
+    symlink("a", beside("current")).expect("link current");
+    symlink("current/plugins", &dir).expect("link plugins");
+    host.wait_for_log("the plugins folder itself changed; watching the one now there");
+    std::fs::create_dir_all(beside("b").join("plugins")).expect("mkdir");
+    std::fs::write(beside("b").join("plugins/flaky.wasm"), &flaky).expect("write");
+    symlink("b", beside("current.new")).expect("link");
+    std::fs::rename(beside("current.new"), beside("current")).expect("swap current");
+    std::thread::sleep(crate::util::DEBOUNCE_AND_SOME);
+    assert_ne!(plugin(&host, "flaky")["status"], "loaded", "the watch saw the swap after all: this test means nothing");
+
+    let (status, answer) = crate::util::post(&format!("{}/v1/plugins/reload", host.admin), &[], b"");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["loaded"], serde_json::json!(["flaky"]), "{answer}");
+    // The watch moved too: a file dropped into the new folder loads by itself.
+    deploy(&beside("b").join("plugins"), "dropped.wasm", &echo);
+    wait_for_plugin(&host, "dropped", "loaded from the folder the reload found", |entry| entry["status"] == "loaded");
+}
+
+#[test]
 fn the_reload_endpoint_and_sighup_rescan_the_folder() {
     let mut host = TestHost::builder().plugin("echo").start();
     let answer = crate::util::post(&format!("{}/v1/plugins/reload", host.admin), &[], b"");

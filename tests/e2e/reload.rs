@@ -43,10 +43,19 @@ fn wait_for_plugin(
     }
 }
 
+/// Waits until the plugin `name` shows `status` (`loaded`, `failed` or `removed`).
+fn wait_for_status(host: &TestHost, name: &str, status: &str) -> serde_json::Value {
+    wait_for_plugin(host, name, status, |entry| entry["status"] == status)
+}
+
+/// The bytes of a compiled plugin.
+fn wasm(name: &str) -> Vec<u8> {
+    std::fs::read(plugin_wasm(name)).unwrap_or_else(|err| panic!("{name}: {err}"))
+}
+
 #[test]
 fn fifty_swaps_under_a_stream_lose_nothing_and_each_delivery_ran_one_version() {
-    let (echo, flaky) =
-        (std::fs::read(plugin_wasm("echo")).expect("echo"), std::fs::read(plugin_wasm("flaky")).expect("flaky"));
+    let (echo, flaky) = (wasm("echo"), wasm("flaky"));
     let versions = [(sha256(&echo), &echo), (sha256(&flaky), &flaky)];
     let host = TestHost::builder().file("target.wasm", echo.clone()).start();
     let stream = EventStream::start(&host.url, "swap", Duration::from_millis(2));
@@ -89,8 +98,7 @@ fn fifty_swaps_under_a_stream_lose_nothing_and_each_delivery_ran_one_version() {
 
 #[test]
 fn a_component_copied_in_pieces_serves_the_old_version_until_it_is_whole() {
-    let (echo, flaky) =
-        (std::fs::read(plugin_wasm("echo")).expect("echo"), std::fs::read(plugin_wasm("flaky")).expect("flaky"));
+    let (echo, flaky) = (wasm("echo"), wasm("flaky"));
     let mut host = TestHost::builder().file("target.wasm", echo.clone()).start();
     let target = host.plugins_dir().join("target.wasm");
     {
@@ -118,7 +126,7 @@ fn a_component_copied_in_pieces_serves_the_old_version_until_it_is_whole() {
 
 #[test]
 fn a_removed_plugin_keeps_its_pending_deliveries_until_it_returns() {
-    let flaky = std::fs::read(plugin_wasm("flaky")).expect("flaky");
+    let flaky = wasm("flaky");
     let manifest = "concurrency = 1\n[config]\nslow_ms = \"300\"\n";
     let host =
         TestHost::builder().plugin("echo").file("flaky.toml", manifest).file("flaky.wasm", flaky.clone()).start();
@@ -126,7 +134,7 @@ fn a_removed_plugin_keeps_its_pending_deliveries_until_it_returns() {
         host.post_github("push", &format!("queued-{n}"), &example("github/push.json"), SECRET);
     }
     std::fs::remove_file(host.plugins_dir().join("flaky.wasm")).expect("remove");
-    let removed = wait_for_plugin(&host, "flaky", "removed", |entry| entry["status"] == "removed");
+    let removed = wait_for_status(&host, "flaky", "removed");
     assert!(removed["pending"].as_u64().is_some_and(|pending| pending > 0), "{removed}");
 
     // While it is away, its queued deliveries do not run (the call already running may end).
@@ -158,7 +166,7 @@ fn a_removed_plugin_keeps_its_pending_deliveries_until_it_returns() {
 
 #[test]
 fn a_plugin_removed_and_back_while_a_call_runs_keeps_to_its_concurrency() {
-    let flaky = std::fs::read(plugin_wasm("flaky")).expect("flaky");
+    let flaky = wasm("flaky");
     // The call outlasts the removal and return (well under a second) but not the timeout.
     let manifest = "concurrency = 1\ntimeout = \"30s\"\n[config]\nslow_ms = \"4000\"\n";
     let host = TestHost::builder().file("flaky.toml", manifest).file("flaky.wasm", flaky.clone()).start();
@@ -171,9 +179,9 @@ fn a_plugin_removed_and_back_while_a_call_runs_keeps_to_its_concurrency() {
         std::thread::sleep(Duration::from_millis(10));
     }
     std::fs::remove_file(host.plugins_dir().join("flaky.wasm")).expect("remove");
-    wait_for_plugin(&host, "flaky", "removed", |entry| entry["status"] == "removed");
+    wait_for_status(&host, "flaky", "removed");
     deploy(&host.plugins_dir(), "flaky.wasm", &flaky);
-    wait_for_plugin(&host, "flaky", "back", |entry| entry["status"] == "loaded");
+    wait_for_status(&host, "flaky", "loaded");
     let first = host.admin_get("/v1/events/first").1;
     assert_ne!(first["status"], "done", "the first call must still run for this test to mean anything: {first}");
     let mut most = 0.0_f64;
@@ -195,8 +203,8 @@ fn a_plugin_whose_metadata_never_returns_fails_to_load_within_10_s_whatever_its_
     let host = TestHost::builder().plugin("echo").start();
     let manifest = "timeout = \"15m\"\n[config]\nfault = \"metadata-loop\"\n";
     deploy(&host.plugins_dir(), "faulty.toml", manifest.as_bytes());
-    deploy(&host.plugins_dir(), "faulty.wasm", &std::fs::read(plugin_wasm("faulty")).expect("faulty"));
-    let failed = wait_for_plugin(&host, "faulty", "failed", |entry| entry["status"] == "failed");
+    deploy(&host.plugins_dir(), "faulty.wasm", &wasm("faulty"));
+    let failed = wait_for_status(&host, "faulty", "failed");
     assert!(failed["last_error"].as_str().is_some_and(|e| e.contains("timeout after 10000 ms")), "{failed}");
     host.post_github("push", "still-served", &example("github/push.json"), SECRET);
     assert_eq!(host.wait_for_event("still-served")["status"], "done");
@@ -224,8 +232,7 @@ fn a_manifest_only_change_takes_effect() {
 #[test]
 fn a_kubernetes_style_volume_update_swapping_its_data_link_reloads() {
     use std::os::unix::fs::symlink;
-    let (echo, flaky) =
-        (std::fs::read(plugin_wasm("echo")).expect("echo"), std::fs::read(plugin_wasm("flaky")).expect("flaky"));
+    let (echo, flaky) = (wasm("echo"), wasm("flaky"));
     let host = TestHost::builder().start();
     let dir = host.plugins_dir();
     // As the kubelet lays out a ConfigMap: a timestamped folder, `..data` linking to it, and
@@ -247,24 +254,22 @@ fn a_kubernetes_style_volume_update_swapping_its_data_link_reloads() {
 #[test]
 fn a_plugins_folder_replaced_whole_is_watched_in_its_place() {
     use std::os::unix::fs::symlink;
-    let (echo, flaky) =
-        (std::fs::read(plugin_wasm("echo")).expect("echo"), std::fs::read(plugin_wasm("flaky")).expect("flaky"));
+    let (echo, flaky) = (wasm("echo"), wasm("flaky"));
     let mut host = TestHost::builder().plugin("echo").start();
     let dir = host.plugins_dir();
     let beside = |name: &str| dir.with_file_name(name);
-    let loaded = |entry: &serde_json::Value| entry["status"] == "loaded";
 
     // A new folder staged beside the old one, the old renamed away, the new renamed in.
     std::fs::create_dir(beside("v1")).expect("mkdir");
     std::fs::write(beside("v1").join("flaky.wasm"), &flaky).expect("write");
     std::fs::rename(&dir, beside("old")).expect("rename the old folder away");
     std::fs::rename(beside("v1"), &dir).expect("rename the new folder in");
-    wait_for_plugin(&host, "flaky", "loaded from the new folder", loaded);
-    wait_for_plugin(&host, "echo", "gone with the old folder", |entry| entry["status"] == "removed");
+    wait_for_status(&host, "flaky", "loaded");
+    wait_for_status(&host, "echo", "removed");
     host.wait_for_log("the plugins folder itself changed; watching the one now there");
     // The watch moved with the name: a file dropped into the new folder loads.
     deploy(&dir, "dropped.wasm", &echo);
-    wait_for_plugin(&host, "dropped", "loaded from the watched folder", loaded);
+    wait_for_status(&host, "dropped", "loaded");
 
     // The folder deleted: its plugins keep serving until a new one is made.
     std::fs::remove_dir_all(&dir).expect("delete the folder");
@@ -273,8 +278,8 @@ fn a_plugins_folder_replaced_whole_is_watched_in_its_place() {
     assert_eq!(host.wait_for_event("while-gone")["status"], "done");
     std::fs::create_dir(&dir).expect("mkdir");
     deploy(&dir, "echo.wasm", &echo);
-    wait_for_plugin(&host, "echo", "loaded from the folder made again", loaded);
-    wait_for_plugin(&host, "flaky", "gone with the deleted folder", |entry| entry["status"] == "removed");
+    wait_for_status(&host, "echo", "loaded");
+    wait_for_status(&host, "flaky", "removed");
 
     // The folder made a link, then the link swapped to another folder as `mv -T` does.
     std::fs::rename(&dir, beside("v1")).expect("rename");
@@ -283,17 +288,16 @@ fn a_plugins_folder_replaced_whole_is_watched_in_its_place() {
     std::fs::write(beside("v2").join("flaky.wasm"), &flaky).expect("write");
     symlink("v2", beside("plugins.tmp")).expect("link to v2");
     std::fs::rename(beside("plugins.tmp"), &dir).expect("swap the link");
-    wait_for_plugin(&host, "flaky", "loaded through the swapped link", loaded);
-    wait_for_plugin(&host, "echo", "gone with v1", |entry| entry["status"] == "removed");
+    wait_for_status(&host, "flaky", "loaded");
+    wait_for_status(&host, "echo", "removed");
     deploy(&beside("v2"), "linked.wasm", &echo);
-    wait_for_plugin(&host, "linked", "loaded from the folder the link names", loaded);
+    wait_for_status(&host, "linked", "loaded");
 }
 
 #[test]
 fn the_reload_endpoint_follows_a_folder_replaced_where_the_watch_cannot_see() {
     use std::os::unix::fs::symlink;
-    let (echo, flaky) =
-        (std::fs::read(plugin_wasm("echo")).expect("echo"), std::fs::read(plugin_wasm("flaky")).expect("flaky"));
+    let (echo, flaky) = (wasm("echo"), wasm("flaky"));
     let mut host = TestHost::builder().plugin("echo").start();
     let dir = host.plugins_dir();
     let beside = |name: &str| dir.with_file_name(name);
@@ -316,7 +320,7 @@ fn the_reload_endpoint_follows_a_folder_replaced_where_the_watch_cannot_see() {
     assert_eq!(answer["loaded"], serde_json::json!(["flaky"]), "{answer}");
     // The watch moved too: a file dropped into the new folder loads by itself.
     deploy(&beside("b").join("plugins"), "dropped.wasm", &echo);
-    wait_for_plugin(&host, "dropped", "loaded from the folder the reload found", |entry| entry["status"] == "loaded");
+    wait_for_status(&host, "dropped", "loaded");
 }
 
 #[test]
@@ -335,7 +339,7 @@ fn the_reload_endpoint_and_sighup_rescan_the_folder() {
     // A file that failed is logged once by the watcher's rescans, but both triggers try it
     // again (its failure may have passed).
     deploy(&host.plugins_dir(), "garbage.wasm", b"\0asm\x01\0\0\0");
-    wait_for_plugin(&host, "garbage", "failed", |entry| entry["status"] == "failed");
+    wait_for_status(&host, "garbage", "failed");
     deploy(&host.plugins_dir(), "unrelated.toml", b"");
     std::thread::sleep(crate::util::DEBOUNCE_AND_SOME);
     host.sync_log();
@@ -350,10 +354,10 @@ fn the_reload_endpoint_and_sighup_rescan_the_folder() {
     wait_for_plugin(&host, "garbage", "forgotten", serde_json::Value::is_null);
     // A removed plugin whose file comes back bad is failed, not removed.
     std::fs::remove_file(host.plugins_dir().join("echo.wasm")).expect("remove");
-    wait_for_plugin(&host, "echo", "removed", |entry| entry["status"] == "removed");
+    wait_for_status(&host, "echo", "removed");
     deploy(&host.plugins_dir(), "echo.wasm", b"\0asm\x01\0\0\0");
-    wait_for_plugin(&host, "echo", "failed", |entry| entry["status"] == "failed");
+    wait_for_status(&host, "echo", "failed");
     // Gone again, it is removed once more: still listed, with the deliveries that wait for it.
     std::fs::remove_file(host.plugins_dir().join("echo.wasm")).expect("remove");
-    wait_for_plugin(&host, "echo", "removed again", |entry| entry["status"] == "removed");
+    wait_for_status(&host, "echo", "removed");
 }

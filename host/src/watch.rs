@@ -124,15 +124,15 @@ impl FolderWatch {
                     () = shutdown.cancelled() => return,
                 }
             }
-            let asked = self.asked.hangup.swap(false, Ordering::Relaxed);
+            let hangup = self.asked.hangup.swap(false, Ordering::Relaxed);
             let replaced = self.asked.replaced.swap(false, Ordering::Relaxed);
             let rewatch = self.asked.rewatch.swap(false, Ordering::Relaxed);
-            if (asked || replaced || rewatch) && !self.rewatch(replaced).await {
+            if (hangup || replaced || rewatch) && !self.rewatch(replaced).await {
                 continue; // No folder to read: the loaded plugins keep serving.
             }
             // A rescan held up by a slow plugin is given up at shutdown (the plugins loaded so
             // far stay consistent).
-            let rescan = async { if asked { registry.reload().await } else { registry.rescan().await } };
+            let rescan = async { if hangup { registry.reload().await } else { registry.rescan().await } };
             let rescan = tokio::select! {
                 rescan = rescan => rescan,
                 () = shutdown.cancelled() => return,
